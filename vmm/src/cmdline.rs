@@ -1,0 +1,123 @@
+//! The guest kernel command line: base arguments, the host-compatibility
+//! arguments for the development machines' paravirtualized KVM, virtio-mmio
+//! device announcements, and the user's extra arguments.
+
+use crate::arch::layout::CMDLINE_MAX_SIZE;
+
+/// Arguments every node kernel gets.
+///
+/// - `console=ttyS0`: the 8250 UART is the console.
+/// - `reboot=k`: reboot through the i8042 (0xFE on port 0x64), which the VMM
+///   sees as a port write; without ACPI a power-off would only halt the CPU.
+/// - `panic=-1 oops=panic`: a guest kernel failure resets the VM at once.
+/// - `rodata=off`: skips `mark_rodata_ro()` (seconds of emulated page-table
+///   work on the development host; no effect on correctness).
+/// - `quiet lpj=5000 retain_initrd`: fewer console exits, no delay-loop
+///   calibration, no freeing+poisoning of the initrd pages.
+pub const BASE_ARGS: &str =
+    "console=ttyS0 reboot=k panic=-1 oops=panic rodata=off quiet lpj=5000 retain_initrd";
+
+/// Arguments that the development machines' `/dev/kvm` (kvm_pvm, which
+/// emulates guest kernel code) needs: CPU features it reports but cannot
+/// emulate are hidden. See ../shared/kvm-host.md. Not needed on hardware KVM.
+pub const HOST_COMPAT_ARGS: &str = "noxsave nopti mitigations=off";
+
+/// CPUID bits hidden on kvm_pvm (XSAVE family, CMPXCHG16B, AVX*, PCID, ...).
+/// The kernel honours only the last `clearcpuid=`, so all bits, these and the
+/// user's, are merged into one option by [`build`].
+pub const HOST_COMPAT_CLEARCPUID: &[u32] =
+    &[308, 295, 288, 158, 306, 534, 145, 298, 514, 515, 151, 150, 311, 312, 141];
+
+/// Errors while building the command line.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Error {
+    #[error("the kernel command line is {len} bytes; the kernel accepts at most {max}")]
+    TooLong { len: usize, max: usize },
+    #[error("invalid clearcpuid value '{0}' in the extra kernel arguments (expected a number)")]
+    BadClearCpuid(String),
+}
+
+/// A virtio-mmio device window announced to the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VirtioMmioDevice {
+    pub base: u64,
+    pub size: u64,
+    pub irq: u32,
+}
+
+/// Builds the full command line.
+pub fn build(host_compat: bool, devices: &[VirtioMmioDevice], extra: &str) -> Result<String, Error> {
+    let mut args: Vec<String> = BASE_ARGS.split_whitespace().map(str::to_owned).collect();
+    let mut clear: Vec<u32> = Vec::new();
+    if host_compat {
+        args.extend(HOST_COMPAT_ARGS.split_whitespace().map(str::to_owned));
+        clear.extend_from_slice(HOST_COMPAT_CLEARCPUID);
+    }
+    for d in devices {
+        args.push(format!("virtio_mmio.device={}K@0x{:x}:{}", d.size >> 10, d.base, d.irq));
+    }
+    for a in extra.split_whitespace() {
+        match a.strip_prefix("clearcpuid=") {
+            Some(list) => {
+                for bit in list.split(',').filter(|b| !b.is_empty()) {
+                    clear.push(bit.parse().map_err(|_| Error::BadClearCpuid(bit.to_owned()))?);
+                }
+            }
+            None => args.push(a.to_owned()),
+        }
+    }
+    if !clear.is_empty() {
+        let mut seen = std::collections::HashSet::new();
+        clear.retain(|b| seen.insert(*b));
+        let list: Vec<String> = clear.iter().map(u32::to_string).collect();
+        args.push(format!("clearcpuid={}", list.join(",")));
+    }
+    let line = args.join(" ");
+    // One byte for the terminating NUL.
+    if line.len() + 1 > CMDLINE_MAX_SIZE {
+        return Err(Error::TooLong { len: line.len() + 1, max: CMDLINE_MAX_SIZE });
+    }
+    Ok(line)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_hardware_line() {
+        let l = build(false, &[], "").unwrap();
+        assert_eq!(l, BASE_ARGS);
+        assert!(!l.contains("clearcpuid"));
+    }
+
+    #[test]
+    fn compat_adds_one_clearcpuid() {
+        let l = build(true, &[], "").unwrap();
+        assert!(l.contains("noxsave") && l.contains("nopti"));
+        assert_eq!(l.matches("clearcpuid=").count(), 1);
+        assert!(l.ends_with("clearcpuid=308,295,288,158,306,534,145,298,514,515,151,150,311,312,141"));
+    }
+
+    #[test]
+    fn user_clearcpuid_is_merged_not_appended() {
+        let l = build(true, &[], "loglevel=8 clearcpuid=297,308").unwrap();
+        assert_eq!(l.matches("clearcpuid=").count(), 1);
+        assert!(l.ends_with(",141,297"), "{l}");
+        assert!(l.contains("loglevel=8"));
+        assert_eq!(build(true, &[], "clearcpuid=x").unwrap_err(), Error::BadClearCpuid("x".into()));
+    }
+
+    #[test]
+    fn virtio_devices_are_announced() {
+        let d = VirtioMmioDevice { base: 0xd000_0000, size: 0x1000, irq: 5 };
+        let l = build(false, &[d], "").unwrap();
+        assert!(l.contains("virtio_mmio.device=4K@0xd0000000:5"));
+    }
+
+    #[test]
+    fn too_long_is_an_error() {
+        let extra = "x".repeat(CMDLINE_MAX_SIZE);
+        assert!(matches!(build(false, &[], &extra), Err(Error::TooLong { .. })));
+    }
+}

@@ -1,0 +1,73 @@
+//! Configuration of a node VM, separate from the code that builds it.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Where the guest console goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConsoleConfig {
+    /// The VMM's stdout (and stdin to the guest when it is a terminal).
+    Stdio,
+    /// Appended to a file.
+    File(PathBuf),
+}
+
+/// Whether to add the command-line workarounds for the development hosts'
+/// paravirtualized KVM (see `crate::cmdline::HOST_COMPAT_ARGS`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostCompat {
+    /// On when the host's /dev/kvm is kvm_pvm, off otherwise.
+    Auto,
+    On,
+    Off,
+}
+
+impl HostCompat {
+    /// Resolves `Auto` by looking for the kvm_pvm module.
+    pub fn enabled(self) -> bool {
+        match self {
+            HostCompat::On => true,
+            HostCompat::Off => false,
+            HostCompat::Auto => std::path::Path::new("/sys/module/kvm_pvm").exists(),
+        }
+    }
+}
+
+/// Everything needed to boot one node VM.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// Node name (used in logs and, later, for its run directory).
+    pub name: String,
+    /// Guest RAM in MiB.
+    pub mem_mib: u64,
+    /// ELF vmlinux.
+    pub kernel: PathBuf,
+    /// Uncompressed cpio initramfs.
+    pub initrd: PathBuf,
+    /// Extra kernel arguments.
+    pub extra_cmdline: String,
+    pub console: ConsoleConfig,
+    pub host_compat: HostCompat,
+    /// Stop the VM after this long (exit code 124).
+    pub timeout: Option<Duration>,
+}
+
+/// Default locations of the build products, shared with the build scripts:
+/// `${PMIVMM_CACHE:-$HOME/.cache/pmivmm}`.
+pub fn cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("PMIVMM_CACHE") {
+        return PathBuf::from(d);
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+    PathBuf::from(home).join(".cache/pmivmm")
+}
+
+/// The kernel `kernel-config/build.sh` built last.
+pub fn default_kernel() -> PathBuf {
+    cache_dir().join("kernel/current/vmlinux")
+}
+
+/// The initramfs `images/build.sh` built last.
+pub fn default_initrd() -> PathBuf {
+    cache_dir().join("initramfs.cpio")
+}

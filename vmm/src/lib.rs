@@ -1,0 +1,14 @@
+//! pmivmm: the VMM of a process-migration cluster node.
+//!
+//! Layout follows Firecracker and rust-vmm's vmm-reference: pure builders in
+//! [`arch`] and [`cmdline`], one device per module in [`devices`], the KVM
+//! work in [`vm`] (building) and [`vcpu`] (running), configuration in
+//! [`config`], and the node lifecycle in [`node`].
+
+pub mod arch;
+pub mod cmdline;
+pub mod config;
+pub mod devices;
+pub mod node;
+pub mod vcpu;
+pub mod vm;

@@ -1,0 +1,163 @@
+//! The `pmivmm` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use pmivmm::config::{self, ConsoleConfig, HostCompat, VmConfig};
+
+#[derive(Parser)]
+#[command(
+    name = "pmivmm",
+    version,
+    about = "pmivmm: micro-VM nodes of a process-migration cluster (openMosix, rebuilt on KVM)",
+    long_about = "pmivmm runs cluster nodes as KVM micro-VMs. `pmivmm --node` (or `pmivmm node`) \
+                  boots one node: our minimal Linux kernel and initramfs with the guest agent.\n\n\
+                  Exit codes of a node: 0 the guest powered off, 1 VMM error, 2 guest kernel panic, \
+                  3 guest triple fault, 124 timeout, 130 stopped from the console."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a node VM (same as `pmivmm --node`).
+    Node(NodeArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum CompatArg {
+    /// On when /dev/kvm is the paravirtualized kvm_pvm of the development hosts.
+    Auto,
+    On,
+    Off,
+}
+
+#[derive(Args)]
+struct NodeArgs {
+    /// Node name.
+    #[arg(long, default_value = "n1")]
+    name: String,
+    /// Guest RAM, in MiB or with a unit (512M, 2G).
+    #[arg(long, default_value = "256M", value_parser = parse_mem_mib)]
+    mem: u64,
+    /// Guest kernel: an uncompressed ELF vmlinux [default: the last one kernel-config/build.sh built]
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Initramfs: an uncompressed cpio [default: the last one images/build.sh built]
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Extra kernel arguments (a clearcpuid= here is merged with the host-compat one).
+    #[arg(long, default_value = "")]
+    cmdline: String,
+    /// Where the guest console goes: `stdio`, or a file path to append to.
+    #[arg(long, default_value = "stdio")]
+    console: String,
+    /// Kernel arguments that work around the development hosts' paravirtualized KVM.
+    #[arg(long, value_enum, default_value = "auto")]
+    host_compat: CompatArg,
+    /// Stop the node after this many seconds (exit code 124).
+    #[arg(long)]
+    timeout: Option<f64>,
+}
+
+/// Parses `256`, `256M`, `256MiB`, `2G`, `2GiB` into MiB.
+fn parse_mem_mib(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.find(|c: char| !c.is_ascii_digit()) {
+        None => (t, 1),
+        Some(i) => {
+            let mult = match t[i..].to_ascii_lowercase().as_str() {
+                "m" | "mb" | "mib" => 1,
+                "g" | "gb" | "gib" => 1024,
+                u => return Err(format!("unknown unit '{u}' (use M or G)")),
+            };
+            (&t[..i], mult)
+        }
+    };
+    let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a memory size like 256M or 2G"))?;
+    n.checked_mul(mult).ok_or_else(|| format!("'{s}' is too large"))
+}
+
+impl NodeArgs {
+    fn into_config(self) -> Result<VmConfig, String> {
+        if let Some(t) = self.timeout {
+            if !(t.is_finite() && t > 0.0) {
+                return Err(format!("--timeout must be a positive number of seconds, not {t}"));
+            }
+        }
+        Ok(VmConfig {
+            name: self.name,
+            mem_mib: self.mem,
+            kernel: self.kernel.unwrap_or_else(config::default_kernel),
+            initrd: self.initrd.unwrap_or_else(config::default_initrd),
+            extra_cmdline: self.cmdline,
+            console: match self.console.as_str() {
+                "stdio" | "-" => ConsoleConfig::Stdio,
+                p => ConsoleConfig::File(p.into()),
+            },
+            host_compat: match self.host_compat {
+                CompatArg::Auto => HostCompat::Auto,
+                CompatArg::On => HostCompat::On,
+                CompatArg::Off => HostCompat::Off,
+            },
+            timeout: self.timeout.map(Duration::from_secs_f64),
+        })
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("PMIVMM_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_target(false)
+        .init();
+    // `pmivmm --node ...` is the documented spelling of `pmivmm node ...`.
+    let args = std::env::args().enumerate().map(|(i, a)| if i == 1 && a == "--node" { "node".into() } else { a });
+    let cli = Cli::parse_from(args);
+    match cli.command {
+        Command::Node(args) => {
+            let config = match args.into_config() {
+                Ok(c) => c,
+                Err(e) => return fail(e),
+            };
+            match pmivmm::node::run(&config) {
+                Ok(exit) => ExitCode::from(exit.exit_code() as u8),
+                Err(e) => fail(format!("{e:#}")),
+            }
+        }
+    }
+}
+
+fn fail(msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("pmivmm: error: {msg}");
+    ExitCode::FAILURE
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_sizes() {
+        assert_eq!(parse_mem_mib("256"), Ok(256));
+        assert_eq!(parse_mem_mib("256M"), Ok(256));
+        assert_eq!(parse_mem_mib("2G"), Ok(2048));
+        assert_eq!(parse_mem_mib("1GiB"), Ok(1024));
+        assert!(parse_mem_mib("12T").is_err());
+        assert!(parse_mem_mib("lots").is_err());
+        assert!(parse_mem_mib("99999999999999999999G").is_err());
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,174 @@
+//! Runs a node VM: builds it, runs its vCPU on its own thread, connects the
+//! console, reports when the guest agent is ready, and stops it on timeout.
+
+use std::fs::OpenOptions;
+use std::io::{self, IsTerminal, Read, Write};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use vmm_sys_util::signal::Killable;
+use vmm_sys_util::terminal::Terminal;
+
+use crate::config::{ConsoleConfig, VmConfig};
+use crate::devices::lock;
+use crate::devices::serial::{ConsoleEvents, ConsoleSink, SerialDevice};
+use crate::vcpu::{self, StopCause, StopRequest, Vcpu, VmExit};
+use crate::vm;
+
+/// Ctrl-A, the console escape key; Ctrl-A x stops the node.
+const ESCAPE: u8 = 0x01;
+/// How often the supervisor checks for the agent, stop requests and timeout.
+const TICK: Duration = Duration::from_millis(100);
+
+/// Boots the node and runs it until the guest stops or the VMM is told to.
+pub fn run(config: &VmConfig) -> anyhow::Result<VmExit> {
+    let started = Instant::now();
+    let events = ConsoleEvents::new(started);
+    let out: Box<dyn Write + Send> = match &config.console {
+        ConsoleConfig::Stdio => Box::new(io::stdout()),
+        ConsoleConfig::File(p) => Box::new(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .with_context(|| format!("cannot open console file {}", p.display()))?,
+        ),
+    };
+    let vm = vm::build(config, ConsoleSink::new(out, events.clone()))?;
+    tracing::info!(
+        node = %config.name,
+        mem_mib = config.mem_mib,
+        "booting {} with {}",
+        config.kernel.display(),
+        config.initrd.display()
+    );
+    tracing::debug!("kernel command line: {}", vm.cmdline);
+
+    vcpu::install_kick_handler()?;
+    let stop = Arc::new(StopRequest::default());
+    let (done_tx, done_rx) = mpsc::channel();
+    let mut vcpu = Vcpu::new(vm.vcpu, vm.pio.clone(), stop.clone(), {
+        let events = events.clone();
+        Box::new(move || events.panicked())
+    });
+    let vcpu_thread = thread::Builder::new()
+        .name("vcpu0".into())
+        .spawn(move || {
+            let r = vcpu.run();
+            let _ = done_tx.send((r, vcpu.stats));
+        })
+        .context("cannot start the vCPU thread")?;
+
+    let _raw_terminal = match config.console {
+        ConsoleConfig::Stdio if io::stdin().is_terminal() => {
+            Some(forward_stdin(vm.serial.clone(), stop.clone())?)
+        }
+        _ => None,
+    };
+
+    let mut agent_reported = false;
+    let (result, stats) = loop {
+        match done_rx.recv_timeout(TICK) {
+            Ok(r) => break r,
+            Err(mpsc::RecvTimeoutError::Disconnected) => anyhow::bail!("the vCPU thread died"),
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        if !agent_reported {
+            if let Some((t, line)) = events.wait_ready(Duration::ZERO) {
+                tracing::info!(node = %config.name, "guest agent ready after {:.1} s: {line}", t.as_secs_f64());
+                agent_reported = true;
+            }
+        }
+        if config.timeout.is_some_and(|t| started.elapsed() >= t) {
+            stop.request(StopCause::Timeout);
+        }
+        if stop.is_requested() {
+            // A failed kick only means the thread is already gone.
+            let _ = vcpu_thread.kill(vcpu::kick_signal());
+        }
+    };
+    let _ = vcpu_thread.join();
+    let exit = result?;
+    tracing::info!(
+        node = %config.name,
+        "{} after {:.1} s ({} exits: {} port I/O, {} MMIO, {} FWAIT steps)",
+        exit.describe(),
+        started.elapsed().as_secs_f64(),
+        stats.exits,
+        stats.pio,
+        stats.mmio,
+        stats.fwait_steps
+    );
+    Ok(exit)
+}
+
+/// Puts the terminal in raw mode (restored when the guard drops) and feeds
+/// keystrokes to the guest console; Ctrl-A x stops the node, Ctrl-A Ctrl-A
+/// sends one Ctrl-A.
+fn forward_stdin(
+    serial: Arc<std::sync::Mutex<SerialDevice>>,
+    stop: Arc<StopRequest>,
+) -> anyhow::Result<RawTerminal> {
+    let guard = RawTerminal::enable()?;
+    // Read through a duplicate of fd 0: a blocked read on io::stdin() would
+    // hold its lock and keep the guard from restoring the terminal.
+    let mut input_fd = std::fs::File::from(
+        std::os::fd::AsFd::as_fd(&io::stdin()).try_clone_to_owned().context("cannot duplicate stdin")?,
+    );
+    eprintln!("pmivmm: interactive console; press Ctrl-A x to stop the node\r");
+    thread::Builder::new()
+        .name("stdin".into())
+        .spawn(move || {
+            let mut escaped = false;
+            let mut buf = [0u8; 64];
+            while let Ok(n) = input_fd.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                let mut input = Vec::with_capacity(n);
+                for &b in &buf[..n] {
+                    match (escaped, b) {
+                        (false, ESCAPE) => escaped = true,
+                        (true, b'x') => {
+                            stop.request(StopCause::User);
+                            return;
+                        }
+                        (true, _) => {
+                            escaped = false;
+                            input.push(b);
+                        }
+                        (false, _) => input.push(b),
+                    }
+                }
+                let mut rest = &input[..];
+                while !rest.is_empty() {
+                    let n = lock(&serial).enqueue_input(rest);
+                    rest = &rest[n..];
+                    if n == 0 {
+                        thread::sleep(Duration::from_millis(5));
+                    }
+                }
+            }
+        })
+        .context("cannot start the console input thread")?;
+    Ok(guard)
+}
+
+/// Raw mode on stdin for the lifetime of the value.
+struct RawTerminal;
+
+impl RawTerminal {
+    fn enable() -> anyhow::Result<Self> {
+        io::stdin().lock().set_raw_mode().context("cannot put the terminal in raw mode")?;
+        Ok(RawTerminal)
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        let _ = io::stdin().lock().set_canon_mode();
+    }
+}
