@@ -1,0 +1,144 @@
+//! Harness for integration tests that boot real node VMs.
+//!
+//! Tests run the `pmivmm` binary from the same cargo profile directory as the
+//! test executable (scripts/test.sh builds it first) with the kernel and
+//! initramfs from the build cache. There is no skipping: without /dev/kvm,
+//! a kernel or an initramfs, every KVM test fails with a message that says
+//! what is missing.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// Time a node gets to boot to agent-ready on the development hosts (~45 s
+/// when alone; two boots share two cores).
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
+
+/// The pmivmm binary next to the test executable (target/<profile>/pmivmm).
+pub fn pmivmm_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test>-<hash>
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = dir.join("pmivmm");
+    assert!(
+        bin.exists(),
+        "{} does not exist: build it first (`cargo build --release -p pmivmm`; scripts/test.sh does)",
+        bin.display()
+    );
+    bin
+}
+
+/// Fails the test unless /dev/kvm can be opened.
+pub fn require_kvm() {
+    if let Err(e) = fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+        panic!("KVM tests need a usable /dev/kvm ({e}); they are never skipped");
+    }
+}
+
+/// A fresh scratch directory for one test.
+pub fn scratch_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("pmivmm-test-{}-{name}", std::process::id()));
+    let _ = fs::remove_dir_all(&d);
+    fs::create_dir_all(&d).expect("create scratch dir");
+    d
+}
+
+/// Runs `pmivmm` with `args` to completion and returns (status, stdout, stderr).
+pub fn run_pmivmm(args: &[&str]) -> (ExitStatus, String, String) {
+    let out = Command::new(pmivmm_bin()).args(args).output().expect("run pmivmm");
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A node VM started by a test. Killed when dropped.
+pub struct Node {
+    pub name: String,
+    pub dir: PathBuf,
+    child: Child,
+}
+
+impl Node {
+    /// Starts `pmivmm --node` with its console and log in a scratch directory.
+    pub fn start(name: &str, extra: &[&str]) -> Node {
+        require_kvm();
+        let dir = scratch_dir(name);
+        let console = dir.join("console.log");
+        let log = fs::File::create(dir.join("vmm.log")).expect("vmm log");
+        let child = Command::new(pmivmm_bin())
+            .args(["--node", "--name", name, "--console"])
+            .arg(&console)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn pmivmm");
+        Node { name: name.to_owned(), dir, child }
+    }
+
+    pub fn console(&self) -> String {
+        fs::read_to_string(self.dir.join("console.log")).unwrap_or_default()
+    }
+
+    pub fn vmm_log(&self) -> String {
+        fs::read_to_string(self.dir.join("vmm.log")).unwrap_or_default()
+    }
+
+    /// Waits until the console shows `needle`; fails the test (showing the
+    /// console and VMM log) on timeout or if the VMM exits first.
+    pub fn wait_console(&mut self, needle: &str, timeout: Duration) {
+        let start = Instant::now();
+        loop {
+            if self.console().contains(needle) {
+                return;
+            }
+            if let Some(st) = self.child.try_wait().expect("try_wait") {
+                panic!(
+                    "node {} exited ({st}) before its console showed {needle:?}\n--- console\n{}\n--- vmm log\n{}",
+                    self.name,
+                    self.console(),
+                    self.vmm_log()
+                );
+            }
+            if start.elapsed() > timeout {
+                panic!(
+                    "node {}: no {needle:?} on the console after {timeout:?}\n--- console\n{}\n--- vmm log\n{}",
+                    self.name,
+                    self.console(),
+                    self.vmm_log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits for the VMM to exit and returns its status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().expect("try_wait") {
+                return st;
+            }
+            if start.elapsed() > timeout {
+                panic!(
+                    "node {} still running after {timeout:?}\n--- console\n{}\n--- vmm log\n{}",
+                    self.name,
+                    self.console(),
+                    self.vmm_log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -67,18 +67,20 @@ struct NodeArgs {
 /// Parses `256`, `256M`, `256MiB`, `2G`, `2GiB` into MiB.
 fn parse_mem_mib(s: &str) -> Result<u64, String> {
     let t = s.trim();
+    let not_a_size = || format!("'{s}' is not a memory size like 256M or 2G");
     let (num, mult) = match t.find(|c: char| !c.is_ascii_digit()) {
         None => (t, 1),
         Some(i) => {
             let mult = match t[i..].to_ascii_lowercase().as_str() {
                 "m" | "mb" | "mib" => 1,
                 "g" | "gb" | "gib" => 1024,
-                u => return Err(format!("unknown unit '{u}' (use M or G)")),
+                _ if i == 0 => return Err(not_a_size()),
+                u => return Err(format!("unknown unit '{u}' in '{s}' (use M or G)")),
             };
             (&t[..i], mult)
         }
     };
-    let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a memory size like 256M or 2G"))?;
+    let n: u64 = num.parse().map_err(|_| not_a_size())?;
     n.checked_mul(mult).ok_or_else(|| format!("'{s}' is too large"))
 }
 

@@ -89,7 +89,7 @@ mod tests {
 
     #[test]
     fn base_round_trips() {
-        let e = gdt_entry(0x8093, 0x1234_5678, 0xabcde);
+        let e = gdt_entry(0x0093, 0x1234_5678, 0xabcde);
         let s = kvm_segment_from_gdt(e, 0);
         assert_eq!(s.base, 0x1234_5678);
         assert_eq!(s.limit, 0xabcde);

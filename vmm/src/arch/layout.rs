@@ -8,8 +8,9 @@
 
 /// Global descriptor table (null, null, code 0x10, data 0x18, TSS 0x20).
 pub const GDT_ADDR: u64 = 0x500;
-/// Empty interrupt descriptor table (limit 0): the kernel installs its own.
-pub const IDT_ADDR: u64 = 0x520;
+/// Empty interrupt descriptor table (limit 0), after the GDT: the kernel
+/// installs its own.
+pub const IDT_ADDR: u64 = 0x530;
 /// setup_data chain (the SETUP_RNG_SEED entry).
 pub const SETUP_DATA_ADDR: u64 = 0x6000;
 /// The "zero page": struct boot_params.

@@ -60,7 +60,7 @@ mod tests {
         // The values the reference loader booted with on this host.
         assert_eq!((s.cr0, s.cr3, s.cr4, s.efer), (0x8000_0011, 0x9000, 0x20, 0x500));
         assert_eq!((s.gdt.base, s.gdt.limit), (0x500, 39));
-        assert_eq!((s.idt.base, s.idt.limit), (0x520, 0));
+        assert_eq!((s.idt.base, s.idt.limit), (0x530, 0));
         assert_eq!((s.cs.selector, s.cs.l, s.ss.selector, s.tr.selector), (0x10, 1, 0x18, 0x20));
     }
 

@@ -1,0 +1,68 @@
+//! A node VM boots to a running guest agent; guest failures and bad input
+//! give the documented exit codes and clear errors.
+
+use std::time::Duration;
+
+use pmivmm_tests::{run_pmivmm, scratch_dir, Node, BOOT_TIMEOUT};
+
+#[test]
+fn node_boots_to_a_ready_agent() {
+    let mut node = Node::start("boot-ready", &["--timeout", "600"]);
+    node.wait_console("pmivmm-agent ready version=", BOOT_TIMEOUT);
+    let log = node.vmm_log();
+    assert!(log.contains("guest agent ready after"), "{log}");
+}
+
+#[test]
+fn guest_kernel_panic_exits_with_code_2() {
+    // /bin/false as init exits at once: "Attempted to kill init!", a panic,
+    // and with panic=-1 an immediate reset.
+    let mut node = Node::start("boot-panic", &["--cmdline", "rdinit=/bin/false", "--timeout", "600"]);
+    let status = node.wait_exit(BOOT_TIMEOUT);
+    assert_eq!(status.code(), Some(2), "console:\n{}\nlog:\n{}", node.console(), node.vmm_log());
+    assert!(node.console().contains("Kernel panic"));
+    assert!(node.vmm_log().contains("panicked"));
+}
+
+#[test]
+fn timeout_stops_the_node_with_code_124() {
+    // Stops long before the guest gets far; proves the vCPU can be kicked.
+    let mut node = Node::start("boot-timeout", &["--timeout", "2"]);
+    let status = node.wait_exit(Duration::from_secs(60));
+    assert_eq!(status.code(), Some(124), "{}", node.vmm_log());
+}
+
+#[test]
+fn missing_kernel_is_a_clear_error() {
+    let (st, _, err) = run_pmivmm(&["--node", "--kernel", "/nonexistent/vmlinux"]);
+    assert_eq!(st.code(), Some(1));
+    assert!(err.contains("/nonexistent/vmlinux") && err.contains("not found"), "{err}");
+}
+
+#[test]
+fn a_kernel_that_is_not_elf_is_refused() {
+    let dir = scratch_dir("not-elf");
+    let bogus = dir.join("bzImage");
+    std::fs::write(&bogus, vec![0x4du8; 8192]).unwrap();
+    let (st, _, err) = run_pmivmm(&["--node", "--kernel", bogus.to_str().unwrap()]);
+    assert_eq!(st.code(), Some(1));
+    assert!(err.contains("ELF vmlinux"), "{err}");
+}
+
+#[test]
+fn bad_memory_sizes_are_refused() {
+    let (st, _, err) = run_pmivmm(&["--node", "--mem", "lots"]);
+    assert_ne!(st.code(), Some(0));
+    assert!(err.contains("memory size"), "{err}");
+    let (st, _, err) = run_pmivmm(&["--node", "--mem", "1M"]);
+    assert_eq!(st.code(), Some(1));
+    assert!(err.contains("at least"), "{err}");
+}
+
+#[test]
+fn too_long_command_line_is_refused() {
+    let long = "x".repeat(3000);
+    let (st, _, err) = run_pmivmm(&["--node", "--cmdline", &long]);
+    assert_eq!(st.code(), Some(1));
+    assert!(err.contains("command line"), "{err}");
+}
