@@ -14,8 +14,11 @@ use crate::arch::layout::CMDLINE_MAX_SIZE;
 ///   work on the development host; no effect on correctness).
 /// - `quiet lpj=5000 retain_initrd`: fewer console exits, no delay-loop
 ///   calibration, no freeing+poisoning of the initrd pages.
+/// - `norandmaps`: no address-space randomization, so the vdso, stack and
+///   mmap base are at the same addresses in every node and a migrated
+///   process finds them where it left them.
 pub const BASE_ARGS: &str =
-    "console=ttyS0 reboot=k panic=-1 oops=panic rodata=off quiet lpj=5000 retain_initrd";
+    "console=ttyS0 reboot=k panic=-1 oops=panic rodata=off quiet lpj=5000 retain_initrd norandmaps";
 
 /// Arguments that the development machines' `/dev/kvm` (kvm_pvm, which
 /// emulates guest kernel code) needs: CPU features it reports but cannot
