@@ -10,5 +10,6 @@ pub mod cmdline;
 pub mod config;
 pub mod devices;
 pub mod node;
+pub mod rundir;
 pub mod vcpu;
 pub mod vm;
