@@ -1,0 +1,389 @@
+//! A blocking client of the agent, over any byte stream split into a reading
+//! and a writing half (for a socket: the stream and its `try_clone`).
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+
+use crate::frame::{read_frame, write_frame, FrameError};
+use crate::hybrid_vsock::{self, HybridVsockError};
+use crate::message::{
+    ErrorKind, ExecRequest, ExitStatus, LoadInfo, ProcessInfo, Request, Response,
+};
+use crate::{AGENT_VSOCK_PORT, PROTOCOL_VERSION, VERSION};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error(transparent)]
+    Connect(#[from] HybridVsockError),
+    #[error("cannot split the agent connection into halves: {0}")]
+    Split(std::io::Error),
+    #[error("the agent closed the connection")]
+    Closed,
+    #[error("agent error ({kind}): {message}")]
+    Agent { kind: ErrorKind, message: String },
+    #[error("the agent speaks protocol version {agent}, this client {client}")]
+    VersionMismatch { agent: u32, client: u32 },
+    #[error("unexpected reply from the agent: expected {expected}, got {got}")]
+    Unexpected {
+        expected: &'static str,
+        got: &'static str,
+    },
+}
+
+/// A connection to an agent that has completed the hello exchange.
+pub struct AgentClient<R, W> {
+    reader: R,
+    writer: W,
+    agent_version: String,
+}
+
+impl AgentClient<UnixStream, UnixStream> {
+    /// Connects to the agent of a node through the VMM's hybrid vsock Unix
+    /// socket (`/run/pmivmm/<node>/vsock.sock`) and says hello.
+    pub fn connect(vsock_socket: &Path) -> Result<Self, ClientError> {
+        let stream = hybrid_vsock::connect(vsock_socket, AGENT_VSOCK_PORT)?;
+        Self::over_unix_stream(stream)
+    }
+
+    /// Says hello over an already connected stream.
+    pub fn over_unix_stream(stream: UnixStream) -> Result<Self, ClientError> {
+        let reader = stream.try_clone().map_err(ClientError::Split)?;
+        Self::hello(reader, stream)
+    }
+}
+
+impl<R: Read, W: Write> AgentClient<R, W> {
+    /// Exchanges hellos: fails with `VersionMismatch` (or the agent's
+    /// `Error`) if the agent speaks another protocol version.
+    pub fn hello(mut reader: R, mut writer: W) -> Result<Self, ClientError> {
+        let hello = Request::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            software_version: VERSION.to_string(),
+        };
+        write_frame(&mut writer, &hello)?;
+        match receive(&mut reader)? {
+            Response::Hello {
+                protocol_version,
+                software_version,
+            } => {
+                if protocol_version != PROTOCOL_VERSION {
+                    return Err(ClientError::VersionMismatch {
+                        agent: protocol_version,
+                        client: PROTOCOL_VERSION,
+                    });
+                }
+                Ok(AgentClient {
+                    reader,
+                    writer,
+                    agent_version: software_version,
+                })
+            }
+            other => Err(unexpected("Hello", &other)),
+        }
+    }
+
+    /// The agent's software version, from its hello.
+    pub fn agent_version(&self) -> &str {
+        &self.agent_version
+    }
+
+    /// Lists the node's processes.
+    pub fn ps(&mut self) -> Result<Vec<ProcessInfo>, ClientError> {
+        match self.call(&Request::Ps)? {
+            Response::ProcessList(list) => Ok(list),
+            other => Err(unexpected("ProcessList", &other)),
+        }
+    }
+
+    /// Reports the node's load.
+    pub fn load(&mut self) -> Result<LoadInfo, ClientError> {
+        match self.call(&Request::Load)? {
+            Response::Load(load) => Ok(load),
+            other => Err(unexpected("Load", &other)),
+        }
+    }
+
+    /// Sends `signal` to process `pid` of the node.
+    pub fn kill(&mut self, pid: u32, signal: i32) -> Result<(), ClientError> {
+        self.call_ok(&Request::Kill { pid, signal })
+    }
+
+    /// Asks the agent to power the node off. `Ok` means the agent accepted;
+    /// the VMM exits once the guest has reset.
+    pub fn poweroff(&mut self) -> Result<(), ClientError> {
+        self.call_ok(&Request::Poweroff)
+    }
+
+    /// Starts a process; the returned session yields its output and exit
+    /// status and takes its stdin (if `req.stdin`).
+    pub fn exec(mut self, req: ExecRequest) -> Result<ExecSession<R, W>, ClientError> {
+        match self.call(&Request::Exec(req))? {
+            Response::Started { pid } => Ok(ExecSession {
+                pid,
+                output: ExecOutput {
+                    reader: self.reader,
+                    exited: false,
+                },
+                stdin: ExecStdin {
+                    writer: self.writer,
+                },
+            }),
+            other => Err(unexpected("Started", &other)),
+        }
+    }
+
+    fn call(&mut self, req: &Request) -> Result<Response, ClientError> {
+        write_frame(&mut self.writer, req)?;
+        receive(&mut self.reader)
+    }
+
+    fn call_ok(&mut self, req: &Request) -> Result<(), ClientError> {
+        match self.call(req)? {
+            Response::Ok => Ok(()),
+            other => Err(unexpected("Ok", &other)),
+        }
+    }
+}
+
+/// Reads one response; an agent `Error` becomes `ClientError::Agent`.
+fn receive<R: Read>(reader: &mut R) -> Result<Response, ClientError> {
+    match read_frame(reader)? {
+        None => Err(ClientError::Closed),
+        Some(Response::Error { kind, message }) => Err(ClientError::Agent { kind, message }),
+        Some(resp) => Ok(resp),
+    }
+}
+
+fn unexpected(expected: &'static str, got: &Response) -> ClientError {
+    ClientError::Unexpected {
+        expected,
+        got: got.name(),
+    }
+}
+
+/// What a running exec produces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExecEvent {
+    Stdout(Vec<u8>),
+    Stderr(Vec<u8>),
+    /// The last event of a session.
+    Exited(ExitStatus),
+}
+
+/// A running exec: its output events and its stdin, which [`split`] hands
+/// to different threads.
+///
+/// [`split`]: ExecSession::split
+pub struct ExecSession<R, W> {
+    pid: u32,
+    output: ExecOutput<R>,
+    stdin: ExecStdin<W>,
+}
+
+impl<R: Read, W: Write> ExecSession<R, W> {
+    /// The PID of the process in the node.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// See [`ExecOutput::next_event`].
+    pub fn next_event(&mut self) -> Result<ExecEvent, ClientError> {
+        self.output.next_event()
+    }
+
+    /// See [`ExecStdin::write`].
+    pub fn write_stdin(&mut self, data: &[u8]) -> Result<(), ClientError> {
+        self.stdin.write(data)
+    }
+
+    /// See [`ExecStdin::close`].
+    pub fn close_stdin(&mut self) -> Result<(), ClientError> {
+        self.stdin.close()
+    }
+
+    /// Separates output and stdin, e.g. to forward stdin from another thread
+    /// while output is streamed. Dropping the stdin half does not close the
+    /// process's stdin; [`ExecStdin::close`] does.
+    pub fn split(self) -> (ExecOutput<R>, ExecStdin<W>) {
+        (self.output, self.stdin)
+    }
+
+    /// Reads events until exit, gathering stdout and stderr.
+    pub fn wait_with_output(mut self) -> Result<CollectedOutput, ClientError> {
+        let mut out = CollectedOutput {
+            stdout: Vec::new(),
+            stderr: Vec::new(),
+            status: ExitStatus::Code(0),
+        };
+        loop {
+            match self.next_event()? {
+                ExecEvent::Stdout(data) => out.stdout.extend_from_slice(&data),
+                ExecEvent::Stderr(data) => out.stderr.extend_from_slice(&data),
+                ExecEvent::Exited(status) => {
+                    out.status = status;
+                    return Ok(out);
+                }
+            }
+        }
+    }
+}
+
+/// Everything an exec wrote, and how it ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CollectedOutput {
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub status: ExitStatus,
+}
+
+/// The output half of an exec session.
+pub struct ExecOutput<R> {
+    reader: R,
+    exited: bool,
+}
+
+impl<R: Read> ExecOutput<R> {
+    /// Blocks for the next output chunk or the exit status. After `Exited`,
+    /// further calls fail with `Closed`.
+    pub fn next_event(&mut self) -> Result<ExecEvent, ClientError> {
+        if self.exited {
+            return Err(ClientError::Closed);
+        }
+        match receive(&mut self.reader)? {
+            Response::Stdout(data) => Ok(ExecEvent::Stdout(data)),
+            Response::Stderr(data) => Ok(ExecEvent::Stderr(data)),
+            Response::Exited(status) => {
+                self.exited = true;
+                Ok(ExecEvent::Exited(status))
+            }
+            other => Err(unexpected("Stdout, Stderr or Exited", &other)),
+        }
+    }
+}
+
+/// The stdin half of an exec session.
+pub struct ExecStdin<W> {
+    writer: W,
+}
+
+impl<W: Write> ExecStdin<W> {
+    /// Sends bytes to the process's stdin. Blocks while the agent has not
+    /// taken earlier data (the process reads slowly): that is backpressure.
+    pub fn write(&mut self, data: &[u8]) -> Result<(), ClientError> {
+        // Chunks well below the frame limit.
+        for chunk in data.chunks(64 << 10) {
+            write_frame(&mut self.writer, &Request::StdinData(chunk.to_vec()))?;
+        }
+        Ok(())
+    }
+
+    /// Closes the process's stdin (it reads end of file).
+    pub fn close(&mut self) -> Result<(), ClientError> {
+        Ok(write_frame(&mut self.writer, &Request::StdinEof)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::{decode_request, read_payload};
+
+    /// Runs `agent` on the far end of a socket pair; returns the near end.
+    fn fake_agent(agent: impl FnOnce(&mut UnixStream) + Send + 'static) -> UnixStream {
+        let (near, mut far) = UnixStream::pair().unwrap();
+        std::thread::spawn(move || agent(&mut far));
+        near
+    }
+
+    fn expect_request(s: &mut UnixStream) -> Request {
+        decode_request(&read_payload(s).unwrap().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn hello_with_another_protocol_version_is_refused() {
+        let stream = fake_agent(|s| {
+            expect_request(s);
+            let hello = Response::Hello {
+                protocol_version: PROTOCOL_VERSION + 1,
+                software_version: "9".into(),
+            };
+            write_frame(s, &hello).unwrap();
+        });
+        let err = AgentClient::over_unix_stream(stream).err().unwrap();
+        assert!(matches!(err, ClientError::VersionMismatch { .. }), "{err}");
+    }
+
+    #[test]
+    fn agent_version_mismatch_error_is_reported() {
+        let stream = fake_agent(|s| {
+            let kind = ErrorKind::VersionMismatch;
+            write_frame(
+                s,
+                &Response::Error {
+                    kind,
+                    message: "agent speaks 1".into(),
+                },
+            )
+            .unwrap();
+        });
+        let err = AgentClient::over_unix_stream(stream).err().unwrap();
+        assert_eq!(
+            err.to_string(),
+            "agent error (version mismatch): agent speaks 1"
+        );
+    }
+
+    #[test]
+    fn exec_session_streams_events_and_forwards_stdin() {
+        let stream = fake_agent(|s| {
+            assert!(matches!(expect_request(s), Request::Hello { .. }));
+            let hello = Response::Hello {
+                protocol_version: PROTOCOL_VERSION,
+                software_version: "x".into(),
+            };
+            write_frame(s, &hello).unwrap();
+            assert!(matches!(
+                expect_request(s),
+                Request::Exec(ExecRequest { stdin: true, .. })
+            ));
+            write_frame(s, &Response::Started { pid: 7 }).unwrap();
+            assert_eq!(expect_request(s), Request::StdinData(b"in".to_vec()));
+            assert_eq!(expect_request(s), Request::StdinEof);
+            write_frame(s, &Response::Stdout(b"in".to_vec())).unwrap();
+            write_frame(s, &Response::Stderr(b"e".to_vec())).unwrap();
+            write_frame(s, &Response::Exited(ExitStatus::Code(0))).unwrap();
+        });
+        let client = AgentClient::over_unix_stream(stream).unwrap();
+        assert_eq!(client.agent_version(), "x");
+        let req = ExecRequest {
+            argv: vec!["cat".into()],
+            env: vec![],
+            cwd: None,
+            stdin: true,
+        };
+        let session = client.exec(req).unwrap();
+        assert_eq!(session.pid(), 7);
+        let (mut output, mut stdin) = session.split();
+        let feeder = std::thread::spawn(move || {
+            stdin.write(b"in").unwrap();
+            stdin.close().unwrap();
+        });
+        assert_eq!(
+            output.next_event().unwrap(),
+            ExecEvent::Stdout(b"in".to_vec())
+        );
+        assert_eq!(
+            output.next_event().unwrap(),
+            ExecEvent::Stderr(b"e".to_vec())
+        );
+        assert_eq!(
+            output.next_event().unwrap(),
+            ExecEvent::Exited(ExitStatus::Code(0))
+        );
+        assert!(matches!(output.next_event(), Err(ClientError::Closed)));
+        feeder.join().unwrap();
+    }
+}

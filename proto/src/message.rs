@@ -1,0 +1,295 @@
+//! The messages of the agent protocol.
+//!
+//! Compatibility rule: variant 0 of [`Request`] and [`Response`] is `Hello`
+//! and variant 1 of [`Response`] is `Error`, in every protocol version, with
+//! the same fields, so that peers of different versions can always exchange
+//! hellos and the version-mismatch error. Everything else may change with
+//! [`crate::PROTOCOL_VERSION`].
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// A message from the host to the agent.
+///
+/// Conversation rules:
+/// - the first request on a connection must be `Hello` with the agent's
+///   [`crate::PROTOCOL_VERSION`]; otherwise the agent replies `Error`
+///   (`HelloRequired` / `VersionMismatch`) and closes the connection;
+/// - every other request gets exactly one reply, except `Exec`, `StdinData`
+///   and `StdinEof` (see [`ExecRequest`]);
+/// - a request the agent cannot decode (unknown variant from a newer host,
+///   garbage) gets `Error` (`UnknownRequest` / `BadRequest`); the connection
+///   stays usable, since framing is independent of decoding.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Request {
+    /// Must stay variant 0.
+    Hello {
+        protocol_version: u32,
+        software_version: String,
+    },
+    /// Starts a process; see [`ExecRequest`] for the replies.
+    Exec(ExecRequest),
+    /// Bytes for the stdin of the running exec (discarded if it has none).
+    StdinData(Vec<u8>),
+    /// Closes the stdin of the running exec.
+    StdinEof,
+    /// Replied with `ProcessList`.
+    Ps,
+    /// Replied with `Load`.
+    Load,
+    /// Sends `signal` to `pid`; replied with `Ok`.
+    Kill { pid: u32, signal: i32 },
+    /// Replied with `Ok`, then the agent syncs and resets the node.
+    Poweroff,
+}
+
+impl Request {
+    /// How many variants [`Request`] has: a decoded variant index at or past
+    /// this is a request from a newer protocol version.
+    pub const VARIANTS: u32 = 8;
+}
+
+/// Starts a process in the guest.
+///
+/// The agent replies `Started { pid }` (or `Error`), then streams `Stdout`
+/// and `Stderr` chunks as the process writes them, then `Exited` when it has
+/// exited (whatever it wrote before exiting has been sent by then; output of
+/// background children still holding the pipes afterwards is dropped). While
+/// an exec runs, the connection accepts only `StdinData` / `StdinEof`; other
+/// requests get `Error` (`Busy`). If the client disconnects while the process
+/// runs, the agent sends SIGHUP to its process group (the exec is a session
+/// leader, as after a terminal hangup).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecRequest {
+    /// Program and arguments; a program without `/` is looked up in the
+    /// `PATH` of the process's environment.
+    pub argv: Vec<String>,
+    /// `KEY=VALUE` entries added to (or replacing entries of) the default
+    /// environment `PATH=/usr/sbin:/usr/bin:/sbin:/bin`, `HOME=/root`,
+    /// `TERM=dumb`.
+    pub env: Vec<String>,
+    /// Working directory; `None` runs in the agent's (`/` in a node).
+    pub cwd: Option<String>,
+    /// Whether stdin comes from the client (`StdinData` / `StdinEof`);
+    /// otherwise it is `/dev/null`.
+    pub stdin: bool,
+}
+
+/// A message from the agent to the host.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Response {
+    /// Must stay variant 0.
+    Hello {
+        protocol_version: u32,
+        software_version: String,
+    },
+    /// Must stay variant 1.
+    Error {
+        kind: ErrorKind,
+        message: String,
+    },
+    Ok,
+    Started {
+        pid: u32,
+    },
+    Stdout(Vec<u8>),
+    Stderr(Vec<u8>),
+    Exited(ExitStatus),
+    ProcessList(Vec<ProcessInfo>),
+    Load(LoadInfo),
+}
+
+impl Response {
+    /// The variant's name, for error messages.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Response::Hello { .. } => "Hello",
+            Response::Error { .. } => "Error",
+            Response::Ok => "Ok",
+            Response::Started { .. } => "Started",
+            Response::Stdout(_) => "Stdout",
+            Response::Stderr(_) => "Stderr",
+            Response::Exited(_) => "Exited",
+            Response::ProcessList(_) => "ProcessList",
+            Response::Load(_) => "Load",
+        }
+    }
+}
+
+/// What kind of failure an `Error` reply reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorKind {
+    /// The peers speak different protocol versions; the agent closes.
+    VersionMismatch,
+    /// The first request was not `Hello`; the agent closes.
+    HelloRequired,
+    /// A request variant this agent does not know (a newer host).
+    UnknownRequest,
+    /// A request that could not be decoded or has invalid arguments.
+    BadRequest,
+    /// A request that is not valid now (e.g. `Exec` while one runs).
+    Busy,
+    /// The process named by the request does not exist.
+    NoSuchProcess,
+    /// The exec'd program could not be started.
+    SpawnFailed,
+    /// Any other failure of the operation (the message says what).
+    Failed,
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = match self {
+            ErrorKind::VersionMismatch => "version mismatch",
+            ErrorKind::HelloRequired => "hello required",
+            ErrorKind::UnknownRequest => "unknown request",
+            ErrorKind::BadRequest => "bad request",
+            ErrorKind::Busy => "busy",
+            ErrorKind::NoSuchProcess => "no such process",
+            ErrorKind::SpawnFailed => "spawn failed",
+            ErrorKind::Failed => "failed",
+        };
+        f.write_str(s)
+    }
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExitStatus {
+    /// It called exit with this code.
+    Code(i32),
+    /// It was killed by this signal.
+    Signal { signal: i32, core_dumped: bool },
+}
+
+impl fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ExitStatus::Code(code) => write!(f, "exit code {code}"),
+            ExitStatus::Signal {
+                signal,
+                core_dumped: false,
+            } => write!(f, "killed by signal {signal}"),
+            ExitStatus::Signal {
+                signal,
+                core_dumped: true,
+            } => {
+                write!(f, "killed by signal {signal} (core dumped)")
+            }
+        }
+    }
+}
+
+/// One process of the node, as `Ps` reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProcessInfo {
+    pub pid: u32,
+    pub ppid: u32,
+    /// The state letter of /proc/PID/stat (R, S, D, Z, T, t, ...).
+    pub state: char,
+    /// The kernel's short name of the process (/proc/PID/comm).
+    pub comm: String,
+    /// Its arguments (empty for kernel threads and zombies).
+    pub argv: Vec<String>,
+    /// User plus system CPU time, in milliseconds.
+    pub cpu_time_ms: u64,
+    /// Resident memory, in bytes.
+    pub rss_bytes: u64,
+    pub migratable: Migratability,
+}
+
+/// Whether a process can be migrated to another node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Migratability {
+    Migratable,
+    /// It cannot, for these reasons (never empty).
+    NotMigratable(Vec<MigrationObstacle>),
+}
+
+/// Why a process cannot be migrated.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MigrationObstacle {
+    /// It is PID 1.
+    Init,
+    /// It is the agent itself.
+    Agent,
+    KernelThread,
+    /// It has exited and waits to be reaped.
+    Zombie,
+    MultiThreaded {
+        threads: u32,
+    },
+    /// It has a writable shared mapping (which another process may share).
+    SharedWritableMapping {
+        path: String,
+    },
+    /// It has a System V shared memory segment attached.
+    SysvSharedMemory,
+    Sockets {
+        count: u32,
+    },
+    /// It has open devices other than the console, a tty or /dev/null
+    /// and friends.
+    Devices {
+        paths: Vec<String>,
+    },
+    /// It has open fds of kinds that cannot be recreated (eventfd, epoll,
+    /// signalfd, timerfd, ...): the /proc/PID/fd link targets.
+    SpecialFiles {
+        kinds: Vec<String>,
+    },
+    /// It is being traced by this PID.
+    Traced {
+        tracer: u32,
+    },
+    /// The agent could not inspect it (the error says why).
+    Uninspectable {
+        error: String,
+    },
+}
+
+impl fmt::Display for MigrationObstacle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MigrationObstacle::Init => f.write_str("is PID 1 (init)"),
+            MigrationObstacle::Agent => f.write_str("is the agent"),
+            MigrationObstacle::KernelThread => f.write_str("is a kernel thread"),
+            MigrationObstacle::Zombie => f.write_str("has exited (zombie)"),
+            MigrationObstacle::MultiThreaded { threads } => {
+                write!(f, "is multi-threaded ({threads} threads)")
+            }
+            MigrationObstacle::SharedWritableMapping { path } => {
+                write!(f, "has a shared writable mapping of {path}")
+            }
+            MigrationObstacle::SysvSharedMemory => {
+                f.write_str("has System V shared memory attached")
+            }
+            MigrationObstacle::Sockets { count } => write!(f, "has {count} open socket(s)"),
+            MigrationObstacle::Devices { paths } => {
+                write!(f, "has open devices: {}", paths.join(", "))
+            }
+            MigrationObstacle::SpecialFiles { kinds } => {
+                write!(f, "has open special files: {}", kinds.join(", "))
+            }
+            MigrationObstacle::Traced { tracer } => write!(f, "is traced by PID {tracer}"),
+            MigrationObstacle::Uninspectable { error } => write!(f, "cannot be inspected: {error}"),
+        }
+    }
+}
+
+/// The load of a node, as `Load` reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoadInfo {
+    /// Load averages over 1, 5 and 15 minutes.
+    pub load_avg: [f32; 3],
+    /// Tasks (threads) currently runnable.
+    pub runnable_tasks: u32,
+    /// Tasks (threads) that exist.
+    pub total_tasks: u32,
+    /// Online CPUs.
+    pub cpus: u32,
+    pub mem_total_bytes: u64,
+    pub mem_free_bytes: u64,
+    pub mem_available_bytes: u64,
+}
