@@ -1,31 +1,37 @@
 //! pmivmm-agent: the guest agent of a pmivmm node.
 //!
 //! It runs as PID 1 of the node VM (the initramfs's /init execs it after
-//! mounting /proc, /sys and /dev). For now it announces itself on the console
-//! and reaps orphaned processes, as an init must; the vsock control channel
-//! comes next.
+//! mounting /proc, /sys and /dev): it reaps every orphan, never exits, and
+//! serves the control protocol (pmivmm_proto) on vsock port
+//! `AGENT_VSOCK_PORT`. It prints `pmivmm-agent ready version=<version>` on
+//! the console once the port is bound, so "ready" means connectable.
 
 use std::io::Write;
 
-fn main() {
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{} version={}", pmivmm_proto::AGENT_READY_MARKER, pmivmm_proto::VERSION);
-    let _ = out.flush();
-    drop(out);
-    reap_forever();
-}
+use pmivmm_agent::connection::Actions;
+use pmivmm_agent::power::power_off;
+use pmivmm_agent::reaper::reaper;
+use pmivmm_agent::server::serve;
+use pmivmm_agent::vsock::VsockListener;
+use pmivmm_proto::{AGENT_READY_MARKER, AGENT_VSOCK_PORT, VERSION};
 
-/// Waits for children forever (PID 1 inherits every orphan). Never returns:
-/// if PID 1 exits, the kernel panics.
-fn reap_forever() -> ! {
-    loop {
-        let mut status = 0;
-        // SAFETY: plain waitpid on any child with a valid status pointer.
-        let r = unsafe { libc::waitpid(-1, &mut status, 0) };
-        if r < 0 {
-            // No children yet. PID 1 ignores SIGCHLD by default, so poll
-            // (one cheap syscall a second) for orphans reparented to us.
-            std::thread::sleep(std::time::Duration::from_secs(1));
+fn main() {
+    // Reap orphans from the start, whatever happens to the channel.
+    reaper();
+    match VsockListener::bind(AGENT_VSOCK_PORT) {
+        Ok(listener) => {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{AGENT_READY_MARKER} version={VERSION}");
+            let _ = out.flush();
+            drop(out);
+            serve(listener, Actions { power_off });
+        }
+        Err(e) => {
+            eprintln!("pmivmm-agent: {e}; running without a control channel");
+            // PID 1 must never exit: the reaper thread carries on.
+            loop {
+                std::thread::park();
+            }
         }
     }
 }

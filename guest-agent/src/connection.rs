@@ -1,0 +1,218 @@
+//! One client connection: the hello exchange, then requests until the
+//! client closes.
+
+use std::io;
+
+use pmivmm_proto::frame::{decode_request, read_payload, FrameError};
+use pmivmm_proto::{ErrorKind, Request, Response, PROTOCOL_VERSION, VERSION};
+
+use crate::exec::{Exec, ExecError};
+use crate::kill::{send_signal, KillError};
+use crate::load::load;
+use crate::ps::list_processes;
+use crate::server::Stream;
+use crate::sink::ResponseSink;
+use crate::spawn::SpawnError;
+
+/// What requests do to the node beyond the agent's own work.
+#[derive(Clone, Copy)]
+pub struct Actions {
+    /// Called after `Poweroff` has been answered.
+    pub power_off: fn(),
+}
+
+struct Connection<S: Stream> {
+    reader: S,
+    sink: ResponseSink<S>,
+    actions: Actions,
+    /// The last exec started on this connection.
+    exec: Option<Exec>,
+    /// `Poweroff` was accepted: power off once the reply is sent.
+    power_off_requested: bool,
+}
+
+/// Serves one client until it closes the connection. If it goes away while
+/// an exec runs, the exec's session is hung up (SIGHUP).
+pub fn serve_connection<S: Stream>(stream: S, actions: Actions) {
+    let writer = match stream.try_clone() {
+        Ok(writer) => writer,
+        Err(e) => {
+            eprintln!("pmivmm-agent: cannot split a connection: {e}");
+            return;
+        }
+    };
+    let mut conn = Connection {
+        reader: stream,
+        sink: ResponseSink::new(writer),
+        actions,
+        exec: None,
+        power_off_requested: false,
+    };
+    if let Err(e) = conn.run() {
+        if !is_disconnect(&e) {
+            eprintln!("pmivmm-agent: connection failed: {e}");
+        }
+    }
+    if let Some(exec) = &conn.exec {
+        exec.hang_up();
+    }
+}
+
+fn is_disconnect(e: &FrameError) -> bool {
+    matches!(e, FrameError::Io(e) if matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe))
+}
+
+fn error(kind: ErrorKind, message: impl Into<String>) -> Response {
+    Response::Error {
+        kind,
+        message: message.into(),
+    }
+}
+
+impl<S: Stream> Connection<S> {
+    fn run(&mut self) -> Result<(), FrameError> {
+        if !self.hello()? {
+            return Ok(());
+        }
+        while let Some(payload) = self.next_payload()? {
+            let reply = match decode_request(&payload) {
+                Ok(req) => self.handle(req),
+                Err(e @ FrameError::UnknownRequest { .. }) => Some(error(
+                    ErrorKind::UnknownRequest,
+                    format!("{e}; this agent speaks protocol version {PROTOCOL_VERSION}"),
+                )),
+                Err(e) => Some(error(ErrorKind::BadRequest, e.to_string())),
+            };
+            if let Some(reply) = reply {
+                self.sink.send(&reply)?;
+            }
+            if self.power_off_requested {
+                (self.actions.power_off)();
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the next request frame; a frame that breaks the framing (too
+    /// large) is answered with an error before the connection is closed.
+    fn next_payload(&mut self) -> Result<Option<Vec<u8>>, FrameError> {
+        match read_payload(&mut self.reader) {
+            Err(e @ FrameError::TooLarge { .. }) => {
+                self.sink
+                    .send(&error(ErrorKind::BadRequest, e.to_string()))?;
+                Err(e)
+            }
+            other => other,
+        }
+    }
+
+    /// The hello exchange; `false` if the connection must close.
+    fn hello(&mut self) -> Result<bool, FrameError> {
+        let Some(payload) = self.next_payload()? else {
+            return Ok(false);
+        };
+        let reply = match decode_request(&payload) {
+            Ok(Request::Hello {
+                protocol_version, ..
+            }) if protocol_version == PROTOCOL_VERSION => {
+                self.sink.send(&Response::Hello {
+                    protocol_version: PROTOCOL_VERSION,
+                    software_version: VERSION.to_owned(),
+                })?;
+                return Ok(true);
+            }
+            Ok(Request::Hello {
+                protocol_version,
+                software_version,
+            }) => error(
+                ErrorKind::VersionMismatch,
+                format!(
+                    "the agent speaks protocol version {PROTOCOL_VERSION} (pmivmm {VERSION}), \
+                     the client version {protocol_version} (pmivmm {software_version})"
+                ),
+            ),
+            _ => error(
+                ErrorKind::HelloRequired,
+                "the first request on a connection must be Hello",
+            ),
+        };
+        self.sink.send(&reply)?;
+        Ok(false)
+    }
+
+    fn exec_running(&self) -> bool {
+        self.exec.as_ref().is_some_and(|e| !e.is_finished())
+    }
+
+    /// Handles a request; `None` when it has no reply of its own.
+    fn handle(&mut self, req: Request) -> Option<Response> {
+        match req {
+            Request::StdinData(data) => {
+                if let Some(exec) = &mut self.exec {
+                    exec.write_stdin(&data);
+                }
+                None
+            }
+            Request::StdinEof => {
+                if let Some(exec) = &mut self.exec {
+                    exec.close_stdin();
+                }
+                None
+            }
+            _ if self.exec_running() => Some(error(
+                ErrorKind::Busy,
+                "an exec is running on this connection; only stdin is accepted until it exits",
+            )),
+            Request::Hello { .. } => {
+                Some(error(ErrorKind::BadRequest, "hello was already exchanged"))
+            }
+            Request::Exec(req) => match Exec::start(&req, self.sink.clone()) {
+                Ok(exec) => {
+                    self.exec = Some(exec);
+                    None
+                }
+                Err(e) => Some(exec_error(e)),
+            },
+            Request::Ps => Some(match list_processes() {
+                Ok(list) => Response::ProcessList(list),
+                Err(e) => error(ErrorKind::Failed, e.to_string()),
+            }),
+            Request::Load => Some(match load() {
+                Ok(info) => Response::Load(info),
+                Err(e) => error(ErrorKind::Failed, e.to_string()),
+            }),
+            Request::Kill { pid, signal } => Some(match send_signal(pid, signal) {
+                Ok(()) => Response::Ok,
+                Err(e) => kill_error(e),
+            }),
+            Request::Poweroff => {
+                self.power_off_requested = true;
+                Some(Response::Ok)
+            }
+        }
+    }
+}
+
+fn exec_error(e: ExecError) -> Response {
+    let kind = match &e {
+        ExecError::BadEnv(_) | ExecError::Spawn(SpawnError::EmptyArgv | SpawnError::Nul(_)) => {
+            ErrorKind::BadRequest
+        }
+        ExecError::Spawn(SpawnError::NotFound { .. } | SpawnError::Spawn { .. }) => {
+            ErrorKind::SpawnFailed
+        }
+        ExecError::Stdio(_) | ExecError::Thread(_) => ErrorKind::Failed,
+    };
+    error(kind, e.to_string())
+}
+
+fn kill_error(e: KillError) -> Response {
+    let kind = match &e {
+        KillError::InvalidPid(_) | KillError::Agent(_) | KillError::InvalidSignal(_) => {
+            ErrorKind::BadRequest
+        }
+        KillError::NoSuchProcess(_) => ErrorKind::NoSuchProcess,
+        KillError::Failed { .. } => ErrorKind::Failed,
+    };
+    error(kind, e.to_string())
+}

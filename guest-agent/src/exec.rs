@@ -1,0 +1,293 @@
+//! One exec session: a spawned process whose output is streamed to the
+//! client as it comes and whose exit status ends the stream.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Receiver;
+use std::sync::Arc;
+
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::{pipe2, Pid};
+use pmivmm_proto::frame::FrameError;
+use pmivmm_proto::{ExecRequest, ExitStatus, Response};
+
+use crate::reaper::reaper;
+use crate::sink::ResponseSink;
+use crate::spawn::{spawn, Program, SpawnError};
+
+/// The environment every exec starts from; request entries add to or
+/// replace these.
+const DEFAULT_ENV: [&str; 3] = [
+    "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+    "HOME=/root",
+    "TERM=dumb",
+];
+
+/// Output is read and sent in chunks of at most this size (a pipe's default
+/// capacity).
+const CHUNK: usize = 64 << 10;
+
+/// After the process has exited, at most this many more rounds of output
+/// (from children still holding its pipes) are forwarded.
+const ROUNDS_AFTER_EXIT: u32 = 16;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error("environment entry {0:?} is not KEY=VALUE")]
+    BadEnv(String),
+    #[error(transparent)]
+    Spawn(#[from] SpawnError),
+    #[error("cannot set up the process's stdio: {0}")]
+    Stdio(io::Error),
+    #[error("cannot start the output thread: {0}")]
+    Thread(io::Error),
+}
+
+/// A started exec. Its output thread sends `Started`, the output and
+/// `Exited` on the connection.
+pub struct Exec {
+    pid: i32,
+    stdin: Option<File>,
+    finished: Arc<AtomicBool>,
+}
+
+impl Exec {
+    pub fn start<W: Write + Send + 'static>(
+        req: &ExecRequest,
+        sink: ResponseSink<W>,
+    ) -> Result<Exec, ExecError> {
+        let env = environment(&req.env)?;
+        let (stdin_child, stdin) = if req.stdin {
+            let (r, w) = pipe()?;
+            (r, Some(File::from(w)))
+        } else {
+            let null = File::open("/dev/null").map_err(ExecError::Stdio)?;
+            (OwnedFd::from(null), None)
+        };
+        let (stdout, stdout_child) = pipe()?;
+        let (stderr, stderr_child) = pipe()?;
+        let prog = Program {
+            argv: &req.argv,
+            env: &env,
+            cwd: req.cwd.as_deref(),
+            stdin: stdin_child.as_fd(),
+            stdout: stdout_child.as_fd(),
+            stderr: stderr_child.as_fd(),
+        };
+        let (pid, exit) = reaper().spawn_registered(|| spawn(&prog))?;
+        // The child has its copies; the pipes must see EOF when it exits.
+        drop((stdin_child, stdout_child, stderr_child));
+
+        let finished = Arc::new(AtomicBool::new(false));
+        let pidfd = pidfd_open(pid);
+        let output = Output {
+            pid,
+            stdout: File::from(stdout),
+            stderr: File::from(stderr),
+            pidfd,
+            exit,
+        };
+        let thread_finished = Arc::clone(&finished);
+        let started = std::thread::Builder::new()
+            .name(format!("exec-{pid}"))
+            .stack_size(128 << 10)
+            .spawn(move || output.forward(&sink, &thread_finished));
+        if let Err(e) = started {
+            let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+            return Err(ExecError::Thread(e));
+        }
+        Ok(Exec {
+            pid,
+            stdin,
+            finished,
+        })
+    }
+
+    /// Whether `Exited` has been (or is being) sent.
+    pub fn is_finished(&self) -> bool {
+        self.finished.load(Ordering::Acquire)
+    }
+
+    /// Writes to the process's stdin, blocking while it does not read.
+    /// Data for a process without stdin, or that closed it, is discarded.
+    pub fn write_stdin(&mut self, data: &[u8]) {
+        if let Some(stdin) = &mut self.stdin {
+            if stdin.write_all(data).is_err() {
+                self.stdin = None;
+            }
+        }
+    }
+
+    pub fn close_stdin(&mut self) {
+        self.stdin = None;
+    }
+
+    /// The client went away: hang up the process's session, as a terminal
+    /// would.
+    pub fn hang_up(&self) {
+        if !self.is_finished() {
+            let _ = killpg(Pid::from_raw(self.pid), Signal::SIGHUP);
+        }
+    }
+}
+
+/// `DEFAULT_ENV` with `extra` entries added or replacing.
+fn environment(extra: &[String]) -> Result<Vec<String>, ExecError> {
+    let mut env: Vec<String> = DEFAULT_ENV.iter().map(|e| e.to_string()).collect();
+    for entry in extra {
+        let key = match entry.split_once('=') {
+            Some((key, _)) if !key.is_empty() => key,
+            _ => return Err(ExecError::BadEnv(entry.clone())),
+        };
+        match env
+            .iter_mut()
+            .find(|e| e.split_once('=').is_some_and(|(k, _)| k == key))
+        {
+            Some(existing) => existing.clone_from(entry),
+            None => env.push(entry.clone()),
+        }
+    }
+    Ok(env)
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd), ExecError> {
+    pipe2(OFlag::O_CLOEXEC).map_err(|e| ExecError::Stdio(e.into()))
+}
+
+/// A descriptor that becomes readable when the process exits, or `None` if
+/// it has already been reaped.
+fn pidfd_open(pid: i32) -> Option<OwnedFd> {
+    // SAFETY: pidfd_open takes a PID and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    // SAFETY: a non-negative return is a new descriptor that nothing else
+    // owns.
+    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// What the output thread of an exec holds.
+struct Output {
+    pid: i32,
+    stdout: File,
+    stderr: File,
+    pidfd: Option<OwnedFd>,
+    exit: Receiver<ExitStatus>,
+}
+
+impl Output {
+    /// Sends `Started`, the output, then `Exited`. Stops early if the client
+    /// is gone (dropping the pipes: the process then gets EPIPE / SIGPIPE).
+    fn forward<W: Write>(self, sink: &ResponseSink<W>, finished: &AtomicBool) {
+        let Output {
+            pid,
+            stdout,
+            stderr,
+            pidfd,
+            exit,
+        } = self;
+        if sink.send(&Response::Started { pid: pid as u32 }).is_err()
+            || forward_output([stdout, stderr], pidfd, sink).is_err()
+        {
+            return;
+        }
+        // The reaper keeps the sender until the process is reaped.
+        if let Ok(status) = exit.recv() {
+            finished.store(true, Ordering::Release);
+            let _ = sink.send(&Response::Exited(status));
+        }
+    }
+}
+
+/// Forwards stdout and stderr chunks until both reach end of file, or,
+/// once the process has exited (pidfd readable), until nothing more is
+/// ready.
+fn forward_output<W: Write>(
+    pipes: [File; 2],
+    pidfd: Option<OwnedFd>,
+    sink: &ResponseSink<W>,
+) -> Result<(), FrameError> {
+    const PIDFD: usize = 2;
+    let mut pipes = pipes.map(Some);
+    let mut rounds_after_exit = pidfd.is_none().then_some(0);
+    let mut buf = vec![0u8; CHUNK];
+    while pipes.iter().any(Option::is_some)
+        && rounds_after_exit.is_none_or(|r| r < ROUNDS_AFTER_EXIT)
+    {
+        let mut ready = Vec::with_capacity(3);
+        {
+            let mut which = Vec::with_capacity(3);
+            let mut fds = Vec::with_capacity(3);
+            for (i, pipe) in pipes.iter().enumerate() {
+                if let Some(pipe) = pipe {
+                    which.push(i);
+                    fds.push(PollFd::new(pipe.as_fd(), PollFlags::POLLIN));
+                }
+            }
+            if let (Some(fd), None) = (&pidfd, rounds_after_exit) {
+                which.push(PIDFD);
+                fds.push(PollFd::new(fd.as_fd(), PollFlags::POLLIN));
+            }
+            let timeout = match rounds_after_exit {
+                Some(_) => PollTimeout::ZERO,
+                None => PollTimeout::NONE,
+            };
+            match poll(&mut fds, timeout) {
+                Ok(0) => return Ok(()),
+                Ok(_) => {}
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(io::Error::from(e).into()),
+            }
+            for (i, fd) in which.into_iter().zip(&fds) {
+                if fd.revents().is_some_and(|r| !r.is_empty()) {
+                    ready.push(i);
+                }
+            }
+        }
+        if let Some(r) = &mut rounds_after_exit {
+            *r += 1;
+        }
+        for i in ready {
+            if i == PIDFD {
+                rounds_after_exit = Some(0);
+                continue;
+            }
+            let Some(pipe) = &mut pipes[i] else { continue };
+            match pipe.read(&mut buf) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Ok(0) | Err(_) => pipes[i] = None,
+                Ok(n) => {
+                    let data = buf[..n].to_vec();
+                    sink.send(&if i == 0 {
+                        Response::Stdout(data)
+                    } else {
+                        Response::Stderr(data)
+                    })?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn environment_adds_and_replaces() {
+        let env = environment(&["PATH=/x".into(), "A=1=2".into()]).unwrap();
+        assert_eq!(env, ["PATH=/x", "HOME=/root", "TERM=dumb", "A=1=2"]);
+        assert!(matches!(
+            environment(&["=x".into()]),
+            Err(ExecError::BadEnv(_))
+        ));
+        assert!(matches!(
+            environment(&["NOVALUE".into()]),
+            Err(ExecError::BadEnv(_))
+        ));
+    }
+}

@@ -1,0 +1,15 @@
+//! pmivmm-agent: the guest agent of a pmivmm node, as a library so that its
+//! request handling can be tested on the host over Unix sockets.
+
+pub mod connection;
+pub mod exec;
+pub mod kill;
+pub mod load;
+pub mod power;
+pub mod procfs;
+pub mod ps;
+pub mod reaper;
+pub mod server;
+pub mod sink;
+pub mod spawn;
+pub mod vsock;

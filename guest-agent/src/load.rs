@@ -1,0 +1,94 @@
+//! The node's load: /proc/loadavg (load averages, runnable and total
+//! tasks), /proc/meminfo and the online CPU count.
+
+use std::io;
+use std::path::Path;
+
+use nix::unistd::{sysconf, SysconfVar};
+use pmivmm_proto::LoadInfo;
+
+use crate::procfs::{field, read_into};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read {file}: {source}")]
+    Read {
+        file: &'static str,
+        source: io::Error,
+    },
+    #[error("cannot parse {file}: {text:?}")]
+    Parse { file: &'static str, text: String },
+}
+
+pub fn load() -> Result<LoadInfo, LoadError> {
+    let mut buf = Vec::new();
+    let loadavg = read_text("/proc/loadavg", &mut buf)?;
+    let mut info = parse_loadavg(&loadavg).ok_or_else(|| LoadError::Parse {
+        file: "/proc/loadavg",
+        text: loadavg.clone(),
+    })?;
+    let meminfo = read_text("/proc/meminfo", &mut buf)?;
+    let kib = |key| -> Result<u64, LoadError> {
+        field(&meminfo, key)
+            .and_then(|v| v.strip_suffix(" kB"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(|v| v * 1024)
+            .ok_or_else(|| LoadError::Parse {
+                file: "/proc/meminfo",
+                text: format!("no {key} line"),
+            })
+    };
+    info.mem_total_bytes = kib("MemTotal")?;
+    info.mem_free_bytes = kib("MemFree")?;
+    info.mem_available_bytes = kib("MemAvailable")?;
+    info.cpus = sysconf(SysconfVar::_NPROCESSORS_ONLN)
+        .ok()
+        .flatten()
+        .unwrap_or(1) as u32;
+    Ok(info)
+}
+
+fn read_text(file: &'static str, buf: &mut Vec<u8>) -> Result<String, LoadError> {
+    read_into(Path::new(file), buf).map_err(|source| LoadError::Read { file, source })?;
+    Ok(String::from_utf8_lossy(buf).into_owned())
+}
+
+/// Parses `0.50 0.25 0.12 2/130 4567`; memory and CPU fields are left 0.
+fn parse_loadavg(text: &str) -> Option<LoadInfo> {
+    let mut fields = text.split_whitespace();
+    let mut avg = [0f32; 3];
+    for a in &mut avg {
+        *a = fields.next()?.parse().ok()?;
+    }
+    let (runnable, total) = fields.next()?.split_once('/')?;
+    Some(LoadInfo {
+        load_avg: avg,
+        runnable_tasks: runnable.parse().ok()?,
+        total_tasks: total.parse().ok()?,
+        cpus: 0,
+        mem_total_bytes: 0,
+        mem_free_bytes: 0,
+        mem_available_bytes: 0,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_loadavg() {
+        let info = parse_loadavg("0.50 0.25 0.12 2/130 4567\n").unwrap();
+        assert_eq!(info.load_avg, [0.5, 0.25, 0.12]);
+        assert_eq!((info.runnable_tasks, info.total_tasks), (2, 130));
+        assert!(parse_loadavg("0.50 0.25").is_none());
+        assert!(parse_loadavg("a b c 1/2 3").is_none());
+    }
+
+    #[test]
+    fn reads_this_machines_load() {
+        let info = load().unwrap();
+        assert!(info.cpus >= 1 && info.total_tasks >= 1);
+        assert!(info.mem_total_bytes >= info.mem_available_bytes && info.mem_available_bytes > 0);
+    }
+}

@@ -1,0 +1,455 @@
+//! The agent's server on a Unix socket, exercised through the protocol
+//! client (and raw frames where the client would refuse to misbehave).
+//!
+//! The agent's reaper waits for every child of this test process, so these
+//! tests start processes only through the agent.
+
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use pmivmm_agent::connection::Actions;
+use pmivmm_agent::server::serve;
+use pmivmm_proto::frame::{read_frame, read_payload, write_frame};
+use pmivmm_proto::{
+    AgentClient, ClientError, ErrorKind, ExecEvent, ExecRequest, ExitStatus, Migratability,
+    MigrationObstacle, Request, Response, PROTOCOL_VERSION, VERSION,
+};
+
+static POWER_OFFS: AtomicUsize = AtomicUsize::new(0);
+
+fn fake_power_off() {
+    POWER_OFFS.fetch_add(1, Ordering::SeqCst);
+}
+
+/// One agent per test binary, on a socket in a fresh temp dir.
+fn agent_socket() -> &'static Path {
+    static SOCKET: OnceLock<PathBuf> = OnceLock::new();
+    SOCKET.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("pmivmm-agent-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("agent.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || {
+            serve(
+                listener,
+                Actions {
+                    power_off: fake_power_off,
+                },
+            )
+        });
+        path
+    })
+}
+
+type Client = AgentClient<UnixStream, UnixStream>;
+
+fn client() -> Client {
+    AgentClient::over_unix_stream(UnixStream::connect(agent_socket()).unwrap()).unwrap()
+}
+
+fn exec(argv: &[&str]) -> ExecRequest {
+    ExecRequest {
+        argv: argv.iter().map(|a| a.to_string()).collect(),
+        env: vec![],
+        cwd: None,
+        stdin: false,
+    }
+}
+
+fn sh(script: &str) -> ExecRequest {
+    exec(&["sh", "-c", script])
+}
+
+/// A raw connection that has said hello.
+fn raw() -> UnixStream {
+    let mut s = UnixStream::connect(agent_socket()).unwrap();
+    let hello = Request::Hello {
+        protocol_version: PROTOCOL_VERSION,
+        software_version: "test".into(),
+    };
+    write_frame(&mut s, &hello).unwrap();
+    assert!(matches!(
+        read_frame(&mut s).unwrap(),
+        Some(Response::Hello { .. })
+    ));
+    s
+}
+
+fn reply(s: &mut UnixStream) -> Response {
+    read_frame(s).unwrap().expect("agent closed the connection")
+}
+
+fn agent_error(result: Result<impl std::fmt::Debug, ClientError>) -> (ErrorKind, String) {
+    match result {
+        Err(ClientError::Agent { kind, message }) => (kind, message),
+        other => panic!("expected an agent error, got {other:?}"),
+    }
+}
+
+#[test]
+fn hello_reports_the_agent_version() {
+    assert_eq!(client().agent_version(), VERSION);
+}
+
+#[test]
+fn exec_streams_output_and_exit_code() {
+    let out = client()
+        .exec(sh("echo out; echo err >&2; exit 3"))
+        .unwrap()
+        .wait_with_output()
+        .unwrap();
+    assert_eq!(out.stdout, b"out\n");
+    assert_eq!(out.stderr, b"err\n");
+    assert_eq!(out.status, ExitStatus::Code(3));
+}
+
+#[test]
+fn exec_uses_env_cwd_and_default_path() {
+    let req = ExecRequest {
+        env: vec!["FOO=bar".into(), "TERM=vt100".into()],
+        cwd: Some("/tmp".into()),
+        ..sh("echo $FOO $TERM $HOME; pwd; echo $PATH")
+    };
+    let out = client().exec(req).unwrap().wait_with_output().unwrap();
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        "bar vt100 /root\n/tmp\n/usr/sbin:/usr/bin:/sbin:/bin\n"
+    );
+    assert_eq!(out.status, ExitStatus::Code(0));
+}
+
+#[test]
+fn exec_reports_a_killing_signal() {
+    let out = client()
+        .exec(sh("kill -9 $$"))
+        .unwrap()
+        .wait_with_output()
+        .unwrap();
+    assert_eq!(
+        out.status,
+        ExitStatus::Signal {
+            signal: 9,
+            core_dumped: false
+        }
+    );
+}
+
+#[test]
+fn exec_of_a_missing_program_is_a_spawn_error() {
+    let (kind, message) = agent_error(
+        client()
+            .exec(exec(&["no-such-program-pmivmm"]))
+            .map(|s| s.pid()),
+    );
+    assert_eq!(kind, ErrorKind::SpawnFailed);
+    assert!(
+        message.contains("no-such-program-pmivmm: not found in PATH"),
+        "{message}"
+    );
+    let (kind, _) = agent_error(client().exec(exec(&[])).map(|s| s.pid()));
+    assert_eq!(kind, ErrorKind::BadRequest);
+}
+
+#[test]
+fn exec_forwards_stdin_from_another_thread() {
+    let input: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let session = client()
+        .exec(ExecRequest {
+            stdin: true,
+            ..exec(&["cat"])
+        })
+        .unwrap();
+    let (mut output, mut stdin) = session.split();
+    let sent = input.clone();
+    let feeder = std::thread::spawn(move || {
+        stdin.write(&sent).unwrap();
+        stdin.close().unwrap();
+    });
+    let mut echoed = Vec::new();
+    loop {
+        match output.next_event().unwrap() {
+            ExecEvent::Stdout(data) => echoed.extend_from_slice(&data),
+            ExecEvent::Stderr(data) => panic!("stderr: {}", String::from_utf8_lossy(&data)),
+            ExecEvent::Exited(status) => {
+                assert_eq!(status, ExitStatus::Code(0));
+                break;
+            }
+        }
+    }
+    feeder.join().unwrap();
+    assert!(
+        echoed == input,
+        "cat echoed {} of {} bytes, or different ones",
+        echoed.len(),
+        input.len()
+    );
+}
+
+#[test]
+fn concurrent_execs_each_get_their_own_output() {
+    let threads: Vec<_> = (0..8)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let script = format!("sleep 0.2; echo {i}; echo e{i} >&2; exit {i}");
+                client()
+                    .exec(sh(&script))
+                    .unwrap()
+                    .wait_with_output()
+                    .unwrap()
+            })
+        })
+        .collect();
+    for (i, t) in threads.into_iter().enumerate() {
+        let out = t.join().unwrap();
+        assert_eq!(out.stdout, format!("{i}\n").as_bytes());
+        assert_eq!(out.stderr, format!("e{i}\n").as_bytes());
+        assert_eq!(out.status, ExitStatus::Code(i as i32));
+    }
+}
+
+#[test]
+fn large_output_arrives_intact_in_many_frames() {
+    const LEN: usize = 8 << 20;
+    let mut session = client()
+        .exec(sh(&format!("yes 0123456789abcdef | head -c {LEN}")))
+        .unwrap();
+    let (mut received, mut frames) = (Vec::with_capacity(LEN), 0);
+    loop {
+        match session.next_event().unwrap() {
+            ExecEvent::Stdout(data) => {
+                received.extend_from_slice(&data);
+                frames += 1;
+            }
+            ExecEvent::Stderr(data) => panic!("stderr: {}", String::from_utf8_lossy(&data)),
+            ExecEvent::Exited(status) => {
+                assert_eq!(status, ExitStatus::Code(0));
+                break;
+            }
+        }
+    }
+    assert_eq!(received.len(), LEN);
+    assert!(
+        received
+            .chunks(17)
+            .all(|c| b"0123456789abcdef\n".starts_with(c)),
+        "corrupted output"
+    );
+    assert!(frames > 8, "output came in only {frames} frames");
+}
+
+#[test]
+fn exited_is_not_held_back_by_background_children() {
+    let start = Instant::now();
+    let out = client()
+        .exec(sh("sleep 5 & echo started"))
+        .unwrap()
+        .wait_with_output()
+        .unwrap();
+    assert_eq!(out.stdout, b"started\n");
+    assert!(
+        start.elapsed() < Duration::from_secs(4),
+        "took {:?}",
+        start.elapsed()
+    );
+}
+
+#[test]
+fn ps_shows_a_sleeping_process_as_migratable_and_kill_ends_it() {
+    let mut session = client().exec(exec(&["sleep", "30"])).unwrap();
+    let pid = session.pid();
+    // Let the spawned child exec sleep.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let sleep = loop {
+        let list = client().ps().unwrap();
+        if let Some(p) = list.iter().find(|p| p.pid == pid && p.comm == "sleep") {
+            let me = list
+                .iter()
+                .find(|p| p.pid == std::process::id())
+                .expect("ps lists the agent");
+            let Migratability::NotMigratable(why) = &me.migratable else {
+                panic!("agent is migratable")
+            };
+            assert!(why.contains(&MigrationObstacle::Agent), "{why:?}");
+            assert!(why.iter().any(
+                |o| matches!(o, MigrationObstacle::MultiThreaded { threads } if *threads > 1)
+            ));
+            break p.clone();
+        }
+        assert!(Instant::now() < deadline, "sleep {pid} not in ps");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(sleep.argv, ["sleep", "30"]);
+    assert_eq!(sleep.ppid, std::process::id());
+    assert!(sleep.rss_bytes > 0);
+    assert_eq!(sleep.migratable, Migratability::Migratable);
+
+    client().kill(pid, 15).unwrap();
+    assert_eq!(
+        session.next_event().unwrap(),
+        ExecEvent::Exited(ExitStatus::Signal {
+            signal: 15,
+            core_dumped: false
+        })
+    );
+}
+
+#[test]
+fn kill_of_a_missing_pid_says_so() {
+    let pid = 4_194_000;
+    assert!(!Path::new(&format!("/proc/{pid}")).exists());
+    let (kind, message) = agent_error(client().kill(pid, 9));
+    assert_eq!(kind, ErrorKind::NoSuchProcess);
+    assert_eq!(message, format!("no process with PID {pid}"));
+    let (kind, _) = agent_error(client().kill(123, 12345));
+    assert_eq!(kind, ErrorKind::BadRequest);
+    let (kind, _) = agent_error(client().kill(std::process::id(), 15));
+    assert_eq!(kind, ErrorKind::BadRequest);
+}
+
+#[test]
+fn load_reports_this_machine() {
+    let load = client().load().unwrap();
+    assert!(load.cpus >= 1);
+    assert!(load.total_tasks >= load.runnable_tasks && load.total_tasks > 0);
+    assert!(load.mem_total_bytes >= load.mem_available_bytes);
+}
+
+#[test]
+fn client_disconnect_hangs_up_the_exec() {
+    let session = client().exec(exec(&["sleep", "30"])).unwrap();
+    let pid = session.pid();
+    drop(session);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(Instant::now() < deadline, "sleep {pid} survived its client");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn unknown_and_garbage_requests_get_errors_and_the_connection_lives_on() {
+    let mut s = raw();
+    // A request variant from a newer protocol.
+    let mut frame = 2u32.to_le_bytes().to_vec();
+    frame.extend_from_slice(&[Request::VARIANTS as u8, 7]);
+    std::io::Write::write_all(&mut s, &frame).unwrap();
+    match reply(&mut s) {
+        Response::Error {
+            kind: ErrorKind::UnknownRequest,
+            message,
+        } => {
+            assert!(message.contains("unknown request variant 8"), "{message}")
+        }
+        other => panic!("{other:?}"),
+    }
+    // Garbage: a Kill with a truncated signal.
+    let mut frame = 2u32.to_le_bytes().to_vec();
+    frame.extend_from_slice(&[6, 42]);
+    std::io::Write::write_all(&mut s, &frame).unwrap();
+    assert!(matches!(
+        reply(&mut s),
+        Response::Error {
+            kind: ErrorKind::BadRequest,
+            ..
+        }
+    ));
+    write_frame(&mut s, &Request::Load).unwrap();
+    assert!(matches!(reply(&mut s), Response::Load(_)));
+}
+
+#[test]
+fn oversized_frame_gets_an_error_and_the_connection_closes() {
+    let mut s = raw();
+    std::io::Write::write_all(&mut s, &u32::MAX.to_le_bytes()).unwrap();
+    match reply(&mut s) {
+        Response::Error {
+            kind: ErrorKind::BadRequest,
+            message,
+        } => assert!(message.contains("exceeds")),
+        other => panic!("{other:?}"),
+    }
+    assert!(read_payload(&mut s).unwrap().is_none());
+}
+
+#[test]
+fn version_mismatch_is_refused_and_closed() {
+    let mut s = UnixStream::connect(agent_socket()).unwrap();
+    let hello = Request::Hello {
+        protocol_version: PROTOCOL_VERSION + 1,
+        software_version: "9.9".into(),
+    };
+    write_frame(&mut s, &hello).unwrap();
+    match reply(&mut s) {
+        Response::Error {
+            kind: ErrorKind::VersionMismatch,
+            message,
+        } => {
+            assert!(
+                message.contains(&format!("protocol version {PROTOCOL_VERSION}")),
+                "{message}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(read_payload(&mut s).unwrap().is_none());
+}
+
+#[test]
+fn first_request_must_be_hello() {
+    let mut s = UnixStream::connect(agent_socket()).unwrap();
+    write_frame(&mut s, &Request::Ps).unwrap();
+    assert!(matches!(
+        reply(&mut s),
+        Response::Error {
+            kind: ErrorKind::HelloRequired,
+            ..
+        }
+    ));
+    assert!(read_payload(&mut s).unwrap().is_none());
+}
+
+#[test]
+fn requests_during_an_exec_are_refused_as_busy() {
+    let mut s = raw();
+    write_frame(&mut s, &Request::Exec(exec(&["sleep", "1"]))).unwrap();
+    let Response::Started { pid } = reply(&mut s) else {
+        panic!("not started")
+    };
+    write_frame(&mut s, &Request::Ps).unwrap();
+    assert!(matches!(
+        reply(&mut s),
+        Response::Error {
+            kind: ErrorKind::Busy,
+            ..
+        }
+    ));
+    assert!(matches!(
+        reply(&mut s),
+        Response::Exited(ExitStatus::Code(0))
+    ));
+    // Afterwards the connection takes requests again.
+    write_frame(&mut s, &Request::Kill { pid, signal: 0 }).unwrap();
+    assert!(matches!(
+        reply(&mut s),
+        Response::Error {
+            kind: ErrorKind::NoSuchProcess,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn poweroff_is_answered_then_performed() {
+    let before = POWER_OFFS.load(Ordering::SeqCst);
+    client().poweroff().unwrap();
+    // The agent powers off right after sending the reply.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while POWER_OFFS.load(Ordering::SeqCst) == before {
+        assert!(Instant::now() < deadline, "power_off was not called");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
