@@ -84,12 +84,12 @@ impl Exec {
         drop((stdin_child, stdout_child, stderr_child));
 
         let finished = Arc::new(AtomicBool::new(false));
-        let pidfd = pidfd_open(pid);
+        let watch = watch_exit(pid);
         let output = Output {
             pid,
             stdout: File::from(stdout),
             stderr: File::from(stderr),
-            pidfd,
+            watch,
             exit,
         };
         let thread_finished = Arc::clone(&finished);
@@ -159,14 +159,28 @@ fn pipe() -> Result<(OwnedFd, OwnedFd), ExecError> {
     pipe2(OFlag::O_CLOEXEC).map_err(|e| ExecError::Stdio(e.into()))
 }
 
-/// A descriptor that becomes readable when the process exits, or `None` if
-/// it has already been reaped.
-fn pidfd_open(pid: i32) -> Option<OwnedFd> {
+/// How the output thread learns that the process has exited.
+enum ExitWatch {
+    /// A pidfd: readable once the process has exited.
+    Pidfd(OwnedFd),
+    /// The process is already gone (reaped before the pidfd was opened).
+    AlreadyExited,
+    /// No pidfd (an old kernel): output ends when both pipes are closed.
+    PipesOnly,
+}
+
+fn watch_exit(pid: i32) -> ExitWatch {
     // SAFETY: pidfd_open takes a PID and flags and returns a new fd or -1.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    // SAFETY: a non-negative return is a new descriptor that nothing else
-    // owns.
-    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    if fd >= 0 {
+        // SAFETY: a non-negative return is a new descriptor that nothing
+        // else owns.
+        return ExitWatch::Pidfd(unsafe { OwnedFd::from_raw_fd(fd as i32) });
+    }
+    match Errno::last() {
+        Errno::ESRCH => ExitWatch::AlreadyExited,
+        _ => ExitWatch::PipesOnly,
+    }
 }
 
 /// What the output thread of an exec holds.
@@ -174,7 +188,7 @@ struct Output {
     pid: i32,
     stdout: File,
     stderr: File,
-    pidfd: Option<OwnedFd>,
+    watch: ExitWatch,
     exit: Receiver<ExitStatus>,
 }
 
@@ -186,11 +200,11 @@ impl Output {
             pid,
             stdout,
             stderr,
-            pidfd,
+            watch,
             exit,
         } = self;
         if sink.send(&Response::Started { pid: pid as u32 }).is_err()
-            || forward_output([stdout, stderr], pidfd, sink).is_err()
+            || forward_output([stdout, stderr], watch, sink).is_err()
         {
             return;
         }
@@ -203,16 +217,19 @@ impl Output {
 }
 
 /// Forwards stdout and stderr chunks until both reach end of file, or,
-/// once the process has exited (pidfd readable), until nothing more is
-/// ready.
+/// once the process has exited, until nothing more is ready.
 fn forward_output<W: Write>(
     pipes: [File; 2],
-    pidfd: Option<OwnedFd>,
+    watch: ExitWatch,
     sink: &ResponseSink<W>,
 ) -> Result<(), FrameError> {
     const PIDFD: usize = 2;
     let mut pipes = pipes.map(Some);
-    let mut rounds_after_exit = pidfd.is_none().then_some(0);
+    let mut rounds_after_exit = matches!(watch, ExitWatch::AlreadyExited).then_some(0);
+    let pidfd = match watch {
+        ExitWatch::Pidfd(fd) => Some(fd),
+        ExitWatch::AlreadyExited | ExitWatch::PipesOnly => None,
+    };
     let mut buf = vec![0u8; CHUNK];
     while pipes.iter().any(Option::is_some)
         && rounds_after_exit.is_none_or(|r| r < ROUNDS_AFTER_EXIT)

@@ -103,13 +103,14 @@ impl Reaper {
     }
 }
 
-/// Waits for any child to end (stopped children are not reported).
+/// Waits for any child to end, including children that do not signal their
+/// exit with SIGCHLD (__WALL); stopped children are not reported.
 fn wait_any() -> Result<(i32, ExitStatus), Errno> {
     let mut status = 0;
     // SAFETY: waitpid with a valid pointer to a local status word. (Not
     // nix's waitpid: it rejects real-time termination signals after the
     // child has already been reaped, which would lose the status.)
-    let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
+    let pid = unsafe { libc::waitpid(-1, &mut status, libc::__WALL) };
     if pid < 0 {
         return Err(Errno::last());
     }
