@@ -50,6 +50,29 @@ pub struct VmConfig {
     pub host_compat: HostCompat,
     /// Stop the VM after this long (exit code 124).
     pub timeout: Option<Duration>,
+    /// The virtio-vsock channel to the guest agent; None: no vsock device.
+    pub vsock: Option<VsockConfig>,
+}
+
+/// The node's virtio-vsock device and its Unix-socket backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockConfig {
+    /// The guest's CID (3 or more).
+    pub guest_cid: u64,
+    /// Listening socket for host-initiated connections (`CONNECT <port>\n`);
+    /// guest connections to host port P go to `<socket_path>_P`.
+    pub socket_path: PathBuf,
+}
+
+impl VsockConfig {
+    /// The guest CID when nothing else is asked for.
+    pub const DEFAULT_GUEST_CID: u64 = 3;
+
+    /// The default CID with the socket at `socket_path` (the node's
+    /// `RunDir::vsock()`).
+    pub fn new(socket_path: PathBuf) -> Self {
+        VsockConfig { guest_cid: Self::DEFAULT_GUEST_CID, socket_path }
+    }
 }
 
 /// Default locations of the build products, shared with the build scripts:

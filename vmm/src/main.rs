@@ -107,6 +107,7 @@ impl NodeArgs {
                 CompatArg::Off => HostCompat::Off,
             },
             timeout: self.timeout.map(Duration::from_secs_f64),
+            vsock: None,
         })
     }
 }

@@ -50,7 +50,7 @@ pub fn run(config: &VmConfig) -> anyhow::Result<VmExit> {
     vcpu::install_kick_handler()?;
     let stop = Arc::new(StopRequest::default());
     let (done_tx, done_rx) = mpsc::channel();
-    let mut vcpu = Vcpu::new(vm.vcpu, vm.pio.clone(), stop.clone(), {
+    let mut vcpu = Vcpu::new(vm.vcpu, vm.pio.clone(), vm.mmio.clone(), stop.clone(), {
         let events = events.clone();
         Box::new(move || events.panicked())
     });

@@ -1,4 +1,4 @@
-//! The vCPU run loop: routes port I/O to the device bus, steps over the
+//! The vCPU run loop: routes port I/O and MMIO to the device buses, steps over the
 //! instructions the development host cannot emulate, and turns guest resets,
 //! triple faults and stop requests into a [`VmExit`].
 
@@ -10,7 +10,7 @@ use kvm_bindings::{kvm_run, KVM_INTERNAL_ERROR_EMULATION, KVM_SYSTEM_EVENT_RESET
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::register_signal_handler;
 
-use crate::devices::{IoEffect, PortIoBus};
+use crate::devices::{IoEffect, MmioBus, PortIoBus};
 
 /// Why a VM stopped running.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,6 +140,7 @@ pub struct ExitStats {
 pub struct Vcpu {
     fd: VcpuFd,
     pio: Arc<PortIoBus>,
+    mmio: Arc<MmioBus>,
     stop: Arc<StopRequest>,
     panic_seen: Box<dyn Fn() -> bool + Send>,
     pub stats: ExitStats,
@@ -149,10 +150,11 @@ impl Vcpu {
     pub fn new(
         fd: VcpuFd,
         pio: Arc<PortIoBus>,
+        mmio: Arc<MmioBus>,
         stop: Arc<StopRequest>,
         panic_seen: Box<dyn Fn() -> bool + Send>,
     ) -> Self {
-        Vcpu { fd, pio, stop, panic_seen, stats: ExitStats::default() }
+        Vcpu { fd, pio, mmio, stop, panic_seen, stats: ExitStats::default() }
     }
 
     /// Runs the guest until it stops. Call on the thread that should receive
@@ -184,12 +186,15 @@ impl Vcpu {
                 }
                 Ok(VcpuExit::MmioRead(addr, data)) => {
                     self.stats.mmio += 1;
-                    tracing::trace!("mmio read of unclaimed 0x{addr:x}");
-                    data.fill(0xff);
+                    if !self.mmio.read(addr, data) {
+                        tracing::trace!("mmio read of unclaimed 0x{addr:x}");
+                    }
                 }
-                Ok(VcpuExit::MmioWrite(addr, _)) => {
+                Ok(VcpuExit::MmioWrite(addr, data)) => {
                     self.stats.mmio += 1;
-                    tracing::trace!("mmio write to unclaimed 0x{addr:x}");
+                    if !self.mmio.write(addr, data) {
+                        tracing::trace!("mmio write to unclaimed 0x{addr:x}");
+                    }
                 }
                 Ok(VcpuExit::Shutdown) => return Ok(self.shutdown_exit()),
                 Ok(VcpuExit::SystemEvent(kind, _)) => {

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, VcpuFd, VmFd};
 use linux_loader::loader::{elf::Elf, load_cmdline, KernelLoader};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
@@ -20,7 +20,10 @@ use crate::config::VmConfig;
 use crate::devices::cmos::Cmos;
 use crate::devices::i8042::I8042;
 use crate::devices::serial::{ConsoleSink, EventFdTrigger, SerialDevice};
-use crate::devices::{BusError, PortIoBus};
+use crate::devices::virtio::mmio::{self, MmioTransport};
+use crate::devices::virtio::vsock::{self, VsockThread};
+use crate::devices::virtio::VirtioDevice;
+use crate::devices::{BusError, MmioBus, PortIoBus};
 
 /// Smallest guest RAM that boots our kernel with its initramfs.
 pub const MIN_MEM_MIB: u64 = 64;
@@ -56,6 +59,10 @@ pub enum Error {
     Devices(#[from] BusError),
     #[error("cannot create an eventfd: {0}")]
     EventFd(#[source] std::io::Error),
+    #[error("setting up a virtio device: {0}")]
+    Virtio(#[from] mmio::Error),
+    #[error(transparent)]
+    Vsock(#[from] vsock::Error),
 }
 
 type Result<T> = std::result::Result<T, Error>;
@@ -73,7 +80,11 @@ pub struct Vm {
     pub memory: GuestMemoryMmap,
     pub vcpu: VcpuFd,
     pub pio: Arc<PortIoBus>,
+    pub mmio: Arc<MmioBus>,
     pub serial: Arc<Mutex<SerialDevice>>,
+    /// The vsock device thread, when the VM has vsock; dropping it stops the
+    /// thread and removes the socket file.
+    pub vsock: Option<VsockThread>,
     /// The kernel command line the guest got.
     pub cmdline: String,
 }
@@ -138,7 +149,23 @@ pub fn build(config: &VmConfig, console: ConsoleSink) -> Result<Vm> {
         .read_exact_volatile_from(GuestAddress(initrd_addr), &mut initrd, initrd_size as usize)
         .map_err(|e| Error::Initrd { path: config.initrd.clone(), reason: e.to_string() })?;
 
-    let line = cmdline::build(config.host_compat.enabled(), &[], &config.extra_cmdline)?;
+    // Virtio devices, announced on the command line.
+    let mut mmio = MmioBus::default();
+    let mut virtio = Vec::new();
+    let vsock = match &config.vsock {
+        Some(vc) => {
+            if !kvm.check_extension(Cap::Ioeventfd) {
+                return Err(Error::MissingCapability("ioeventfd (KVM_CAP_IOEVENTFD)"));
+            }
+            let (device, thread) = vsock::create(vc)?;
+            virtio.push(add_virtio_device(&fd, &memory, &mut mmio, virtio.len(), Box::new(device))?);
+            tracing::info!("vsock: guest CID {}, host socket {}", vc.guest_cid, vc.socket_path.display());
+            Some(thread)
+        }
+        None => None,
+    };
+
+    let line = cmdline::build(config.host_compat.enabled(), &virtio, &config.extra_cmdline)?;
     let kcmdline = linux_loader::cmdline::Cmdline::try_from(&line, layout::CMDLINE_MAX_SIZE)
         .map_err(|e| Error::Kernel { path: config.kernel.clone(), reason: format!("command line: {e}") })?;
     load_cmdline(&memory, GuestAddress(layout::CMDLINE_ADDR), &kcmdline)
@@ -173,7 +200,43 @@ pub fn build(config: &VmConfig, console: ConsoleSink) -> Result<Vm> {
     pio.insert(ports::I8042_DATA, ports::I8042_COMMAND - ports::I8042_DATA + 1, Arc::new(Mutex::new(I8042)))?;
     pio.insert(ports::CMOS_INDEX, 2, Arc::new(Mutex::new(Cmos::default())))?;
 
-    Ok(Vm { _kvm: kvm, fd, memory, vcpu, pio: Arc::new(pio), serial, cmdline: line })
+    Ok(Vm {
+        _kvm: kvm,
+        fd,
+        memory,
+        vcpu,
+        pio: Arc::new(pio),
+        mmio: Arc::new(mmio),
+        serial,
+        vsock,
+        cmdline: line,
+    })
+}
+
+/// Puts virtio device number `index` on the MMIO bus with its window and
+/// interrupt line from the layout, queue notifications as ioeventfds and the
+/// interrupt as an irqfd; returns what the command line must announce.
+fn add_virtio_device(
+    fd: &VmFd,
+    memory: &GuestMemoryMmap,
+    bus: &mut MmioBus,
+    index: usize,
+    device: Box<dyn VirtioDevice>,
+) -> Result<cmdline::VirtioMmioDevice> {
+    let slot = cmdline::VirtioMmioDevice {
+        base: layout::VIRTIO_MMIO_BASE + index as u64 * layout::VIRTIO_MMIO_SIZE,
+        size: layout::VIRTIO_MMIO_SIZE,
+        irq: layout::VIRTIO_IRQ_BASE + index as u32,
+    };
+    let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
+    fd.register_irqfd(&irqfd, slot.irq).map_err(kvm_err("KVM_IRQFD"))?;
+    let transport = MmioTransport::new(memory.clone(), device, irqfd)?;
+    let notify = IoEventAddress::Mmio(slot.base + mmio::QUEUE_NOTIFY_OFFSET);
+    for (queue, evt) in transport.queue_evts().iter().enumerate() {
+        fd.register_ioevent(evt, &notify, queue as u32).map_err(kvm_err("KVM_IOEVENTFD"))?;
+    }
+    bus.insert(slot.base, slot.size, Arc::new(Mutex::new(transport)))?;
+    Ok(slot)
 }
 
 fn open_image(path: &Path) -> std::result::Result<File, String> {
