@@ -6,8 +6,11 @@
 //! [`config`], and the node lifecycle in [`node`].
 
 pub mod arch;
+pub mod bench;
 pub mod cmdline;
+pub mod commands;
 pub mod config;
+pub mod control;
 pub mod devices;
 pub mod node;
 pub mod rundir;

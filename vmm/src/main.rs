@@ -5,7 +5,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use pmivmm::config::{self, ConsoleConfig, HostCompat, VmConfig};
+use pmivmm::commands;
+use pmivmm::config::{self, ConsoleConfig, HostCompat, VmConfig, VsockConfig};
 
 #[derive(Parser)]
 #[command(
@@ -26,6 +27,78 @@ struct Cli {
 enum Command {
     /// Boot a node VM (same as `pmivmm --node`).
     Node(NodeArgs),
+    /// Run a command in a node, like a local command (output, stdin, exit status).
+    Exec {
+        #[command(flatten)]
+        node: NodeRef,
+        /// Working directory in the node.
+        #[arg(long)]
+        cwd: Option<String>,
+        /// Extra environment variable (repeatable).
+        #[arg(long = "env", value_name = "KEY=VALUE")]
+        env: Vec<String>,
+        /// Do not forward stdin (the command reads /dev/null).
+        #[arg(short = 'n', long)]
+        no_stdin: bool,
+        /// The command and its arguments.
+        #[arg(last = true, required = true)]
+        argv: Vec<String>,
+    },
+    /// List the processes of a node and whether each could migrate.
+    Ps {
+        #[command(flatten)]
+        node: NodeRef,
+    },
+    /// Show the load of a node.
+    Load {
+        #[command(flatten)]
+        node: NodeRef,
+    },
+    /// Send a signal to a process in a node.
+    Kill {
+        #[command(flatten)]
+        node: NodeRef,
+        /// Signal number.
+        #[arg(short = 's', long, default_value_t = 15)]
+        signal: i32,
+        pid: u32,
+    },
+    /// Power a node off and wait until it has stopped.
+    Stop {
+        #[command(flatten)]
+        node: NodeRef,
+        /// Seconds to wait for the guest to power off before the VM is stopped.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
+    /// List the nodes running on this host.
+    Nodes,
+    /// Benchmarks that print tables.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Boot a node N times: time to first output, /init, agent-ready, stop; VMM memory.
+    Boot {
+        /// Number of boots (one after the other).
+        #[arg(short = 'n', long, default_value_t = 3)]
+        runs: usize,
+        /// Guest RAM of the benchmarked node.
+        #[arg(long, default_value = "256M")]
+        mem: String,
+        /// Extra arguments for `pmivmm --node` (e.g. --kernel PATH), after `--`.
+        #[arg(last = true)]
+        node_args: Vec<String>,
+    },
+}
+
+#[derive(Args)]
+struct NodeRef {
+    /// Name of the node.
+    #[arg(long = "node", value_name = "NAME")]
+    name: String,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -91,6 +164,7 @@ impl NodeArgs {
                 return Err(format!("--timeout must be a positive number of seconds, not {t}"));
             }
         }
+        let paths = pmivmm::rundir::NodePaths::new(&self.name).map_err(|e| e.to_string())?;
         Ok(VmConfig {
             name: self.name,
             mem_mib: self.mem,
@@ -107,7 +181,7 @@ impl NodeArgs {
                 CompatArg::Off => HostCompat::Off,
             },
             timeout: self.timeout.map(Duration::from_secs_f64),
-            vsock: None,
+            vsock: Some(VsockConfig::new(paths.vsock())),
         })
     }
 }
@@ -124,17 +198,28 @@ fn main() -> ExitCode {
     // `pmivmm --node ...` is the documented spelling of `pmivmm node ...`.
     let args = std::env::args().enumerate().map(|(i, a)| if i == 1 && a == "--node" { "node".into() } else { a });
     let cli = Cli::parse_from(args);
-    match cli.command {
-        Command::Node(args) => {
-            let config = match args.into_config() {
-                Ok(c) => c,
-                Err(e) => return fail(e),
-            };
-            match pmivmm::node::run(&config) {
-                Ok(exit) => ExitCode::from(exit.exit_code() as u8),
-                Err(e) => fail(format!("{e:#}")),
-            }
+    let result = match cli.command {
+        Command::Node(args) => match args.into_config() {
+            Ok(config) => pmivmm::node::run(&config).map(|exit| exit.exit_code()),
+            Err(e) => return fail(e),
+        },
+        Command::Exec { node, cwd, env, no_stdin, argv } => {
+            commands::exec(&node.name, argv, env, cwd, !no_stdin)
         }
+        Command::Ps { node } => commands::ps(&node.name).map(|()| 0),
+        Command::Load { node } => commands::load(&node.name).map(|()| 0),
+        Command::Kill { node, signal, pid } => commands::kill(&node.name, pid, signal).map(|()| 0),
+        Command::Stop { node, timeout } => {
+            commands::stop(&node.name, Duration::from_secs(timeout)).map(|()| 0)
+        }
+        Command::Nodes => commands::nodes().map(|()| 0),
+        Command::Bench(BenchCommand::Boot { runs, mem, node_args }) => {
+            pmivmm::bench::boot::run(&pmivmm::bench::boot::BootBench { runs, mem, node_args }).map(|()| 0)
+        }
+    };
+    match result {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(e) => fail(format!("{e:#}")),
     }
 }
 

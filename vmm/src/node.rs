@@ -3,6 +3,7 @@
 
 use std::fs::OpenOptions;
 use std::io::{self, IsTerminal, Read, Write};
+use std::os::unix::net::UnixListener;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread;
@@ -13,6 +14,8 @@ use vmm_sys_util::signal::Killable;
 use vmm_sys_util::terminal::Terminal;
 
 use crate::config::{ConsoleConfig, VmConfig};
+use crate::control::{self, server::NodeHandle};
+use crate::rundir::NodePaths;
 use crate::devices::lock;
 use crate::devices::serial::{ConsoleEvents, ConsoleSink, SerialDevice};
 use crate::vcpu::{self, StopCause, StopRequest, Vcpu, VmExit};
@@ -37,6 +40,10 @@ pub fn run(config: &VmConfig) -> anyhow::Result<VmExit> {
                 .with_context(|| format!("cannot open console file {}", p.display()))?,
         ),
     };
+    let paths = NodePaths::new(&config.name)?;
+    let _run_dir = paths.create()?;
+    let control_listener = UnixListener::bind(paths.control())
+        .with_context(|| format!("cannot create the control socket {}", paths.control().display()))?;
     let vm = vm::build(config, ConsoleSink::new(out, events.clone()))?;
     tracing::info!(
         node = %config.name,
@@ -54,6 +61,19 @@ pub fn run(config: &VmConfig) -> anyhow::Result<VmExit> {
         let events = events.clone();
         Box::new(move || events.panicked())
     });
+    control::server::spawn(
+        control_listener,
+        NodeHandle::new(
+            config.name.clone(),
+            config.mem_mib,
+            started,
+            config.vsock.as_ref().map(|v| v.guest_cid),
+            config.vsock.as_ref().map(|v| v.socket_path.clone()),
+            events.clone(),
+            stop.clone(),
+        ),
+    )
+    .context("cannot start the control server")?;
     let vcpu_thread = thread::Builder::new()
         .name("vcpu0".into())
         .spawn(move || {

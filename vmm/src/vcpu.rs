@@ -32,6 +32,8 @@ pub enum StopCause {
     Timeout = 1,
     /// The user pressed Ctrl-A x on the interactive console.
     User = 2,
+    /// `pmivmm stop` (after the guest did not power off by itself).
+    Control = 3,
 }
 
 impl VmExit {
@@ -43,6 +45,7 @@ impl VmExit {
             VmExit::GuestShutdown => 3,
             VmExit::Stopped(StopCause::Timeout) => 124,
             VmExit::Stopped(StopCause::User) => 130,
+            VmExit::Stopped(StopCause::Control) => 0,
         }
     }
 
@@ -53,6 +56,7 @@ impl VmExit {
             VmExit::GuestShutdown => "the guest triple-faulted (KVM shutdown)",
             VmExit::Stopped(StopCause::Timeout) => "stopped: timeout reached",
             VmExit::Stopped(StopCause::User) => "stopped from the console (Ctrl-A x)",
+            VmExit::Stopped(StopCause::Control) => "stopped by `pmivmm stop`",
         }
     }
 }
@@ -122,6 +126,7 @@ impl StopRequest {
         match self.0.load(Ordering::SeqCst) {
             1 => Some(StopCause::Timeout),
             2 => Some(StopCause::User),
+            3 => Some(StopCause::Control),
             _ => None,
         }
     }

@@ -4,7 +4,7 @@
 
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use vm_superio::serial::NoEvents;
@@ -26,15 +26,30 @@ impl Trigger for EventFdTrigger {
 
 /// The console line a kernel panic starts with.
 const PANIC_MARKER: &str = "Kernel panic - not syncing";
+/// The first line images/init prints: user space has started.
+const INIT_MARKER: &str = "pmivmm-init: started";
 /// Longest console line kept for matching; the rest of a longer line is
 /// still written out, just not matched.
 const MAX_LINE: usize = 1024;
+
+/// Boot milestones seen on the console, as times since the VMM started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Milestones {
+    /// The first byte the guest wrote to the console.
+    pub first_output: Option<Duration>,
+    /// /init started (user space is up).
+    pub init: Option<Duration>,
+    /// The agent announced itself.
+    pub agent_ready: Option<Duration>,
+}
 
 /// What the console has shown so far, shared with whoever waits for it.
 #[derive(Debug)]
 pub struct ConsoleEvents {
     started: Instant,
     panicked: AtomicBool,
+    first_output: OnceLock<Duration>,
+    init: OnceLock<Duration>,
     ready: Mutex<Option<(Duration, String)>>,
     ready_cv: Condvar,
 }
@@ -44,6 +59,8 @@ impl ConsoleEvents {
         Arc::new(ConsoleEvents {
             started,
             panicked: AtomicBool::new(false),
+            first_output: OnceLock::new(),
+            init: OnceLock::new(),
             ready: Mutex::new(None),
             ready_cv: Condvar::new(),
         })
@@ -52,6 +69,15 @@ impl ConsoleEvents {
     /// True once the guest kernel printed a panic.
     pub fn panicked(&self) -> bool {
         self.panicked.load(Ordering::Relaxed)
+    }
+
+    /// The milestones reached so far.
+    pub fn milestones(&self) -> Milestones {
+        Milestones {
+            first_output: self.first_output.get().copied(),
+            init: self.init.get().copied(),
+            agent_ready: lock(&self.ready).as_ref().map(|(t, _)| *t),
+        }
     }
 
     /// Waits until the agent's ready line appeared (time since start, line).
@@ -64,7 +90,16 @@ impl ConsoleEvents {
         guard.clone()
     }
 
+    fn output(&self) {
+        if self.first_output.get().is_none() {
+            let _ = self.first_output.set(self.started.elapsed());
+        }
+    }
+
     fn line(&self, line: &str) {
+        if line.starts_with(INIT_MARKER) {
+            let _ = self.init.set(self.started.elapsed());
+        }
         if line.contains(PANIC_MARKER) {
             self.panicked.store(true, Ordering::Relaxed);
         }
@@ -93,6 +128,7 @@ impl ConsoleSink {
 
 impl Write for ConsoleSink {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.events.output();
         for &b in buf {
             if b == b'\n' {
                 let l = String::from_utf8_lossy(&self.line);
@@ -203,6 +239,8 @@ mod tests {
         }
         let (_, l) = ev.wait_ready(Duration::from_secs(1)).unwrap();
         assert!(l.ends_with("version=9"));
+        let m = ev.milestones();
+        assert!(m.first_output.is_some() && m.agent_ready.is_some() && m.init.is_none());
         assert!(ev.panicked());
     }
 

@@ -1,0 +1,119 @@
+//! The `pmivmm` subcommands that talk to running nodes: through the node's
+//! hybrid vsock to its guest agent (exec, ps, load, kill) or through its
+//! control socket to the VMM (stop, nodes).
+
+mod exec;
+pub mod tables;
+
+pub use exec::exec;
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use pmivmm_proto::{AgentClient, Migratability};
+
+use crate::control;
+use crate::rundir::{self, NodePaths};
+
+type Client = AgentClient<std::os::unix::net::UnixStream, std::os::unix::net::UnixStream>;
+
+/// Connects to the agent of the running node `name`.
+fn agent(name: &str) -> anyhow::Result<Client> {
+    let paths = NodePaths::existing(name)?;
+    AgentClient::connect(&paths.vsock())
+        .with_context(|| format!("cannot reach the guest agent of node {name} (is it still booting? see `pmivmm nodes`)"))
+}
+
+/// `pmivmm ps`: the node's processes and whether they could migrate.
+pub fn ps(name: &str) -> anyhow::Result<()> {
+    let procs = agent(name)?.ps()?;
+    let rows = procs.iter().map(|p| {
+        let (migrate, why) = match &p.migratable {
+            Migratability::Migratable => ("yes".to_owned(), String::new()),
+            Migratability::NotMigratable(obstacles) => (
+                "no".to_owned(),
+                obstacles.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "),
+            ),
+        };
+        let cmd = if p.argv.is_empty() { format!("[{}]", p.comm) } else { p.argv.join(" ") };
+        vec![
+            p.pid.to_string(),
+            p.ppid.to_string(),
+            p.state.to_string(),
+            tables::cpu_time(p.cpu_time_ms),
+            tables::bytes(p.rss_bytes),
+            migrate,
+            cmd,
+            why,
+        ]
+    });
+    print!("{}", tables::render(&["PID", "PPID", "S", "TIME", "RSS", "MIGRATE", "COMMAND", "WHY NOT"], rows));
+    Ok(())
+}
+
+/// `pmivmm load`: the node's load.
+pub fn load(name: &str) -> anyhow::Result<()> {
+    let l = agent(name)?.load()?;
+    println!(
+        "load average {:.2} {:.2} {:.2}, {} runnable of {} tasks, {} cpu(s), memory {} total, {} free, {} available",
+        l.load_avg[0],
+        l.load_avg[1],
+        l.load_avg[2],
+        l.runnable_tasks,
+        l.total_tasks,
+        l.cpus,
+        tables::bytes(l.mem_total_bytes),
+        tables::bytes(l.mem_free_bytes),
+        tables::bytes(l.mem_available_bytes)
+    );
+    Ok(())
+}
+
+/// `pmivmm kill`: sends a signal to a process of the node.
+pub fn kill(name: &str, pid: u32, signal: i32) -> anyhow::Result<()> {
+    agent(name)?.kill(pid, signal)?;
+    Ok(())
+}
+
+/// `pmivmm stop`: powers the node off and waits until its VMM has exited.
+pub fn stop(name: &str, timeout: Duration) -> anyhow::Result<()> {
+    let paths = NodePaths::existing(name)?;
+    control::stop(&paths.control(), timeout)?;
+    eprintln!("pmivmm: stopping node {name}...");
+    let start = Instant::now();
+    // The VMM removes its run directory when it exits; allow it the grace
+    // period plus time to tear down.
+    while paths.dir.exists() {
+        anyhow::ensure!(
+            start.elapsed() < timeout + Duration::from_secs(15),
+            "node {name} did not stop within {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("pmivmm: node {name} stopped after {:.1} s", start.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// `pmivmm nodes`: the nodes running on this host.
+pub fn nodes() -> anyhow::Result<()> {
+    let base = rundir::base();
+    let rows = rundir::list(&base).into_iter().map(|name| {
+        let control = NodePaths::under(&base, &name).map(|p| p.control());
+        match control.map_err(anyhow::Error::from).and_then(|c| Ok(control::status(&c)?)) {
+            Ok(s) => vec![
+                s.name,
+                s.state.to_string(),
+                s.vmm_pid.to_string(),
+                format!("{} MiB", s.mem_mib),
+                tables::duration(Duration::from_millis(s.uptime_ms)),
+                s.ready_after_ms
+                    .map(|ms| format!("{:.1} s", ms as f64 / 1000.0))
+                    .unwrap_or_else(|| "-".into()),
+                s.guest_cid.map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
+            ],
+            Err(_) => vec![name, "dead (stale run directory)".into()],
+        }
+    });
+    print!("{}", tables::render(&["NAME", "STATE", "VMM PID", "MEMORY", "UPTIME", "BOOTED IN", "CID"], rows));
+    Ok(())
+}

@@ -1,0 +1,115 @@
+//! The VMM's control socket (`<run dir>/<node>/control.sock`): the node's own
+//! state and lifecycle, as opposed to the guest agent's requests, which go
+//! over vsock. Frames are the agent protocol's framing with their own
+//! message types.
+
+pub mod server;
+
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use pmivmm_proto::frame::{read_frame, write_frame, FrameError};
+use serde::{Deserialize, Serialize};
+
+/// Bump on any change to the messages below.
+pub const CONTROL_VERSION: u32 = 1;
+
+/// How long a control request may take before the client gives up.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ControlRequest {
+    Status { version: u32 },
+    /// Power the guest off (through the agent), forcing the VM down after
+    /// `grace_ms` if it does not go.
+    Stop { version: u32, grace_ms: u64 },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NodeState {
+    /// The guest is booting; its agent has not announced itself yet.
+    Booting,
+    /// The agent is up.
+    Ready,
+    /// A stop was requested.
+    Stopping,
+}
+
+impl std::fmt::Display for NodeState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            NodeState::Booting => "booting",
+            NodeState::Ready => "ready",
+            NodeState::Stopping => "stopping",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub name: String,
+    pub state: NodeState,
+    /// PID of the VMM process.
+    pub vmm_pid: u32,
+    pub mem_mib: u64,
+    pub uptime_ms: u64,
+    /// Boot milestones, in ms since the VMM started: first console output,
+    /// /init started, agent ready.
+    pub first_output_ms: Option<u64>,
+    pub init_ms: Option<u64>,
+    pub ready_after_ms: Option<u64>,
+    pub guest_cid: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ControlResponse {
+    Status(NodeStatus),
+    Stopping,
+    Error(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot reach the node's control socket {path}: {source} (is the node running?)")]
+    Connect { path: String, source: std::io::Error },
+    #[error("control socket: {0}")]
+    Frame(#[from] FrameError),
+    #[error("the node closed its control connection without answering")]
+    Closed,
+    #[error("the node answered: {0}")]
+    Node(String),
+    #[error("unexpected answer from the node: {0:?}")]
+    Unexpected(Box<ControlResponse>),
+}
+
+/// Sends one request to the control socket at `path` and returns the answer.
+pub fn request(path: &Path, req: &ControlRequest) -> Result<ControlResponse, Error> {
+    let mut s = UnixStream::connect(path)
+        .map_err(|source| Error::Connect { path: path.display().to_string(), source })?;
+    let _ = s.set_read_timeout(Some(CLIENT_TIMEOUT));
+    let _ = s.set_write_timeout(Some(CLIENT_TIMEOUT));
+    write_frame(&mut s, req)?;
+    match read_frame::<_, ControlResponse>(&mut s)? {
+        None => Err(Error::Closed),
+        Some(ControlResponse::Error(e)) => Err(Error::Node(e)),
+        Some(r) => Ok(r),
+    }
+}
+
+/// The status of the node whose control socket is `path`.
+pub fn status(path: &Path) -> Result<NodeStatus, Error> {
+    match request(path, &ControlRequest::Status { version: CONTROL_VERSION })? {
+        ControlResponse::Status(s) => Ok(s),
+        other => Err(Error::Unexpected(Box::new(other))),
+    }
+}
+
+/// Asks the node to stop.
+pub fn stop(path: &Path, grace: Duration) -> Result<(), Error> {
+    let req = ControlRequest::Stop { version: CONTROL_VERSION, grace_ms: grace.as_millis() as u64 };
+    match request(path, &req)? {
+        ControlResponse::Stopping => Ok(()),
+        other => Err(Error::Unexpected(Box::new(other))),
+    }
+}
