@@ -25,22 +25,33 @@ fn proc_path(pid: i32, rel: &str) -> PathBuf {
 
 fn read(path: &Path) -> Result<Vec<u8>, ProcfsError> {
     let mut buf = Vec::new();
-    read_into(path, &mut buf).map_err(|source| ProcfsError::Io { path: path.into(), source })?;
+    read_into(path, &mut buf).map_err(|source| ProcfsError::Io {
+        path: path.into(),
+        source,
+    })?;
     Ok(buf)
 }
 
 fn read_text(pid: i32, rel: &str) -> Result<(PathBuf, String), ProcfsError> {
     let path = proc_path(pid, rel);
     let bytes = read(&path)?;
-    let text = String::from_utf8(bytes).map_err(|_| ProcfsError::NotUtf8 { path: path.clone(), what: "contents" })?;
+    let text = String::from_utf8(bytes).map_err(|_| ProcfsError::NotUtf8 {
+        path: path.clone(),
+        what: "contents",
+    })?;
     Ok((path, text))
 }
 
 /// The target of a /proc symlink (cwd, exe, fd/N), which must be UTF-8.
 pub fn read_link(path: &Path) -> Result<String, ProcfsError> {
-    let target = std::fs::read_link(path).map_err(|source| ProcfsError::Io { path: path.into(), source })?;
-    String::from_utf8(target.as_os_str().as_bytes().to_vec())
-        .map_err(|_| ProcfsError::NotUtf8 { path: path.into(), what: "link target" })
+    let target = std::fs::read_link(path).map_err(|source| ProcfsError::Io {
+        path: path.into(),
+        source,
+    })?;
+    String::from_utf8(target.as_os_str().as_bytes().to_vec()).map_err(|_| ProcfsError::NotUtf8 {
+        path: path.into(),
+        what: "link target",
+    })
 }
 
 pub fn link(pid: i32, rel: &str) -> Result<String, ProcfsError> {
@@ -62,7 +73,10 @@ pub struct Status {
 
 pub fn status(pid: i32) -> Result<Status, ProcfsError> {
     let (path, text) = read_text(pid, "status")?;
-    parse_status(&text).ok_or(ProcfsError::Parse { path, what: "status" })
+    parse_status(&text).ok_or(ProcfsError::Parse {
+        path,
+        what: "status",
+    })
 }
 
 fn parse_status(text: &str) -> Option<Status> {
@@ -106,7 +120,11 @@ fn parse_stat(text: &str) -> Option<Stat> {
     // comm (field 2) may hold spaces and parentheses: fields 3.. follow the
     // last ')'.
     let rest = &text[text.rfind(')')? + 1..];
-    let fields: Vec<u64> = rest.split_whitespace().skip(1).map(|f| f.parse().unwrap_or(0)).collect();
+    let fields: Vec<u64> = rest
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse().unwrap_or(0))
+        .collect();
     // fields[0] is field 4 (ppid).
     let f = |n: usize| fields.get(n - 4).copied();
     Some(Stat {
@@ -146,7 +164,12 @@ impl MapsEntry {
 pub fn maps(pid: i32) -> Result<Vec<MapsEntry>, ProcfsError> {
     let (path, text) = read_text(pid, "maps")?;
     text.lines()
-        .map(|line| parse_maps_line(line).ok_or_else(|| ProcfsError::Parse { path: path.clone(), what: "maps line" }))
+        .map(|line| {
+            parse_maps_line(line).ok_or_else(|| ProcfsError::Parse {
+                path: path.clone(),
+                what: "maps line",
+            })
+        })
         .collect()
 }
 
@@ -182,7 +205,10 @@ fn parse_maps_line(line: &str) -> Option<MapsEntry> {
 /// Position and open flags of a descriptor, from /proc/PID/fdinfo/N.
 pub fn fdinfo(pid: i32, fd: i32) -> Result<(u64, i32), ProcfsError> {
     let (path, text) = read_text(pid, &format!("fdinfo/{fd}"))?;
-    parse_fdinfo(&text).ok_or(ProcfsError::Parse { path, what: "fdinfo" })
+    parse_fdinfo(&text).ok_or(ProcfsError::Parse {
+        path,
+        what: "fdinfo",
+    })
 }
 
 fn parse_fdinfo(text: &str) -> Option<(u64, i32)> {
@@ -196,16 +222,19 @@ pub fn fd_numbers(pid: i32) -> Result<Vec<i32>, ProcfsError> {
     numeric_entries(&proc_path(pid, "fd"))
 }
 
-/// The thread IDs of a process.
-pub fn task_ids(pid: i32) -> Result<Vec<i32>, ProcfsError> {
-    numeric_entries(&proc_path(pid, "task"))
-}
-
 fn numeric_entries(dir: &Path) -> Result<Vec<i32>, ProcfsError> {
-    let io_err = |source| ProcfsError::Io { path: dir.into(), source };
+    let io_err = |source| ProcfsError::Io {
+        path: dir.into(),
+        source,
+    };
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(io_err)? {
-        if let Some(n) = entry.map_err(io_err)?.file_name().to_str().and_then(|s| s.parse().ok()) {
+        if let Some(n) = entry
+            .map_err(io_err)?
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse().ok())
+        {
             out.push(n);
         }
     }
@@ -217,18 +246,31 @@ fn numeric_entries(dir: &Path) -> Result<Vec<i32>, ProcfsError> {
 /// information for `ps`, never used to restore.
 pub fn nul_separated(pid: i32, rel: &str) -> Result<Vec<String>, ProcfsError> {
     let bytes = read(&proc_path(pid, rel))?;
-    Ok(bytes.split(|&b| b == 0).filter(|s| !s.is_empty()).map(|s| String::from_utf8_lossy(s).into_owned()).collect())
+    Ok(bytes
+        .split(|&b| b == 0)
+        .filter(|s| !s.is_empty())
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .collect())
 }
 
 /// `(resource, soft, hard)` for every line of /proc/PID/limits, in resource
 /// order (the kernel prints them in `RLIMIT_*` order).
 pub fn limits(pid: i32) -> Result<Vec<(u32, u64, u64)>, ProcfsError> {
     let (path, text) = read_text(pid, "limits")?;
-    parse_limits(&text).ok_or(ProcfsError::Parse { path, what: "limits" })
+    parse_limits(&text).ok_or(ProcfsError::Parse {
+        path,
+        what: "limits",
+    })
 }
 
 fn parse_limits(text: &str) -> Option<Vec<(u32, u64, u64)>> {
-    let value = |s: &str| if s == "unlimited" { Some(u64::MAX) } else { s.parse().ok() };
+    let value = |s: &str| {
+        if s == "unlimited" {
+            Some(u64::MAX)
+        } else {
+            s.parse().ok()
+        }
+    };
     text.lines()
         .skip(1)
         .enumerate()
@@ -246,11 +288,18 @@ mod tests {
 
     #[test]
     fn parses_status() {
-        let text = "Name:\tcat (x)\nUmask:\t0027\nState:\tS (sleeping)\nTracerPid:\t0\nThreads:\t1\n\
+        let text =
+            "Name:\tcat (x)\nUmask:\t0027\nState:\tS (sleeping)\nTracerPid:\t0\nThreads:\t1\n\
                     SigIgn:\t0000000000001000\nSigCgt:\t0000000180000002\n";
         let s = parse_status(text).unwrap();
-        assert_eq!((s.name.as_str(), s.state, s.tracer_pid, s.threads), ("cat (x)", 'S', 0, 1));
-        assert_eq!((s.umask, s.sig_ignored, s.sig_caught), (0o027, 0x1000, 0x1_8000_0002));
+        assert_eq!(
+            (s.name.as_str(), s.state, s.tracer_pid, s.threads),
+            ("cat (x)", 'S', 0, 1)
+        );
+        assert_eq!(
+            (s.umask, s.sig_ignored, s.sig_caught),
+            (0o027, 0x1000, 0x1_8000_0002)
+        );
     }
 
     #[test]
@@ -260,16 +309,27 @@ mod tests {
             text.push_str(&format!(" {n}"));
         }
         let s = parse_stat(&text).unwrap();
-        assert_eq!((s.flags, s.start_code, s.end_code, s.start_stack), (4194304, 26, 27, 28));
+        assert_eq!(
+            (s.flags, s.start_code, s.end_code, s.start_stack),
+            (4194304, 26, 27, 28)
+        );
         assert_eq!((s.start_data, s.start_brk, s.env_end), (45, 47, 51));
     }
 
     #[test]
     fn parses_maps_lines() {
-        let e = parse_maps_line("00400000-00401000 r-xp 00001000 fe:00 325843                     /bin/a b").unwrap();
-        assert_eq!((e.start, e.end, e.prot, e.shared, e.offset), (0x400000, 0x401000, 5, false, 0x1000));
+        let e = parse_maps_line(
+            "00400000-00401000 r-xp 00001000 fe:00 325843                     /bin/a b",
+        )
+        .unwrap();
+        assert_eq!(
+            (e.start, e.end, e.prot, e.shared, e.offset),
+            (0x400000, 0x401000, 5, false, 0x1000)
+        );
         assert_eq!((e.inode, e.name.as_str()), (325843, "/bin/a b"));
-        let e = parse_maps_line("7f0000000000-7f0000001000 rw-s 00000000 00:01 7 /dev/zero (deleted)").unwrap();
+        let e =
+            parse_maps_line("7f0000000000-7f0000001000 rw-s 00000000 00:01 7 /dev/zero (deleted)")
+                .unwrap();
         assert!(e.shared && e.prot == 3);
         let e = parse_maps_line("7f0000000000-7f0000001000 ---p 00000000 00:00 0 ").unwrap();
         assert_eq!((e.prot, e.name.as_str()), (0, ""));
@@ -278,11 +338,17 @@ mod tests {
 
     #[test]
     fn parses_fdinfo_and_limits() {
-        assert_eq!(parse_fdinfo("pos:\t4096\nflags:\t02102001\nmnt_id:\t25\n"), Some((4096, 0o2102001)));
+        assert_eq!(
+            parse_fdinfo("pos:\t4096\nflags:\t02102001\nmnt_id:\t25\n"),
+            Some((4096, 0o2102001))
+        );
         let limits = "Limit                     Soft Limit           Hard Limit           Units     \n\
                       Max cpu time              unlimited            unlimited            seconds   \n\
                       Max open files            1024                 524288               files     \n";
-        assert_eq!(parse_limits(limits), Some(vec![(0, u64::MAX, u64::MAX), (1, 1024, 524288)]));
+        assert_eq!(
+            parse_limits(limits),
+            Some(vec![(0, u64::MAX, u64::MAX), (1, 1024, 524288)])
+        );
     }
 
     #[test]
