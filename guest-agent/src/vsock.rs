@@ -4,26 +4,44 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
+use nix::errno::Errno;
 use nix::sys::socket::{
     accept4, bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, VsockAddr,
 };
 
 use crate::server::{Listener, Stream};
 
+/// `_IO(7, 0xb9)` from linux/vm_sockets.h: the local CID, or
+/// `VMADDR_CID_ANY` while no vsock device has been probed.
+const IOCTL_VM_SOCKETS_GET_LOCAL_CID: libc::c_ulong = 0x7b9;
+
 #[derive(Debug, thiserror::Error)]
-#[error("cannot listen on vsock port {port}: {step} failed: {errno} (does the node have a virtio-vsock device?)")]
-pub struct VsockError {
-    port: u32,
-    step: &'static str,
-    errno: nix::errno::Errno,
+pub enum VsockError {
+    #[error("cannot open /dev/vsock: {0} (is the kernel built with VSOCKETS?)")]
+    Open(io::Error),
+    #[error("cannot ask /dev/vsock for the local CID: {0}")]
+    LocalCid(Errno),
+    #[error("no virtio-vsock device: the guest has no vsock CID")]
+    NoDevice,
+    #[error("cannot listen on vsock port {port}: {step} failed: {errno}")]
+    Listen {
+        port: u32,
+        step: &'static str,
+        errno: Errno,
+    },
 }
 
 pub struct VsockListener(OwnedFd);
 
 impl VsockListener {
-    /// Listens on `port` for connections from any CID (the host).
+    /// Listens on `port` for connections from any CID (the host). Fails if
+    /// the node has no vsock device: the kernel would accept the listener
+    /// anyway, and nobody could ever connect.
     pub fn bind(port: u32) -> Result<Self, VsockError> {
-        let err = |step| move |errno| VsockError { port, step, errno };
+        if local_cid()? == libc::VMADDR_CID_ANY {
+            return Err(VsockError::NoDevice);
+        }
+        let err = |step| move |errno| VsockError::Listen { port, step, errno };
         let fd = socket(
             AddressFamily::Vsock,
             SockType::Stream,
@@ -35,6 +53,16 @@ impl VsockListener {
         listen(&fd, Backlog::new(16).map_err(err("listen"))?).map_err(err("listen"))?;
         Ok(VsockListener(fd))
     }
+}
+
+fn local_cid() -> Result<u32, VsockError> {
+    let dev = File::open("/dev/vsock").map_err(VsockError::Open)?;
+    let mut cid: u32 = 0;
+    // SAFETY: this ioctl writes one u32 through the pointer, which points
+    // to a local that outlives the call.
+    let rc = unsafe { libc::ioctl(dev.as_raw_fd(), IOCTL_VM_SOCKETS_GET_LOCAL_CID, &mut cid) };
+    Errno::result(rc).map_err(VsockError::LocalCid)?;
+    Ok(cid)
 }
 
 impl Listener for VsockListener {
