@@ -1,6 +1,7 @@
 //! pmivmm-agent: the guest agent of a pmivmm node, as a library so that its
 //! request handling can be tested on the host over Unix sockets.
 
+pub mod checkpoint;
 pub mod connection;
 pub mod exec;
 pub mod kill;

@@ -14,6 +14,7 @@
 pub mod client;
 pub mod frame;
 pub mod hybrid_vsock;
+pub mod image;
 pub mod message;
 
 pub use client::{

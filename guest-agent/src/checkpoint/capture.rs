@@ -1,0 +1,500 @@
+//! Checkpoint: freeze a process with ptrace and describe it.
+//!
+//! The process is refused (and left running, untouched) when it cannot
+//! migrate. Otherwise it stays frozen after [`capture`] until the caller
+//! either resumes it ([`resume_original`], the migration failed) or kills it
+//! ([`kill_original`], the target confirmed). Any error during capture
+//! resumes it. All three calls for one process must come from one thread.
+//!
+//! Syscalls are costly in the guest: /proc files are read once each, the
+//! pagemap once per VMA, and only three kinds of syscalls are injected into
+//! the process: `brk(0)` (the kernel's exact break is not in /proc), and for
+//! processes that catch signals an `mmap` of a scratch page, one
+//! `rt_sigaction` per caught signal and a `munmap` (no /proc file shows
+//! handlers, flags and masks; ignored signals are known from `SigIgn`).
+
+use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
+
+use libc::user_regs_struct;
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag};
+use nix::unistd::Pid;
+use pmivmm_proto::image::{
+    FdKind, FileDescriptor, MmLayout, PageKind, PageRef, ProcessImage, Rlimit, SigAction,
+    SignalState, Vma, VmaKind, IMAGE_VERSION, MAX_SIGNAL, PAGE_SIZE, PROT_READ, PROT_WRITE,
+};
+use pmivmm_proto::MigrationObstacle;
+
+use super::inject::{find_syscall_insn, InjectError, Injector};
+use super::pagemap::{runs, Pagemap, PagemapError};
+use super::procfs::{self, MapsEntry, ProcfsError, Status, PF_KTHREAD};
+use super::tracee::{regs_to_image, rewind_interrupted_syscall, PtraceError, Tracee};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("PID {pid} cannot migrate: it {}", join(obstacles))]
+    Refused {
+        pid: i32,
+        obstacles: Vec<MigrationObstacle>,
+    },
+    #[error(transparent)]
+    Procfs(#[from] ProcfsError),
+    #[error(transparent)]
+    Ptrace(#[from] PtraceError),
+    #[error(transparent)]
+    Inject(#[from] InjectError),
+    #[error(transparent)]
+    Pagemap(#[from] PagemapError),
+    #[error("PID {pid}: no `syscall` instruction in its vdso or code to run syscalls with")]
+    NoSyscallInsn { pid: i32 },
+    #[error("cannot stat mapped file {path}: {source}")]
+    MappedFile {
+        path: String,
+        source: std::io::Error,
+    },
+    #[cfg(test)]
+    #[error("failure injected by a test at {0}")]
+    FailPoint(&'static str),
+}
+
+fn join(obstacles: &[MigrationObstacle]) -> String {
+    obstacles
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; it ")
+}
+
+/// `struct sigaction` as `rt_sigaction` reads and writes it on x86_64.
+pub const KERNEL_SIGACTION_LEN: usize = 32;
+pub const SIGSET_LEN: u64 = 8;
+const SIG_IGN: u64 = 1;
+
+/// Freezes `pid` and captures it. Returns the image and every present page
+/// with its frame (the VMM copies the [`PageKind::Data`] ones, in order; they
+/// are the pages of [`ProcessImage::pages`]).
+pub fn capture(pid: i32) -> Result<(ProcessImage, Vec<PageRef>), CheckpointError> {
+    let status = procfs::status(pid)?;
+    let stat = procfs::stat(pid)?;
+    refuse_if_any(pid, process_obstacles(pid, &status, stat.flags))?;
+    let tracee = Tracee::seize_and_interrupt(Pid::from_raw(pid))?;
+    let original = match (tracee.regs(), tracee.sigmask()) {
+        (Ok(regs), Ok(mask)) => (regs, mask),
+        (Err(e), _) | (_, Err(e)) => {
+            let _ = tracee.detach();
+            return Err(e.into());
+        }
+    };
+    let mut resumed = original.0;
+    let interrupted = rewind_interrupted_syscall(&mut resumed);
+    let result = capture_frozen(tracee, &original.0);
+    // Whatever happened, the process gets back its mask and registers (with
+    // the syscall it was in rewound: see `rewind_interrupted_syscall`).
+    let put_back = tracee
+        .set_sigmask(original.1)
+        .and_then(|()| tracee.set_regs(&resumed));
+    match result.and_then(|captured| put_back.map(|()| captured).map_err(CheckpointError::from)) {
+        Ok((mut image, pages)) => {
+            image.regs = regs_to_image(&resumed);
+            image.interrupted_syscall = interrupted;
+            image.signals.blocked = original.1;
+            Ok((image, pages))
+        }
+        Err(e) => {
+            let _ = tracee.detach();
+            Err(e)
+        }
+    }
+}
+
+/// Lets a captured process run on (the migration failed).
+pub fn resume_original(pid: i32) -> Result<(), CheckpointError> {
+    Ok(Tracee {
+        pid: Pid::from_raw(pid),
+    }
+    .detach()?)
+}
+
+/// Kills a captured process (the target confirmed) and collects its end.
+pub fn kill_original(pid: i32) -> Result<(), CheckpointError> {
+    let pid = Pid::from_raw(pid);
+    kill(pid, Signal::SIGKILL).map_err(|errno| PtraceError::Call {
+        op: "kill",
+        pid: pid.as_raw(),
+        errno,
+    })?;
+    waitpid(pid, Some(WaitPidFlag::__WALL)).map_err(|errno| PtraceError::Call {
+        op: "wait",
+        pid: pid.as_raw(),
+        errno,
+    })?;
+    Ok(())
+}
+
+fn refuse_if_any(pid: i32, obstacles: Vec<MigrationObstacle>) -> Result<(), CheckpointError> {
+    if obstacles.is_empty() {
+        Ok(())
+    } else {
+        Err(CheckpointError::Refused { pid, obstacles })
+    }
+}
+
+/// What rules a process out before looking at its resources.
+fn process_obstacles(pid: i32, status: &Status, flags: u64) -> Vec<MigrationObstacle> {
+    let mut out = Vec::new();
+    if pid == 1 {
+        out.push(MigrationObstacle::Init);
+    }
+    if pid == std::process::id() as i32 {
+        out.push(MigrationObstacle::Agent);
+    }
+    if flags & PF_KTHREAD != 0 {
+        out.push(MigrationObstacle::KernelThread);
+    } else if status.state == 'Z' || status.state == 'X' {
+        out.push(MigrationObstacle::Zombie);
+    }
+    if status.threads > 1 {
+        out.push(MigrationObstacle::MultiThreaded {
+            threads: status.threads,
+        });
+    }
+    if status.tracer_pid != 0 {
+        out.push(MigrationObstacle::Traced {
+            tracer: status.tracer_pid as u32,
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Fail points let the tests break a capture half-way.
+    pub static FAIL_AT: std::cell::Cell<Option<&'static str>> = const { std::cell::Cell::new(None) };
+}
+
+fn fail_point(name: &'static str) -> Result<(), CheckpointError> {
+    #[cfg(test)]
+    if FAIL_AT.with(|f| f.get()) == Some(name) {
+        return Err(CheckpointError::FailPoint(name));
+    }
+    let _ = name;
+    Ok(())
+}
+
+/// The capture proper, on the frozen process. Its registers and signal mask
+/// are put back by the caller.
+fn capture_frozen(
+    tracee: Tracee,
+    regs: &user_regs_struct,
+) -> Result<(ProcessImage, Vec<PageRef>), CheckpointError> {
+    let pid = tracee.pid.as_raw();
+    // Checked again now that nothing can change under us.
+    let status = procfs::status(pid)?;
+    let stat = procfs::stat(pid)?;
+    let mut obstacles = process_obstacles(
+        pid,
+        &Status {
+            tracer_pid: 0,
+            ..status.clone()
+        },
+        stat.flags,
+    );
+    let vmas = vmas(&procfs::maps(pid)?, &mut obstacles)?;
+    let fds = fds(pid, &mut obstacles)?;
+    refuse_if_any(pid, obstacles)?;
+
+    let fpu = tracee.fpu()?;
+    let rseq = tracee.rseq()?;
+    let pending_thread = tracee.pending(false)?;
+    let pending_process = tracee.pending(true)?;
+
+    // Signals are blocked while syscalls are injected, so that none is
+    // delivered half-way; the caller restores the mask.
+    tracee.set_sigmask(!0)?;
+    let injector = Injector::new(tracee, *regs, syscall_insn(pid, &vmas)?);
+    let brk = injector.call(|| "brk(0)".into(), libc::SYS_brk, &[0])?;
+    let actions = sigactions(&injector, &status)?;
+    fail_point("after-injection")?;
+
+    let pagemap = Pagemap::open(pid)?;
+    let mut pages = Vec::new();
+    for vma in &vmas {
+        pagemap.present_pages(vma, &mut pages)?;
+    }
+    let data = runs(
+        pages
+            .iter()
+            .filter(|p| p.kind == PageKind::Data)
+            .map(|p| p.vaddr),
+    );
+    let image = ProcessImage {
+        version: IMAGE_VERSION,
+        source_pid: pid,
+        comm: status.name,
+        exe: procfs::link(pid, "exe")?,
+        argv: procfs::nul_separated(pid, "cmdline")?,
+        environ: procfs::nul_separated(pid, "environ")?,
+        // Set by the caller.
+        regs: regs_to_image(regs),
+        fpu,
+        interrupted_syscall: None,
+        mm: MmLayout {
+            start_code: stat.start_code,
+            end_code: stat.end_code,
+            start_data: stat.start_data,
+            end_data: stat.end_data,
+            start_brk: stat.start_brk,
+            brk,
+            start_stack: stat.start_stack,
+            arg_start: stat.arg_start,
+            arg_end: stat.arg_end,
+            env_start: stat.env_start,
+            env_end: stat.env_end,
+        },
+        vmas,
+        pages: data,
+        signals: SignalState {
+            blocked: 0,
+            actions,
+            pending_thread,
+            pending_process,
+        },
+        rseq,
+        fds,
+        cwd: procfs::link(pid, "cwd")?,
+        umask: status.umask,
+        rlimits: procfs::limits(pid)?
+            .into_iter()
+            .map(|(resource, soft, hard)| Rlimit {
+                resource,
+                soft,
+                hard,
+            })
+            .collect(),
+    };
+    Ok((image, pages))
+}
+
+/// The VMAs of a process, noting what cannot be recreated.
+fn vmas(
+    maps: &[MapsEntry],
+    obstacles: &mut Vec<MigrationObstacle>,
+) -> Result<Vec<Vma>, CheckpointError> {
+    let mut files: HashMap<&str, std::fs::Metadata> = HashMap::new();
+    let mut special = Vec::new();
+    let mut out = Vec::new();
+    for m in maps {
+        let name = m.name.as_str();
+        if name == "[vsyscall]" {
+            continue;
+        }
+        if name.starts_with("/SYSV") {
+            obstacles.push(MigrationObstacle::SysvSharedMemory);
+            continue;
+        }
+        if m.shared
+            && (m.prot & PROT_WRITE != 0 || !name.starts_with('/') || name.ends_with(" (deleted)"))
+        {
+            let path = if name.is_empty() { "[anonymous]" } else { name };
+            obstacles.push(MigrationObstacle::SharedWritableMapping { path: path.into() });
+            continue;
+        }
+        let kind = match name {
+            "" => VmaKind::Anonymous,
+            "[heap]" => VmaKind::Heap,
+            "[stack]" => VmaKind::Stack,
+            "[vdso]" => VmaKind::Vdso,
+            n if n.starts_with("[vvar") => VmaKind::Vvar { name: n.into() },
+            n if n.starts_with("[anon:") => VmaKind::Anonymous,
+            n if n.starts_with('/') && !n.ends_with(" (deleted)") => {
+                if !files.contains_key(n) {
+                    let meta =
+                        std::fs::metadata(n).map_err(|source| CheckpointError::MappedFile {
+                            path: n.into(),
+                            source,
+                        })?;
+                    files.insert(n, meta);
+                }
+                let meta = &files[n];
+                if meta.ino() != m.inode {
+                    special.push(format!("{n} (mapped, replaced on disk)"));
+                    continue;
+                }
+                VmaKind::File {
+                    path: n.into(),
+                    size: meta.size(),
+                    mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+                }
+            }
+            n => {
+                special.push(format!("{n} (mapped)"));
+                continue;
+            }
+        };
+        let offset = if matches!(kind, VmaKind::File { .. }) {
+            m.offset
+        } else {
+            0
+        };
+        out.push(Vma {
+            start: m.start,
+            end: m.end,
+            prot: m.prot,
+            shared: m.shared,
+            offset,
+            kind,
+        });
+    }
+    if !special.is_empty() {
+        obstacles.push(MigrationObstacle::SpecialFiles { kinds: special });
+    }
+    Ok(out)
+}
+
+/// Whether a device can be reopened by path on another node.
+fn harmless_device(path: &str) -> bool {
+    matches!(path, "/dev/null" | "/dev/zero" | "/dev/console") || path.starts_with("/dev/tty")
+}
+
+/// The open descriptors of a process, noting what cannot be reopened.
+/// Descriptors 0-2 are stdio, whatever they are.
+fn fds(
+    pid: i32,
+    obstacles: &mut Vec<MigrationObstacle>,
+) -> Result<Vec<FileDescriptor>, CheckpointError> {
+    let mut sockets = 0;
+    let mut devices = Vec::new();
+    let mut special = Vec::new();
+    let mut out = Vec::new();
+    for fd in procfs::fd_numbers(pid)? {
+        if fd <= 2 {
+            out.push(FileDescriptor {
+                fd,
+                kind: FdKind::Stdio,
+            });
+            continue;
+        }
+        let link_path = std::path::PathBuf::from(format!("/proc/{pid}/fd/{fd}"));
+        let target = procfs::read_link(&link_path)?;
+        if target.starts_with("socket:") {
+            sockets += 1;
+            continue;
+        }
+        if !target.starts_with('/') || target.ends_with(" (deleted)") {
+            special.push(format!("{target} on fd {fd}"));
+            continue;
+        }
+        let meta = std::fs::metadata(&link_path).map_err(|source| CheckpointError::MappedFile {
+            path: target.clone(),
+            source,
+        })?;
+        let file_type = meta.mode() & libc::S_IFMT;
+        let reopenable = match file_type {
+            libc::S_IFREG | libc::S_IFDIR => true,
+            libc::S_IFCHR if harmless_device(&target) => true,
+            libc::S_IFCHR | libc::S_IFBLK => {
+                devices.push(target);
+                continue;
+            }
+            _ => false,
+        };
+        if !reopenable {
+            special.push(format!("{target} on fd {fd}"));
+            continue;
+        }
+        let (offset, flags) = procfs::fdinfo(pid, fd)?;
+        out.push(FileDescriptor {
+            fd,
+            kind: FdKind::Path {
+                path: target,
+                flags,
+                offset,
+            },
+        });
+    }
+    if sockets > 0 {
+        obstacles.push(MigrationObstacle::Sockets { count: sockets });
+    }
+    if !devices.is_empty() {
+        obstacles.push(MigrationObstacle::Devices { paths: devices });
+    }
+    if !special.is_empty() {
+        obstacles.push(MigrationObstacle::SpecialFiles { kinds: special });
+    }
+    Ok(out)
+}
+
+/// Finds a `syscall` instruction in the process: in its vdso (one read),
+/// else in its executable mappings.
+fn syscall_insn(pid: i32, vmas: &[Vma]) -> Result<u64, CheckpointError> {
+    let executable = vmas
+        .iter()
+        .filter(|v| v.prot & libc::PROT_EXEC as u8 != 0 && v.prot & PROT_READ != 0);
+    let (vdso, code): (Vec<&Vma>, Vec<&Vma>) = executable.partition(|v| v.kind == VmaKind::Vdso);
+    const MAX_SCAN: u64 = 1 << 20;
+    for vma in vdso.into_iter().chain(code) {
+        let mut buf = vec![0u8; (vma.end - vma.start).min(MAX_SCAN) as usize];
+        super::inject::read_remote(Pid::from_raw(pid), vma.start, &mut buf)?;
+        if let Some(off) = find_syscall_insn(&buf) {
+            return Ok(vma.start + off as u64);
+        }
+    }
+    Err(CheckpointError::NoSyscallInsn { pid })
+}
+
+/// Dispositions of every signal that is not `SIG_DFL`.
+fn sigactions(injector: &Injector, status: &Status) -> Result<Vec<SigAction>, CheckpointError> {
+    let is_set = |mask: u64, sig: u32| mask & (1 << (sig - 1)) != 0;
+    let caught: Vec<u32> = (1..=MAX_SIGNAL)
+        .filter(|&s| is_set(status.sig_caught, s))
+        .collect();
+    let mut actions: Vec<SigAction> = (1..=MAX_SIGNAL)
+        .filter(|&s| is_set(status.sig_ignored, s))
+        .map(|signo| SigAction {
+            signo,
+            handler: SIG_IGN,
+            flags: 0,
+            restorer: 0,
+            mask: 0,
+        })
+        .collect();
+    if !caught.is_empty() {
+        let len = caught.len() * KERNEL_SIGACTION_LEN;
+        let prot = (libc::PROT_READ | libc::PROT_WRITE) as u64;
+        let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
+        let scratch = injector.call(
+            || "mmap of a scratch page".into(),
+            libc::SYS_mmap,
+            &[0, PAGE_SIZE, prot, flags, u64::MAX, 0],
+        )?;
+        for (i, &sig) in caught.iter().enumerate() {
+            let old = scratch + (i * KERNEL_SIGACTION_LEN) as u64;
+            injector.call(
+                || format!("rt_sigaction({sig})"),
+                libc::SYS_rt_sigaction,
+                &[sig as u64, 0, old, SIGSET_LEN],
+            )?;
+        }
+        let mut buf = vec![0u8; len];
+        injector.peek(scratch, &mut buf)?;
+        injector.call(
+            || "munmap of the scratch page".into(),
+            libc::SYS_munmap,
+            &[scratch, PAGE_SIZE],
+        )?;
+        for (&signo, raw) in caught.iter().zip(buf.chunks_exact(KERNEL_SIGACTION_LEN)) {
+            let word =
+                |i: usize| u64::from_ne_bytes(raw[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+            actions.push(SigAction {
+                signo,
+                handler: word(0),
+                flags: word(1),
+                restorer: word(2),
+                mask: word(3),
+            });
+        }
+        actions.sort_by_key(|a| a.signo);
+    }
+    Ok(actions)
+}

@@ -1,0 +1,29 @@
+//! The process checkpoint/restore engine.
+//!
+//! * [`capture`] freezes a process and describes it ([`ProcessImage`] plus the
+//!   guest frame of every present page); [`resume_original`] or
+//!   [`kill_original`] end the freeze.
+//! * [`prepare_restore`] builds a child with the image's memory layout and
+//!   reports the frames that must receive the saved pages;
+//!   [`finish_restore`] restores the rest and lets the process run.
+//! * [`ProcMem`] reads and writes page contents through /proc/PID/mem, where
+//!   no VMM copies them (host tests, local mode).
+//!
+//! Everything is plain Linux: the tests run on the host, as root.
+
+mod capture;
+mod inject;
+mod pagemap;
+mod procfs;
+mod procmem;
+mod restore;
+mod tracee;
+
+#[cfg(test)]
+mod tests;
+
+pub use capture::{capture, kill_original, resume_original, CheckpointError};
+pub use procmem::{ProcMem, ProcMemError};
+pub use restore::{finish_restore, prepare_restore, RestoreError, RestoredChild};
+
+pub use pmivmm_proto::image::ProcessImage;

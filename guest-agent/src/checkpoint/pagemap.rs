@@ -1,0 +1,187 @@
+//! /proc/PID/pagemap: which pages of a VMA are present and in which frame.
+//! One pread per VMA (chunked only for huge sparse VMAs).
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+
+use pmivmm_proto::image::{PageKind, PageRef, PageRun, Vma, VmaKind, PAGE_SIZE};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PagemapError {
+    #[error("cannot read /proc/{pid}/pagemap: {source}")]
+    Io { pid: i32, source: io::Error },
+    #[error("page {vaddr:#x} of PID {pid} is swapped out (nodes have no swap)")]
+    Swapped { pid: i32, vaddr: u64 },
+    #[error("page {vaddr:#x} of PID {pid} is not present after populating it")]
+    NotPresent { pid: i32, vaddr: u64 },
+    #[error("page {vaddr:#x} of PID {pid} has no frame number (is the agent root?)")]
+    NoPfn { pid: i32, vaddr: u64 },
+}
+
+const PRESENT: u64 = 1 << 63;
+const SWAPPED: u64 = 1 << 62;
+/// "file-page or shared-anon".
+const FILE_OR_SHARED: u64 = 1 << 61;
+const PFN_MASK: u64 = (1 << 55) - 1;
+/// Entries per pread: 64 Ki entries (512 KiB) cover 256 MiB of address space.
+const CHUNK_PAGES: u64 = 64 << 10;
+
+pub struct Pagemap {
+    pid: i32,
+    file: File,
+}
+
+impl Pagemap {
+    pub fn open(pid: i32) -> Result<Pagemap, PagemapError> {
+        let file = File::open(format!("/proc/{pid}/pagemap"))
+            .map_err(|source| PagemapError::Io { pid, source })?;
+        Ok(Pagemap { pid, file })
+    }
+
+    /// Calls `f(vaddr, entry)` for every page in `start..end`.
+    fn for_each(
+        &self,
+        start: u64,
+        end: u64,
+        mut f: impl FnMut(u64, u64) -> Result<(), PagemapError>,
+    ) -> Result<(), PagemapError> {
+        let mut buf = Vec::new();
+        let mut addr = start;
+        while addr < end {
+            let pages = ((end - addr) / PAGE_SIZE).min(CHUNK_PAGES);
+            buf.resize(pages as usize * 8, 0);
+            self.file
+                .read_exact_at(&mut buf, addr / PAGE_SIZE * 8)
+                .map_err(|source| PagemapError::Io {
+                    pid: self.pid,
+                    source,
+                })?;
+            for (i, entry) in buf.chunks_exact(8).enumerate() {
+                f(
+                    addr + i as u64 * PAGE_SIZE,
+                    u64::from_ne_bytes(entry.try_into().expect("8 bytes")),
+                )?;
+            }
+            addr += pages * PAGE_SIZE;
+        }
+        Ok(())
+    }
+
+    /// The present pages of `vma`, classified (see [`PageKind`]). `[vvar]`
+    /// pages and the pages of shared file mappings (which the file provides)
+    /// are never listed.
+    pub fn present_pages(&self, vma: &Vma, out: &mut Vec<PageRef>) -> Result<(), PagemapError> {
+        let (private_file, vdso) = match vma.kind {
+            VmaKind::Vvar { .. } => return Ok(()),
+            VmaKind::File { .. } if vma.shared => return Ok(()),
+            VmaKind::File { .. } => (true, false),
+            VmaKind::Vdso => (false, true),
+            _ => (false, false),
+        };
+        self.for_each(vma.start, vma.end, |vaddr, entry| {
+            if entry & SWAPPED != 0 {
+                return Err(PagemapError::Swapped {
+                    pid: self.pid,
+                    vaddr,
+                });
+            }
+            if entry & PRESENT == 0 {
+                return Ok(());
+            }
+            let kind = if vdso {
+                PageKind::Vdso
+            } else if private_file && entry & FILE_OR_SHARED != 0 {
+                PageKind::CleanFile
+            } else {
+                PageKind::Data
+            };
+            out.push(PageRef {
+                vaddr,
+                pfn: entry & PFN_MASK,
+                kind,
+            });
+            Ok(())
+        })
+    }
+
+    /// The frames of the pages in `runs`, which must all be present.
+    pub fn frames(&self, runs: &[PageRun], out: &mut Vec<PageRef>) -> Result<(), PagemapError> {
+        for run in runs {
+            self.for_each(run.start, run.end(), |vaddr, entry| {
+                if entry & PRESENT == 0 {
+                    return Err(PagemapError::NotPresent {
+                        pid: self.pid,
+                        vaddr,
+                    });
+                }
+                if entry & PFN_MASK == 0 {
+                    return Err(PagemapError::NoPfn {
+                        pid: self.pid,
+                        vaddr,
+                    });
+                }
+                out.push(PageRef {
+                    vaddr,
+                    pfn: entry & PFN_MASK,
+                    kind: PageKind::Data,
+                });
+                Ok(())
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// Sorted page addresses as runs of consecutive pages.
+pub fn runs(addrs: impl IntoIterator<Item = u64>) -> Vec<PageRun> {
+    let mut out: Vec<PageRun> = Vec::new();
+    for addr in addrs {
+        match out.last_mut() {
+            Some(run) if run.end() == addr => run.count += 1,
+            _ => out.push(PageRun {
+                start: addr,
+                count: 1,
+            }),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn groups_pages_into_runs() {
+        let r = runs([0x1000, 0x2000, 0x3000, 0x5000]);
+        assert_eq!(
+            r,
+            vec![
+                PageRun {
+                    start: 0x1000,
+                    count: 3
+                },
+                PageRun {
+                    start: 0x5000,
+                    count: 1
+                }
+            ]
+        );
+        assert!(runs([]).is_empty());
+    }
+
+    #[test]
+    fn sees_own_present_pages_with_frames() {
+        let page = vec![1u8; PAGE_SIZE as usize * 4];
+        let start = (page.as_ptr() as u64).div_ceil(PAGE_SIZE) * PAGE_SIZE;
+        let run = [PageRun { start, count: 2 }];
+        let mut out = Vec::new();
+        Pagemap::open(std::process::id() as i32)
+            .unwrap()
+            .frames(&run, &mut out)
+            .unwrap();
+        assert_eq!(out.len(), 2);
+        assert!(out.iter().all(|p| p.pfn != 0 && p.kind == PageKind::Data));
+    }
+}

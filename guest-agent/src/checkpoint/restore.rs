@@ -1,0 +1,739 @@
+//! Restore: rebuild a process from an image in a forked child.
+//!
+//! [`prepare_restore`] forks a child that sets up what it can itself (stdio,
+//! no other descriptors, default signal dispositions, umask, name), maps a
+//! small scratch area holding `syscall; int3` at an address the image does
+//! not use, and stops. From then on the child only runs injected syscalls
+//! from the scratch area: everything else of its (the agent's) address space
+//! is unmapped, the vdso/vvar are moved to the image's addresses if they
+//! differ, the image's VMAs are recreated and the pages that will receive
+//! contents are populated; their frames are returned. [`finish_restore`]
+//! then restores descriptors, cwd, limits, signals, FPU state, unmaps the
+//! scratch area, sets the registers and detaches.
+//!
+//! A [`RestoredChild`] that is dropped before [`finish_restore`] succeeded is
+//! killed: there is never a half-restored process. The child is traced with
+//! `PTRACE_O_EXITKILL`, so it also dies if the agent does.
+
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::os::unix::fs::MetadataExt;
+
+use nix::errno::Errno;
+use nix::sys::ptrace::Options;
+use nix::sys::signal::Signal;
+use nix::sys::wait::WaitStatus;
+use nix::unistd::Pid;
+use pmivmm_proto::image::{
+    FdKind, ImageError, PageRef, ProcessImage, Vma, VmaKind, PAGE_SIZE, PROT_WRITE, USER_SPACE_END,
+};
+
+use super::capture::{KERNEL_SIGACTION_LEN, SIGSET_LEN};
+use super::inject::{InjectError, Injector};
+use super::pagemap::{Pagemap, PagemapError};
+use super::procfs::{self, MapsEntry, ProcfsError};
+use super::tracee::{regs_from_image, PtraceError, Tracee};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("invalid image: {0}")]
+    Image(#[from] ImageError),
+    #[error("mapped file {path}: {reason}")]
+    MappedFile { path: String, reason: String },
+    #[error("no free address range for the {len}-byte scratch area")]
+    NoScratchSpace { len: u64 },
+    #[error("cannot fork the restore child: {0}")]
+    Fork(Errno),
+    #[error("the restore child failed to {step} ({status:?})")]
+    ChildSetup {
+        step: &'static str,
+        status: WaitStatus,
+    },
+    #[error("vdso: {0}")]
+    Vdso(String),
+    #[error("setting resource limit {resource}: {errno}")]
+    Rlimit { resource: u32, errno: Errno },
+    #[error(transparent)]
+    Procfs(#[from] ProcfsError),
+    #[error(transparent)]
+    Ptrace(#[from] PtraceError),
+    #[error(transparent)]
+    Inject(#[from] InjectError),
+    #[error(transparent)]
+    Pagemap(#[from] PagemapError),
+}
+
+/// Scratch area: page 0 holds the code, the rest is data for injected
+/// syscalls (paths, structures).
+const SCRATCH_LEN: u64 = 4 * PAGE_SIZE;
+const SCRATCH_CODE: [u8; 3] = [0x0f, 0x05, 0xcc]; // syscall; int3
+/// Lowest address the scratch area may use (above any `mmap_min_addr`).
+const SCRATCH_MIN: u64 = 1 << 20;
+/// Runs of pages to populate are merged across gaps up to this many pages
+/// (populating a few extra pages costs less than another syscall).
+const POPULATE_MERGE_GAP: u64 = 8;
+
+/// What the child does before it stops, as the exit status it reports when
+/// that fails.
+const CHILD_STEPS: [&str; 4] = [
+    "duplicate its stdio",
+    "map the scratch area",
+    "request tracing (PTRACE_TRACEME)",
+    "stop for the tracer",
+];
+const CHILD_EXIT_BASE: i32 = 100;
+const RSEQ_FLAG_UNREGISTER: u64 = 1;
+
+/// A child being restored, stopped under ptrace. Killed when dropped unless
+/// [`finish_restore`] let it run.
+pub struct RestoredChild {
+    tracee: Tracee,
+    injector: Injector,
+    scratch: u64,
+    /// VMAs mapped writable to receive contents: (start, end, real prot).
+    widened: Vec<(u64, u64, u8)>,
+    running: bool,
+}
+
+impl RestoredChild {
+    pub fn pid(&self) -> i32 {
+        self.tracee.pid.as_raw()
+    }
+
+    fn data(&self) -> u64 {
+        self.scratch + PAGE_SIZE
+    }
+
+    /// Injects a syscall whose first argument is `path` (copied into the
+    /// scratch area).
+    fn call_with_path(
+        &self,
+        what: &str,
+        nr: i64,
+        path: &str,
+        args: &[u64],
+    ) -> Result<u64, RestoreError> {
+        let mut bytes = path.as_bytes().to_vec();
+        bytes.push(0);
+        self.injector.poke(self.data(), &bytes)?;
+        let mut all = vec![self.data()];
+        all.extend_from_slice(args);
+        Ok(self.injector.call(|| format!("{what} {path}"), nr, &all)?)
+    }
+}
+
+impl Drop for RestoredChild {
+    fn drop(&mut self) {
+        if !self.running {
+            self.tracee.kill();
+        }
+    }
+}
+
+/// Forks a child and gives it the image's memory layout. Returns the child
+/// and, in the order of [`ProcessImage::pages`], the frame of every page
+/// that must receive saved contents. `stdio` become the child's fds 0-2.
+pub fn prepare_restore(
+    image: &ProcessImage,
+    stdio: [BorrowedFd<'_>; 3],
+) -> Result<(RestoredChild, Vec<PageRef>), RestoreError> {
+    image.validate()?;
+    check_mapped_files(image)?;
+    let own = procfs::own_maps()?;
+    let own_vdso: Vec<&MapsEntry> = own.iter().filter(|m| m.is_vdso_family()).collect();
+    let mut occupied: Vec<(u64, u64)> = image.vmas.iter().map(|v| (v.start, v.end)).collect();
+    occupied.extend(
+        own.iter()
+            .filter(|m| m.end <= USER_SPACE_END)
+            .map(|m| (m.start, m.end)),
+    );
+    let scratch = find_free(&mut occupied, SCRATCH_LEN)
+        .ok_or(RestoreError::NoScratchSpace { len: SCRATCH_LEN })?;
+
+    let mut child = fork_child(ChildPlan {
+        stdio: stdio.map(|fd| fd.as_raw_fd()),
+        umask: image.umask,
+        comm: CString::new(image.comm.as_str()).expect("validated: no NUL"),
+        scratch,
+    })?;
+    let tracee = child.tracee;
+    tracee.set_sigmask(!0)?;
+    // The kernel writes the rseq area (in the agent's TLS, about to be
+    // unmapped) on every return to user mode: unregister it first.
+    if let Some(r) = tracee.rseq()? {
+        let args = [
+            r.pointer,
+            r.size as u64,
+            RSEQ_FLAG_UNREGISTER,
+            r.signature as u64,
+        ];
+        child
+            .injector
+            .call(|| "rseq unregistration".into(), libc::SYS_rseq, &args)?;
+    }
+
+    // Everything but the scratch area and the vdso goes.
+    let mut keep: Vec<(u64, u64)> = own_vdso.iter().map(|m| (m.start, m.end)).collect();
+    keep.push((scratch, scratch + SCRATCH_LEN));
+    keep.sort_unstable();
+    let mut from = 0;
+    for (start, end) in keep
+        .iter()
+        .copied()
+        .chain([(USER_SPACE_END, USER_SPACE_END)])
+    {
+        if start > from {
+            child.injector.call(
+                || format!("munmap {from:#x}-{start:#x}"),
+                libc::SYS_munmap,
+                &[from, start - from],
+            )?;
+        }
+        from = end;
+    }
+    place_vdso(&child, image, &own_vdso)?;
+    map_vmas(&mut child, image)?;
+    populate(&child, image)?;
+    set_mm(&child, image)?;
+
+    let mut frames = Vec::with_capacity(image.page_count() as usize);
+    Pagemap::open(child.pid())?.frames(&image.pages, &mut frames)?;
+    Ok((child, frames))
+}
+
+/// Restores the rest of the process (its memory holds the saved pages by
+/// now) and lets it run. Returns its PID.
+pub fn finish_restore(mut child: RestoredChild, image: &ProcessImage) -> Result<i32, RestoreError> {
+    restore_fds(&child, image)?;
+    child.call_with_path("chdir", libc::SYS_chdir, &image.cwd, &[])?;
+    for r in &image.rlimits {
+        let limit = libc::rlimit64 {
+            rlim_cur: r.soft,
+            rlim_max: r.hard,
+        };
+        // SAFETY: prlimit64 reads one valid rlimit64 and writes nothing.
+        let rc =
+            unsafe { libc::prlimit64(child.pid(), r.resource as _, &limit, std::ptr::null_mut()) };
+        Errno::result(rc).map_err(|errno| RestoreError::Rlimit {
+            resource: r.resource,
+            errno,
+        })?;
+    }
+    restore_signals(&child, image)?;
+    if let Some(r) = &image.rseq {
+        let args = [r.pointer, r.size as u64, 0, r.signature as u64];
+        child
+            .injector
+            .call(|| "rseq registration".into(), libc::SYS_rseq, &args)?;
+    }
+    for &(start, end, prot) in &child.widened {
+        child.injector.call(
+            || format!("mprotect {start:#x}-{end:#x}"),
+            libc::SYS_mprotect,
+            &[start, end - start, prot as u64],
+        )?;
+    }
+    child.tracee.set_fpu(&image.fpu)?;
+    let scratch = child.scratch;
+    child.injector.call(
+        || "munmap of the scratch area".into(),
+        libc::SYS_munmap,
+        &[scratch, SCRATCH_LEN],
+    )?;
+    child.tracee.set_sigmask(image.signals.blocked)?;
+    child.tracee.set_regs(&regs_from_image(&image.regs))?;
+    child.tracee.detach()?;
+    child.running = true;
+    Ok(child.pid())
+}
+
+/// The files the image maps must be the ones it mapped on the source.
+fn check_mapped_files(image: &ProcessImage) -> Result<(), RestoreError> {
+    for vma in &image.vmas {
+        if let VmaKind::File {
+            path,
+            size,
+            mtime_ns,
+        } = &vma.kind
+        {
+            let bad = |reason: String| RestoreError::MappedFile {
+                path: path.clone(),
+                reason,
+            };
+            let meta = std::fs::metadata(path).map_err(|e| bad(e.to_string()))?;
+            let mtime = meta.mtime() * 1_000_000_000 + meta.mtime_nsec();
+            if meta.size() != *size || mtime != *mtime_ns {
+                return Err(bad(format!(
+                    "size/mtime {}/{mtime} differ from the image's {size}/{mtime_ns}",
+                    meta.size()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The lowest page-aligned address at or above [`SCRATCH_MIN`] where `len`
+/// bytes fit between the `occupied` ranges (which get sorted).
+fn find_free(occupied: &mut [(u64, u64)], len: u64) -> Option<u64> {
+    occupied.sort_unstable();
+    let mut candidate = SCRATCH_MIN;
+    for &(start, end) in occupied.iter() {
+        if start >= candidate + len {
+            break;
+        }
+        candidate = candidate.max(end.div_ceil(PAGE_SIZE) * PAGE_SIZE);
+    }
+    (candidate + len <= USER_SPACE_END).then_some(candidate)
+}
+
+struct ChildPlan {
+    stdio: [RawFd; 3],
+    umask: u32,
+    comm: CString,
+    scratch: u64,
+}
+
+/// Forks the child and waits until it stopped itself under our tracing.
+fn fork_child(plan: ChildPlan) -> Result<RestoredChild, RestoreError> {
+    // SAFETY: the child runs only `child_main`, which makes async-signal-safe
+    // calls on data prepared before the fork, and never returns.
+    let pid = match unsafe { libc::fork() } {
+        -1 => return Err(RestoreError::Fork(Errno::last())),
+        0 => child_main(&plan),
+        pid => Pid::from_raw(pid),
+    };
+    let tracee = Tracee { pid };
+    let injector_template = |regs| Injector::new(tracee, regs, plan.scratch);
+    let mut child = RestoredChild {
+        tracee,
+        injector: injector_template(regs_from_image(&Default::default())),
+        scratch: plan.scratch,
+        widened: Vec::new(),
+        running: false,
+    };
+    match tracee.wait() {
+        Ok(WaitStatus::Stopped(_, Signal::SIGSTOP)) => {}
+        Ok(status) | Err(PtraceError::Gone { status, .. }) => {
+            let step = match status {
+                WaitStatus::Exited(_, code) if code >= CHILD_EXIT_BASE => CHILD_STEPS
+                    .get((code - CHILD_EXIT_BASE) as usize)
+                    .copied()
+                    .unwrap_or("start"),
+                _ => "start",
+            };
+            return Err(RestoreError::ChildSetup { step, status });
+        }
+        Err(e) => return Err(e.into()),
+    }
+    tracee.set_options(Options::PTRACE_O_TRACESYSGOOD | Options::PTRACE_O_EXITKILL)?;
+    child.injector = injector_template(tracee.regs()?);
+    Ok(child)
+}
+
+/// The forked child's own set-up. Only async-signal-safe calls: the agent
+/// may have other threads, whose locks the child inherits held.
+fn child_main(plan: &ChildPlan) -> ! {
+    let fail = |step: usize| -> ! {
+        // SAFETY: _exit is async-signal-safe and ends the child.
+        unsafe { libc::_exit(CHILD_EXIT_BASE + step as i32) }
+    };
+    // SAFETY: plain syscalls on integers and on memory owned by `plan` or
+    // this stack frame; the scratch area is written only after mmap put it
+    // at the requested address.
+    unsafe {
+        // Move the caller's fds out of the way first: they may be 0-2 in
+        // another order.
+        let mut high = [0; 3];
+        for (h, &fd) in high.iter_mut().zip(&plan.stdio) {
+            *h = libc::fcntl(fd, libc::F_DUPFD, 3);
+            if *h < 0 {
+                fail(0);
+            }
+        }
+        for (i, &h) in high.iter().enumerate() {
+            if libc::dup2(h, i as i32) < 0 {
+                fail(0);
+            }
+        }
+        libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+        let default = [0u64; 4];
+        for sig in 1..=64u64 {
+            libc::syscall(
+                libc::SYS_rt_sigaction,
+                sig,
+                default.as_ptr(),
+                0usize,
+                SIGSET_LEN,
+            );
+        }
+        libc::umask(plan.umask);
+        libc::prctl(libc::PR_SET_NAME, plan.comm.as_ptr());
+        let addr = libc::mmap(
+            plan.scratch as *mut libc::c_void,
+            SCRATCH_LEN as usize,
+            libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+            -1,
+            0,
+        );
+        if addr as u64 != plan.scratch {
+            fail(1);
+        }
+        std::ptr::copy_nonoverlapping(SCRATCH_CODE.as_ptr(), addr.cast::<u8>(), SCRATCH_CODE.len());
+        if libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0) < 0 {
+            fail(2);
+        }
+        libc::kill(libc::getpid(), libc::SIGSTOP);
+        fail(3)
+    }
+}
+
+/// Names and ranges of the vdso and its vvar pages, by address.
+fn vdso_family<'a>(entries: impl Iterator<Item = (&'a str, u64, u64)>) -> Vec<(&'a str, u64, u64)> {
+    let mut out: Vec<_> = entries.collect();
+    out.sort_by_key(|e| e.1);
+    out
+}
+
+/// Moves the child's vdso and vvar to the image's addresses (they match
+/// when both nodes boot with `norandmaps`), or drops them if the image has
+/// none. The layouts must be the same kernel's.
+fn place_vdso(
+    child: &RestoredChild,
+    image: &ProcessImage,
+    own: &[&MapsEntry],
+) -> Result<(), RestoreError> {
+    let own = vdso_family(own.iter().map(|m| (m.name.as_str(), m.start, m.end)));
+    let wanted = vdso_family(image.vmas.iter().filter_map(|v| match &v.kind {
+        VmaKind::Vdso => Some(("[vdso]", v.start, v.end)),
+        VmaKind::Vvar { name } => Some((name.as_str(), v.start, v.end)),
+        _ => None,
+    }));
+    let inject = &child.injector;
+    if wanted.is_empty() {
+        for &(name, start, end) in &own {
+            inject.call(
+                || format!("munmap of {name}"),
+                libc::SYS_munmap,
+                &[start, end - start],
+            )?;
+        }
+        return Ok(());
+    }
+    let (Some(own_vdso), Some(wanted_vdso)) = (
+        own.iter().find(|e| e.0 == "[vdso]"),
+        wanted.iter().find(|e| e.0 == "[vdso]"),
+    ) else {
+        return Err(RestoreError::Vdso(
+            "the image or this node has vvar pages but no vdso".into(),
+        ));
+    };
+    let delta = wanted_vdso.1.wrapping_sub(own_vdso.1);
+    let same_layout = own.len() == wanted.len()
+        && own
+            .iter()
+            .zip(&wanted)
+            .all(|(o, w)| o.0 == w.0 && o.2 - o.1 == w.2 - w.1 && o.1.wrapping_add(delta) == w.1);
+    if !same_layout {
+        return Err(RestoreError::Vdso(format!(
+            "layout {wanted:x?} differs from this kernel's {own:x?}"
+        )));
+    }
+    if delta == 0 {
+        return Ok(());
+    }
+    if wanted
+        .iter()
+        .any(|w| own.iter().any(|o| w.1 < o.2 && o.1 < w.2))
+    {
+        return Err(RestoreError::Vdso(format!(
+            "moving {own:x?} to {wanted:x?} would overlap"
+        )));
+    }
+    let flags = (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64;
+    for (o, w) in own.iter().zip(&wanted) {
+        let len = o.2 - o.1;
+        inject.call(
+            || format!("mremap of {} to {:#x}", o.0, w.1),
+            libc::SYS_mremap,
+            &[o.1, len, len, flags, w.1],
+        )?;
+    }
+    Ok(())
+}
+
+/// Whether saved pages go into `vma` (they are written after mapping, so a
+/// read-only VMA is mapped writable until `finish_restore`).
+fn receives_pages(image: &ProcessImage, vma: &Vma) -> bool {
+    let i = image.pages.partition_point(|r| r.end() <= vma.start);
+    image.pages.get(i).is_some_and(|r| r.start < vma.end)
+}
+
+fn map_vmas(child: &mut RestoredChild, image: &ProcessImage) -> Result<(), RestoreError> {
+    let mut open_file: Option<(&str, u64)> = None;
+    for vma in &image.vmas {
+        let mut prot = vma.prot;
+        if receives_pages(image, vma) && prot & PROT_WRITE == 0 {
+            prot |= PROT_WRITE;
+            child.widened.push((vma.start, vma.end, vma.prot));
+        }
+        let len = vma.end - vma.start;
+        let what = || format!("mmap of {:#x}-{:#x} ({:?})", vma.start, vma.end, vma.kind);
+        let fixed = libc::MAP_FIXED as u64;
+        match &vma.kind {
+            VmaKind::Vdso | VmaKind::Vvar { .. } => continue,
+            VmaKind::File { path, .. } => {
+                // Consecutive VMAs of one file share one open.
+                let fd = match open_file {
+                    Some((p, fd)) if p == path => fd,
+                    _ => {
+                        close_open_file(child, open_file.take())?;
+                        let flags = (libc::O_RDONLY | libc::O_CLOEXEC) as u64;
+                        let fd = child.call_with_path("open", libc::SYS_open, path, &[flags])?;
+                        open_file = Some((path, fd));
+                        fd
+                    }
+                };
+                let share = if vma.shared {
+                    libc::MAP_SHARED
+                } else {
+                    libc::MAP_PRIVATE
+                } as u64;
+                child.injector.call(
+                    what,
+                    libc::SYS_mmap,
+                    &[vma.start, len, prot as u64, share | fixed, fd, vma.offset],
+                )?;
+            }
+            kind => {
+                let grows = if *kind == VmaKind::Stack {
+                    libc::MAP_GROWSDOWN
+                } else {
+                    0
+                };
+                let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | grows) as u64 | fixed;
+                child.injector.call(
+                    what,
+                    libc::SYS_mmap,
+                    &[vma.start, len, prot as u64, flags, u64::MAX, 0],
+                )?;
+            }
+        }
+    }
+    close_open_file(child, open_file)
+}
+
+fn close_open_file(
+    child: &RestoredChild,
+    open_file: Option<(&str, u64)>,
+) -> Result<(), RestoreError> {
+    if let Some((path, fd)) = open_file {
+        child
+            .injector
+            .call(|| format!("close of {path}"), libc::SYS_close, &[fd])?;
+    }
+    Ok(())
+}
+
+/// Faults in (writably) every page that will receive contents, with few
+/// `MADV_POPULATE_WRITE` calls: runs within one VMA separated by small gaps
+/// are merged.
+fn populate(child: &RestoredChild, image: &ProcessImage) -> Result<(), RestoreError> {
+    let mut spans: Vec<(u64, u64)> = Vec::new();
+    for run in &image.pages {
+        let mut start = run.start;
+        // A run may cross VMA boundaries: cut it there.
+        while start < run.end() {
+            let vma = image.vma_at(start).expect("validated: pages lie in VMAs");
+            let end = run.end().min(vma.end);
+            match spans.last_mut() {
+                Some(last)
+                    if start - last.1 <= POPULATE_MERGE_GAP * PAGE_SIZE && last.0 >= vma.start =>
+                {
+                    last.1 = end
+                }
+                _ => spans.push((start, end)),
+            }
+            start = end;
+        }
+    }
+    for (start, end) in spans {
+        child.injector.call(
+            || format!("MADV_POPULATE_WRITE of {start:#x}-{end:#x}"),
+            libc::SYS_madvise,
+            &[start, end - start, libc::MADV_POPULATE_WRITE as u64],
+        )?;
+    }
+    Ok(())
+}
+
+/// `struct prctl_mm_map` (linux/prctl.h).
+#[repr(C)]
+struct PrctlMmMap {
+    start_code: u64,
+    end_code: u64,
+    start_data: u64,
+    end_data: u64,
+    start_brk: u64,
+    brk: u64,
+    start_stack: u64,
+    arg_start: u64,
+    arg_end: u64,
+    env_start: u64,
+    env_end: u64,
+    auxv: u64,
+    auxv_size: u32,
+    exe_fd: u32,
+}
+
+const PR_SET_MM_MAP: u64 = 14;
+
+/// Sets code/data/brk/stack/args boundaries and the executable in one
+/// `prctl(PR_SET_MM, PR_SET_MM_MAP)` (needs CONFIG_CHECKPOINT_RESTORE).
+fn set_mm(child: &RestoredChild, image: &ProcessImage) -> Result<(), RestoreError> {
+    let flags = (libc::O_RDONLY | libc::O_CLOEXEC) as u64;
+    let exe_fd = child.call_with_path("open", libc::SYS_open, &image.exe, &[flags])?;
+    let m = &image.mm;
+    let map = PrctlMmMap {
+        start_code: m.start_code,
+        end_code: m.end_code,
+        start_data: m.start_data,
+        end_data: m.end_data,
+        start_brk: m.start_brk,
+        brk: m.brk,
+        start_stack: m.start_stack,
+        arg_start: m.arg_start,
+        arg_end: m.arg_end,
+        env_start: m.env_start,
+        env_end: m.env_end,
+        auxv: 0,
+        auxv_size: 0,
+        exe_fd: exe_fd as u32,
+    };
+    // SAFETY: PrctlMmMap is repr(C) plain data without padding (twelve u64
+    // and two u32 fields), alive for the whole use of `bytes`.
+    let bytes = unsafe {
+        std::slice::from_raw_parts(
+            (&map as *const PrctlMmMap).cast::<u8>(),
+            std::mem::size_of::<PrctlMmMap>(),
+        )
+    };
+    child.injector.poke(child.data(), bytes)?;
+    let args = [
+        libc::PR_SET_MM as u64,
+        PR_SET_MM_MAP,
+        child.data(),
+        bytes.len() as u64,
+    ];
+    child
+        .injector
+        .call(|| "prctl(PR_SET_MM_MAP)".into(), libc::SYS_prctl, &args)?;
+    child.injector.call(
+        || "close of the executable".into(),
+        libc::SYS_close,
+        &[exe_fd],
+    )?;
+    Ok(())
+}
+
+/// Reopens files by path at their descriptor number and offset. Opening in
+/// ascending order with no other descriptor above 2 makes `open` return the
+/// wanted number whenever the numbers are dense.
+fn restore_fds(child: &RestoredChild, image: &ProcessImage) -> Result<(), RestoreError> {
+    for f in &image.fds {
+        let FdKind::Path {
+            path,
+            flags,
+            offset,
+        } = &f.kind
+        else {
+            continue;
+        };
+        let open_flags = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_NOCTTY);
+        let fd = child.call_with_path("open", libc::SYS_open, path, &[open_flags as u64])?;
+        let inject = &child.injector;
+        if *offset != 0 {
+            inject.call(
+                || format!("lseek of {path}"),
+                libc::SYS_lseek,
+                &[fd, *offset, libc::SEEK_SET as u64],
+            )?;
+        }
+        if fd != f.fd as u64 {
+            let cloexec = (flags & libc::O_CLOEXEC) as u64;
+            inject.call(
+                || format!("dup3 of {path} to {}", f.fd),
+                libc::SYS_dup3,
+                &[fd, f.fd as u64, cloexec],
+            )?;
+            inject.call(|| format!("close of {path}"), libc::SYS_close, &[fd])?;
+        }
+    }
+    Ok(())
+}
+
+fn restore_signals(child: &RestoredChild, image: &ProcessImage) -> Result<(), RestoreError> {
+    let signals = &image.signals;
+    let inject = &child.injector;
+    let mut structs = Vec::with_capacity(signals.actions.len() * KERNEL_SIGACTION_LEN);
+    for a in &signals.actions {
+        for word in [a.handler, a.flags, a.restorer, a.mask] {
+            structs.extend_from_slice(&word.to_ne_bytes());
+        }
+    }
+    inject.poke(child.data(), &structs)?;
+    for (i, a) in signals.actions.iter().enumerate() {
+        let act = child.data() + (i * KERNEL_SIGACTION_LEN) as u64;
+        inject.call(
+            || format!("rt_sigaction({})", a.signo),
+            libc::SYS_rt_sigaction,
+            &[a.signo as u64, act, 0, SIGSET_LEN],
+        )?;
+    }
+    let pid = child.pid() as u64;
+    let queues = [
+        (false, &signals.pending_thread),
+        (true, &signals.pending_process),
+    ];
+    for (shared, info) in queues
+        .into_iter()
+        .flat_map(|(shared, q)| q.iter().map(move |i| (shared, i)))
+    {
+        inject.poke(child.data(), &info.raw)?;
+        let sig = info.signo as u64;
+        let what = || format!("queueing pending signal {sig}");
+        if shared {
+            inject.call(what, libc::SYS_rt_sigqueueinfo, &[pid, sig, child.data()])?;
+        } else {
+            inject.call(
+                what,
+                libc::SYS_rt_tgsigqueueinfo,
+                &[pid, pid, sig, child.data()],
+            )?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_free_scratch_space() {
+        let p = PAGE_SIZE;
+        assert_eq!(find_free(&mut [], 4 * p), Some(SCRATCH_MIN));
+        let mut occ = [
+            (SCRATCH_MIN + 2 * p, SCRATCH_MIN + 3 * p),
+            (0, SCRATCH_MIN + p),
+        ];
+        assert_eq!(find_free(&mut occ, 4 * p), Some(SCRATCH_MIN + 3 * p));
+        let mut occ = [
+            (SCRATCH_MIN, SCRATCH_MIN + p),
+            (SCRATCH_MIN + 5 * p, SCRATCH_MIN + 6 * p),
+        ];
+        assert_eq!(find_free(&mut occ, 4 * p), Some(SCRATCH_MIN + p));
+        assert_eq!(find_free(&mut [(0, USER_SPACE_END)], p), None);
+    }
+}

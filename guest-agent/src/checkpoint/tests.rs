@@ -1,0 +1,377 @@
+//! Host tests of the engine with the workloads of images/workloads/: every
+//! workload is checkpointed at a random moment, restored in a fresh child
+//! (page contents moved through /proc/PID/mem instead of guest frames) and
+//! must print exactly what an uninterrupted run prints.
+//!
+//! They need root (ptrace of any process, PFNs in pagemap, PR_SET_MM_MAP)
+//! and fail, not skip, without it.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use pmivmm_proto::image::{FpuKind, FpuState, ImageError, PageKind, ProcessImage, FXSAVE_AREA_LEN};
+use pmivmm_proto::MigrationObstacle;
+
+use super::capture::FAIL_AT;
+use super::*;
+
+fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "the checkpoint/restore tests need root (ptrace of other processes, PFNs in /proc/PID/pagemap, PR_SET_MM_MAP)"
+    );
+}
+
+/// target/<profile>/cr-tests: workloads and per-test output files.
+fn work_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps/<test>")
+        .join("cr-tests")
+}
+
+/// Builds the workloads once per test binary.
+fn workload(name: &str) -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        let out = work_dir().join("workloads");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/workloads/build.sh");
+        let status = Command::new(&script)
+            .arg(&out)
+            .status()
+            .expect("run images/workloads/build.sh");
+        assert!(status.success(), "building the workloads failed");
+        out
+    });
+    dir.join(name)
+}
+
+/// A pseudo-random delay in `range` (the moment of the checkpoint).
+fn random_delay(range: std::ops::Range<u64>) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64;
+    Duration::from_millis(range.start + nanos % (range.end - range.start))
+}
+
+struct Workload {
+    child: Child,
+    out: PathBuf,
+}
+
+impl Workload {
+    /// Starts `name` with stdout (and stderr) appended to a fresh file.
+    fn start(tag: &str, name: &str, args: &[&str], env: &[(&str, &str)]) -> Workload {
+        let dir = work_dir().join("runs");
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = dir.join(format!("{tag}-{}.out", std::process::id()));
+        let file = File::create(&out).unwrap();
+        let mut command = Command::new(workload(name));
+        // SAFETY: close_range is async-signal-safe; the inherited cargo
+        // jobserver pipe would make the workload unmigratable.
+        unsafe {
+            command.pre_exec(|| {
+                libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+                Ok(())
+            });
+        }
+        let child = command
+            .args(args)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        Workload { child, out }
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    fn output(&self) -> String {
+        std::fs::read_to_string(&self.out).unwrap()
+    }
+
+    /// Waits until the output contains `text`.
+    fn wait_for(&self, text: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.output().contains(text) {
+            assert!(
+                Instant::now() < deadline,
+                "{text:?} never appeared: {}",
+                self.output()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+/// Waits (at most 30 s) for `pid`, a child of ours, and returns its status.
+fn wait_exit(pid: i32) -> WaitStatus {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)).unwrap() {
+            WaitStatus::StillAlive => {
+                if Instant::now() > deadline {
+                    let _ = nix::sys::signal::kill(
+                        Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                    panic!("PID {pid} did not finish");
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            status => return status,
+        }
+    }
+}
+
+/// The output of a run without checkpoint.
+fn uninterrupted(tag: &str, name: &str, args: &[&str], env: &[(&str, &str)]) -> String {
+    let mut w = Workload::start(&format!("{tag}-plain"), name, args, env);
+    assert!(
+        w.child.wait().unwrap().success(),
+        "{name} failed on its own: {}",
+        w.output()
+    );
+    w.output()
+}
+
+/// Checkpoints a running workload, kills it, restores it and returns its
+/// complete output once the restored process exited successfully.
+/// `adjust` may change the image between capture and restore.
+fn migrate(w: Workload, adjust: impl FnOnce(&mut ProcessImage)) -> String {
+    let pid = w.pid();
+    let (image, pages) = capture(pid).unwrap_or_else(|e| panic!("capture failed: {e}"));
+    let data_refs = pages.iter().filter(|p| p.kind == PageKind::Data).count() as u64;
+    assert_eq!(data_refs, image.page_count());
+    assert!(
+        pages.iter().all(|p| p.pfn != 0),
+        "pages without frame numbers"
+    );
+    let data = ProcMem::open(pid).unwrap().read_runs(&image.pages).unwrap();
+    kill_original(pid).unwrap();
+
+    // The image crosses the network: encode, decode, validate.
+    let mut image = ProcessImage::from_bytes(&image.to_bytes()).unwrap();
+    adjust(&mut image);
+    let out = OpenOptions::new().append(true).open(&w.out).unwrap();
+    let null = File::open("/dev/null").unwrap();
+    let (child, frames) = prepare_restore(&image, [null.as_fd(), out.as_fd(), out.as_fd()])
+        .unwrap_or_else(|e| panic!("prepare_restore failed: {e}"));
+    assert_eq!(frames.len() as u64, image.page_count());
+    ProcMem::open(child.pid())
+        .unwrap()
+        .write_runs(&image.pages, &data)
+        .unwrap();
+    let restored =
+        finish_restore(child, &image).unwrap_or_else(|e| panic!("finish_restore failed: {e}"));
+    let status = wait_exit(restored);
+    let output = w.output();
+    assert_eq!(
+        status,
+        WaitStatus::Exited(Pid::from_raw(restored), 0),
+        "restored process failed: {output}"
+    );
+    output
+}
+
+/// Runs `name` uninterrupted and migrated, and compares the outputs.
+fn round_trip(
+    tag: &str,
+    name: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+    delay: std::ops::Range<u64>,
+) {
+    require_root();
+    let expected = uninterrupted(tag, name, args, env);
+    let w = Workload::start(tag, name, args, env);
+    std::thread::sleep(random_delay(delay));
+    let got = migrate(w, |_| {});
+    assert_eq!(got, expected);
+    assert!(got.lines().last().unwrap().starts_with("RESULT "));
+}
+
+#[test]
+fn counter_round_trips() {
+    round_trip("counter", "counter", &[], &[], 100..700);
+}
+
+#[test]
+fn patterned_memory_round_trips() {
+    round_trip("memory", "memory", &["4"], &[], 100..500);
+}
+
+#[test]
+fn brk_round_trips() {
+    round_trip("brk", "brk", &[], &[], 100..600);
+}
+
+#[test]
+fn fpu_state_round_trips() {
+    round_trip("fpu", "fpu", &[], &[], 100..500);
+}
+
+/// Nodes boot with `noxsave`: the state is then only the FXSAVE area, set
+/// with NT_PRFPREG. Simulated here by cutting a captured XSAVE area down.
+#[test]
+fn fxsave_only_fpu_state_round_trips() {
+    require_root();
+    let env = [("NOAVX", "1")];
+    let expected = uninterrupted("fxsave", "fpu", &[], &env);
+    let w = Workload::start("fxsave", "fpu", &[], &env);
+    std::thread::sleep(random_delay(100..500));
+    let got = migrate(w, |image| {
+        image.fpu = FpuState {
+            kind: FpuKind::Fxsave,
+            area: image.fpu.area[..FXSAVE_AREA_LEN].to_vec(),
+        };
+    });
+    assert_eq!(got, expected);
+}
+
+#[test]
+fn signals_round_trip() {
+    round_trip("signals", "signals", &[], &[], 100..700);
+}
+
+#[test]
+fn mprotected_regions_round_trip() {
+    round_trip("mprotect", "mprotect", &[], &[], 100..600);
+}
+
+#[test]
+fn sleeping_process_round_trips() {
+    round_trip("sleeper", "sleeper", &[], &[], 50..1100);
+}
+
+#[test]
+fn file_offsets_round_trip() {
+    let target = work_dir().join(format!("files-{}.data", std::process::id()));
+    round_trip("files", "files", &[target.to_str().unwrap()], &[], 100..700);
+}
+
+/// Starts `hold MODE`, expects capture to refuse it naming `expected`, and
+/// checks that it was left running, untraced, and finishes normally.
+fn refused(mode: &str, expected: impl Fn(&MigrationObstacle) -> bool) {
+    require_root();
+    let mut w = Workload::start(&format!("hold-{mode}"), "hold", &[mode], &[]);
+    w.wait_for("alive 1\n");
+    match capture(w.pid()) {
+        Err(CheckpointError::Refused { obstacles, .. }) => {
+            assert!(
+                obstacles.iter().any(&expected),
+                "unexpected obstacles {obstacles:?}"
+            )
+        }
+        other => panic!(
+            "capture of hold {mode} was not refused: {:?}",
+            other.map(|(i, _)| i.comm)
+        ),
+    }
+    let status = std::fs::read_to_string(format!("/proc/{}/status", w.pid())).unwrap();
+    assert!(status.contains("TracerPid:\t0\n"), "still traced: {status}");
+    assert!(w.child.wait().unwrap().success());
+    assert!(w.output().ends_with("alive 199\nRESULT 200\n"));
+}
+
+#[test]
+fn multi_threaded_process_is_refused() {
+    refused("thread", |o| {
+        matches!(o, MigrationObstacle::MultiThreaded { threads: 2 })
+    });
+}
+
+#[test]
+fn process_with_a_socket_is_refused() {
+    refused("socket", |o| {
+        matches!(o, MigrationObstacle::Sockets { count: 1 })
+    });
+}
+
+#[test]
+fn shared_memory_is_refused() {
+    refused("shm", |o| {
+        matches!(o, MigrationObstacle::SharedWritableMapping { .. })
+    });
+    refused("sysv", |o| matches!(o, MigrationObstacle::SysvSharedMemory));
+}
+
+#[test]
+fn pipes_and_devices_beyond_stdio_are_refused() {
+    refused(
+        "pipe",
+        |o| matches!(o, MigrationObstacle::SpecialFiles { kinds } if kinds[0].starts_with("pipe:")),
+    );
+    refused(
+        "device",
+        |o| matches!(o, MigrationObstacle::Devices { paths } if paths == &["/dev/urandom"]),
+    );
+}
+
+/// A capture that fails half-way (syscalls already injected) resumes the
+/// process, which then runs to the same end as an uninterrupted one.
+#[test]
+fn failed_capture_resumes_the_original() {
+    require_root();
+    let expected = uninterrupted("failpoint", "counter", &[], &[]);
+    let mut w = Workload::start("failpoint", "counter", &[], &[]);
+    std::thread::sleep(random_delay(100..700));
+    FAIL_AT.with(|f| f.set(Some("after-injection")));
+    let result = capture(w.pid());
+    FAIL_AT.with(|f| f.set(None));
+    assert!(matches!(
+        result,
+        Err(CheckpointError::FailPoint("after-injection"))
+    ));
+    assert!(w.child.wait().unwrap().success());
+    assert_eq!(w.output(), expected);
+}
+
+/// A captured process that is resumed (the migration failed) runs on.
+#[test]
+fn resumed_original_runs_on() {
+    require_root();
+    let expected = uninterrupted("resume", "memory", &["2"], &[]);
+    let mut w = Workload::start("resume", "memory", &["2"], &[]);
+    std::thread::sleep(random_delay(100..500));
+    capture(w.pid()).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    resume_original(w.pid()).unwrap();
+    assert!(w.child.wait().unwrap().success());
+    assert_eq!(w.output(), expected);
+}
+
+#[test]
+fn corrupt_image_is_rejected_before_forking() {
+    require_root();
+    let w = Workload::start("corrupt", "counter", &[], &[]);
+    w.wait_for("tick 1\n");
+    let (image, _) = capture(w.pid()).unwrap();
+    kill_original(w.pid()).unwrap();
+    let null = File::open("/dev/null").unwrap();
+    let mut bad = image.clone();
+    bad.vmas.swap(0, 1);
+    let err = prepare_restore(&bad, [null.as_fd(), null.as_fd(), null.as_fd()])
+        .err()
+        .expect("accepted");
+    assert!(
+        matches!(err, RestoreError::Image(ImageError::BadVma { .. })),
+        "{err}"
+    );
+    let mut bytes = image.to_bytes();
+    bytes.truncate(bytes.len() - 3);
+    assert!(ProcessImage::from_bytes(&bytes).is_err());
+}

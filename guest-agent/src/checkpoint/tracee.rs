@@ -1,0 +1,417 @@
+//! Typed wrappers over the ptrace requests the engine uses, and the
+//! conversion between the kernel's register structure and the image's.
+//!
+//! ptrace is per thread on the tracer side: every call for one tracee must
+//! come from the thread that attached it.
+
+use std::mem::size_of;
+
+use libc::{c_void, user_regs_struct};
+use nix::errno::Errno;
+use nix::sys::ptrace::{self, Event, Options};
+use nix::sys::signal::Signal;
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use pmivmm_proto::image::{
+    FpuKind, FpuState, InterruptedSyscall, Regs, Rseq, SigInfo, SyscallRestart, FXSAVE_AREA_LEN,
+    SIGINFO_LEN,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PtraceError {
+    #[error("ptrace {op} on PID {pid}: {errno}")]
+    Call {
+        op: &'static str,
+        pid: i32,
+        errno: Errno,
+    },
+    #[error("PID {pid} is gone ({status:?})")]
+    Gone { pid: i32, status: WaitStatus },
+    #[error("PID {pid}: unexpected {status:?} while waiting for {expected}")]
+    UnexpectedStop {
+        pid: i32,
+        status: WaitStatus,
+        expected: &'static str,
+    },
+    #[error("PID {pid}: the FPU state needs XSAVE (features {features:#x} in use), which this kernel does not offer")]
+    XsaveNeeded { pid: i32, features: u64 },
+}
+
+/// `NT_PRFPREG` and `NT_X86_XSTATE` (elf.h).
+const NT_PRFPREG: usize = 2;
+const NT_X86_XSTATE: usize = 0x202;
+/// Large enough for every XSAVE layout (AMX included).
+const XSAVE_BUFFER: usize = 16 << 10;
+/// `xstate_bv` in the XSAVE header, right after the FXSAVE area.
+const XSTATE_BV_OFFSET: usize = FXSAVE_AREA_LEN;
+/// x87 and SSE: what an FXSAVE area holds.
+const XFEATURES_FXSAVE: u64 = 0b11;
+
+const ERESTARTSYS: i64 = 512;
+const ERESTARTNOINTR: i64 = 513;
+const ERESTARTNOHAND: i64 = 514;
+const ERESTART_RESTARTBLOCK: i64 = 516;
+
+/// A process (single-threaded) this thread traces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tracee {
+    pub pid: Pid,
+}
+
+impl Tracee {
+    fn err(&self, op: &'static str) -> impl Fn(Errno) -> PtraceError + '_ {
+        move |errno| PtraceError::Call {
+            op,
+            pid: self.pid.as_raw(),
+            errno,
+        }
+    }
+
+    /// Attaches with `PTRACE_SEIZE` and stops the process with
+    /// `PTRACE_INTERRUPT`. A signal being delivered meanwhile is passed on.
+    pub fn seize_and_interrupt(pid: Pid) -> Result<Tracee, PtraceError> {
+        let tracee = Tracee { pid };
+        ptrace::seize(pid, Options::PTRACE_O_TRACESYSGOOD).map_err(tracee.err("SEIZE"))?;
+        if let Err(e) = ptrace::interrupt(pid).map_err(tracee.err("INTERRUPT")) {
+            let _ = ptrace::detach(pid, None);
+            return Err(e);
+        }
+        loop {
+            match tracee.wait()? {
+                WaitStatus::PtraceEvent(_, _, event)
+                    if event == Event::PTRACE_EVENT_STOP as i32 =>
+                {
+                    return Ok(tracee)
+                }
+                // A signal-delivery stop: deliver it; the interrupt stays pending.
+                WaitStatus::Stopped(_, sig) => {
+                    ptrace::cont(pid, sig).map_err(tracee.err("CONT"))?
+                }
+                status => {
+                    return Err(PtraceError::UnexpectedStop {
+                        pid: pid.as_raw(),
+                        status,
+                        expected: "the interrupt stop",
+                    })
+                }
+            }
+        }
+    }
+
+    /// Waits for the next stop; exits are errors.
+    pub fn wait(&self) -> Result<WaitStatus, PtraceError> {
+        loop {
+            match waitpid(self.pid, Some(WaitPidFlag::__WALL)) {
+                Err(Errno::EINTR) => continue,
+                Err(errno) => return Err(self.err("wait")(errno)),
+                Ok(status @ (WaitStatus::Exited(..) | WaitStatus::Signaled(..))) => {
+                    return Err(PtraceError::Gone {
+                        pid: self.pid.as_raw(),
+                        status,
+                    })
+                }
+                Ok(status) => return Ok(status),
+            }
+        }
+    }
+
+    /// Resumes until the next syscall entry or exit stop.
+    pub fn to_syscall_stop(&self) -> Result<(), PtraceError> {
+        ptrace::syscall(self.pid, None).map_err(self.err("SYSCALL"))?;
+        match self.wait()? {
+            WaitStatus::PtraceSyscall(_) => Ok(()),
+            status => Err(PtraceError::UnexpectedStop {
+                pid: self.pid.as_raw(),
+                status,
+                expected: "a syscall stop",
+            }),
+        }
+    }
+
+    pub fn regs(&self) -> Result<user_regs_struct, PtraceError> {
+        ptrace::getregs(self.pid).map_err(self.err("GETREGS"))
+    }
+
+    pub fn set_regs(&self, regs: &user_regs_struct) -> Result<(), PtraceError> {
+        ptrace::setregs(self.pid, *regs).map_err(self.err("SETREGS"))
+    }
+
+    pub fn set_options(&self, options: Options) -> Result<(), PtraceError> {
+        ptrace::setoptions(self.pid, options).map_err(self.err("SETOPTIONS"))
+    }
+
+    pub fn detach(&self) -> Result<(), PtraceError> {
+        ptrace::detach(self.pid, None).map_err(self.err("DETACH"))
+    }
+
+    /// One raw ptrace request that nix does not wrap.
+    fn raw(
+        &self,
+        op: &'static str,
+        request: u32,
+        addr: usize,
+        data: *mut c_void,
+    ) -> Result<i64, PtraceError> {
+        // SAFETY: every caller passes a request whose `data` points to memory
+        // of the size the kernel writes or reads for that request.
+        let r = unsafe { libc::ptrace(request, self.pid.as_raw(), addr as *mut c_void, data) };
+        Errno::result(r).map_err(self.err(op))
+    }
+
+    /// The FPU/SSE/AVX state: the XSAVE area, or the FXSAVE area on kernels
+    /// without XSAVE (`ENODEV`/`EIO`/`EINVAL` for the XSTATE set).
+    pub fn fpu(&self) -> Result<FpuState, PtraceError> {
+        let mut area = vec![0u8; XSAVE_BUFFER];
+        match self.get_regset("GETREGSET xstate", NT_X86_XSTATE, &mut area) {
+            Ok(len) => {
+                area.truncate(len);
+                Ok(FpuState {
+                    kind: FpuKind::Xsave,
+                    area,
+                })
+            }
+            Err(PtraceError::Call {
+                errno: Errno::ENODEV | Errno::EIO | Errno::EINVAL,
+                ..
+            }) => {
+                area.truncate(FXSAVE_AREA_LEN);
+                let len = self.get_regset("GETREGSET fpregs", NT_PRFPREG, &mut area)?;
+                area.truncate(len);
+                Ok(FpuState {
+                    kind: FpuKind::Fxsave,
+                    area,
+                })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Sets the FPU state. An XSAVE area goes back as it is when this kernel
+    /// takes it (same XSAVE layout); otherwise its FXSAVE part is set, which
+    /// is only allowed when no state beyond x87/SSE is in use.
+    pub fn set_fpu(&self, fpu: &FpuState) -> Result<(), PtraceError> {
+        let mut area = fpu.area.clone();
+        if fpu.kind == FpuKind::Xsave {
+            match self.set_regset("SETREGSET xstate", NT_X86_XSTATE, &mut area) {
+                // ENODEV: no XSAVE here; EFAULT: another XSAVE layout size.
+                Err(PtraceError::Call {
+                    errno: Errno::ENODEV | Errno::EFAULT | Errno::EINVAL,
+                    ..
+                }) => {
+                    let features = u64::from_le_bytes(
+                        area[XSTATE_BV_OFFSET..XSTATE_BV_OFFSET + 8]
+                            .try_into()
+                            .expect("8 bytes"),
+                    );
+                    if features & !XFEATURES_FXSAVE != 0 {
+                        return Err(PtraceError::XsaveNeeded {
+                            pid: self.pid.as_raw(),
+                            features,
+                        });
+                    }
+                }
+                other => return other,
+            }
+        }
+        self.set_regset("SETREGSET fpregs", NT_PRFPREG, &mut area[..FXSAVE_AREA_LEN])
+    }
+
+    fn get_regset(
+        &self,
+        op: &'static str,
+        set: usize,
+        buf: &mut [u8],
+    ) -> Result<usize, PtraceError> {
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        self.raw(
+            op,
+            libc::PTRACE_GETREGSET,
+            set,
+            (&mut iov as *mut libc::iovec).cast(),
+        )?;
+        Ok(iov.iov_len)
+    }
+
+    fn set_regset(&self, op: &'static str, set: usize, buf: &mut [u8]) -> Result<(), PtraceError> {
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        self.raw(
+            op,
+            libc::PTRACE_SETREGSET,
+            set,
+            (&mut iov as *mut libc::iovec).cast(),
+        )
+        .map(drop)
+    }
+
+    pub fn sigmask(&self) -> Result<u64, PtraceError> {
+        let mut mask = 0u64;
+        self.raw(
+            "GETSIGMASK",
+            libc::PTRACE_GETSIGMASK,
+            size_of::<u64>(),
+            (&mut mask as *mut u64).cast(),
+        )?;
+        Ok(mask)
+    }
+
+    pub fn set_sigmask(&self, mut mask: u64) -> Result<(), PtraceError> {
+        self.raw(
+            "SETSIGMASK",
+            libc::PTRACE_SETSIGMASK,
+            size_of::<u64>(),
+            (&mut mask as *mut u64).cast(),
+        )
+        .map(drop)
+    }
+
+    /// The signals queued to the thread, or (`shared`) to the process.
+    pub fn pending(&self, shared: bool) -> Result<Vec<SigInfo>, PtraceError> {
+        const BATCH: usize = 32;
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; BATCH * SIGINFO_LEN];
+        loop {
+            let mut args = libc::ptrace_peeksiginfo_args {
+                off: out.len() as u64,
+                flags: if shared {
+                    libc::PTRACE_PEEKSIGINFO_SHARED
+                } else {
+                    0
+                },
+                nr: BATCH as i32,
+            };
+            let n = self.raw(
+                "PEEKSIGINFO",
+                libc::PTRACE_PEEKSIGINFO,
+                (&mut args as *mut libc::ptrace_peeksiginfo_args) as usize,
+                buf.as_mut_ptr().cast(),
+            )? as usize;
+            for raw in buf[..n * SIGINFO_LEN].chunks_exact(SIGINFO_LEN) {
+                let signo = u32::from_ne_bytes(raw[..4].try_into().expect("4 bytes"));
+                out.push(SigInfo {
+                    signo,
+                    raw: raw.to_vec(),
+                });
+            }
+            if n < BATCH {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// The process's rseq registration, if any.
+    pub fn rseq(&self) -> Result<Option<Rseq>, PtraceError> {
+        let mut conf = libc::ptrace_rseq_configuration {
+            rseq_abi_pointer: 0,
+            rseq_abi_size: 0,
+            signature: 0,
+            flags: 0,
+            pad: 0,
+        };
+        let size = size_of::<libc::ptrace_rseq_configuration>();
+        self.raw(
+            "GET_RSEQ_CONFIGURATION",
+            libc::PTRACE_GET_RSEQ_CONFIGURATION,
+            size,
+            (&mut conf as *mut libc::ptrace_rseq_configuration).cast(),
+        )?;
+        Ok((conf.rseq_abi_pointer != 0).then_some(Rseq {
+            pointer: conf.rseq_abi_pointer,
+            size: conf.rseq_abi_size,
+            signature: conf.signature,
+        }))
+    }
+
+    pub fn kill(&self) {
+        let _ = nix::sys::signal::kill(self.pid, Signal::SIGKILL);
+        let _ = waitpid(self.pid, Some(WaitPidFlag::__WALL));
+    }
+}
+
+/// Rewinds a syscall the process was stopped in so that it runs again when
+/// the registers are set back, as the kernel's signal code would on the way
+/// to user mode (`arch_do_signal_or_restart` without a handler).
+/// `orig_rax` becomes -1 so that the kernel does not rewind a second time.
+pub fn rewind_interrupted_syscall(regs: &mut user_regs_struct) -> Option<InterruptedSyscall> {
+    if (regs.orig_rax as i64) < 0 {
+        return None;
+    }
+    let restart = match -(regs.rax as i64) {
+        ERESTARTSYS | ERESTARTNOINTR | ERESTARTNOHAND => {
+            regs.rax = regs.orig_rax;
+            SyscallRestart::Again
+        }
+        ERESTART_RESTARTBLOCK => {
+            regs.rax = libc::SYS_restart_syscall as u64;
+            SyscallRestart::RestartBlock
+        }
+        _ => return None,
+    };
+    let nr = regs.orig_rax;
+    regs.rip -= 2;
+    regs.orig_rax = u64::MAX;
+    Some(InterruptedSyscall { nr, restart })
+}
+
+macro_rules! convert_regs {
+    ($($field:ident),* $(,)?) => {
+        pub fn regs_to_image(r: &user_regs_struct) -> Regs {
+            Regs { $($field: r.$field),* }
+        }
+
+        pub fn regs_from_image(r: &Regs) -> user_regs_struct {
+            user_regs_struct { $($field: r.$field),* }
+        }
+    };
+}
+
+convert_regs!(
+    r15, r14, r13, r12, rbp, rbx, r11, r10, r9, r8, rax, rcx, rdx, rsi, rdi, orig_rax, rip, cs,
+    eflags, rsp, ss, fs_base, gs_base, ds, es, fs, gs,
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn in_syscall(nr: u64, ret: i64) -> user_regs_struct {
+        let mut r = regs_from_image(&Regs::default());
+        (r.orig_rax, r.rax, r.rip) = (nr, ret as u64, 0x1002);
+        r
+    }
+
+    #[test]
+    fn rewinds_restartable_syscalls() {
+        let mut r = in_syscall(0, -ERESTARTSYS);
+        assert_eq!(
+            rewind_interrupted_syscall(&mut r).unwrap().restart,
+            SyscallRestart::Again
+        );
+        assert_eq!((r.rax, r.rip, r.orig_rax), (0, 0x1000, u64::MAX));
+
+        let mut r = in_syscall(230, -ERESTART_RESTARTBLOCK);
+        assert_eq!(
+            rewind_interrupted_syscall(&mut r).unwrap().restart,
+            SyscallRestart::RestartBlock
+        );
+        assert_eq!((r.rax, r.rip), (libc::SYS_restart_syscall as u64, 0x1000));
+    }
+
+    #[test]
+    fn leaves_finished_syscalls_and_user_code_alone() {
+        for mut r in [
+            in_syscall(1, 5),
+            in_syscall(1, -(libc::EINTR as i64)),
+            in_syscall(u64::MAX, -ERESTARTSYS),
+        ] {
+            let before = r;
+            assert!(rewind_interrupted_syscall(&mut r).is_none());
+            assert_eq!(regs_to_image(&r), regs_to_image(&before));
+        }
+    }
+}
