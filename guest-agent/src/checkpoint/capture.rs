@@ -28,7 +28,7 @@ use pmivmm_proto::MigrationObstacle;
 
 use super::inject::{find_syscall_insn, InjectError, Injector};
 use super::pagemap::{runs, Pagemap, PagemapError};
-use super::procfs::{self, MapsEntry, ProcfsError, Status, PF_KTHREAD};
+use super::procfs::{self, MapsEntry, ProcfsError, Stat, Status, PF_KTHREAD};
 use super::tracee::{regs_to_image, rewind_interrupted_syscall, PtraceError, Tracee};
 
 #[derive(Debug, thiserror::Error)]
@@ -88,7 +88,7 @@ pub fn capture(pid: i32) -> Result<(ProcessImage, Vec<PageRef>), CheckpointError
     };
     let mut resumed = original.0;
     let interrupted = rewind_interrupted_syscall(&mut resumed);
-    let result = capture_frozen(tracee, &original.0);
+    let result = capture_frozen(tracee, &original.0, &stat);
     // Whatever happened, the process gets back its mask and registers (with
     // the syscall it was in rewound: see `rewind_interrupted_syscall`).
     let put_back = tracee
@@ -183,15 +183,17 @@ fn fail_point(name: &'static str) -> Result<(), CheckpointError> {
 }
 
 /// The capture proper, on the frozen process. Its registers and signal mask
-/// are put back by the caller.
+/// are put back by the caller. `stat` was read before the freeze (its mm
+/// fields only change through prctl, which a frozen process cannot call).
 fn capture_frozen(
     tracee: Tracee,
     regs: &user_regs_struct,
+    stat: &Stat,
 ) -> Result<(ProcessImage, Vec<PageRef>), CheckpointError> {
     let pid = tracee.pid.as_raw();
-    // Checked again now that nothing can change under us.
+    // Checked again now that nothing can change under us (threads, signal
+    // dispositions).
     let status = procfs::status(pid)?;
-    let stat = procfs::stat(pid)?;
     let mut obstacles = process_obstacles(
         pid,
         &Status {

@@ -206,7 +206,12 @@ pub fn prepare_restore(
 pub fn finish_restore(mut child: RestoredChild, image: &ProcessImage) -> Result<i32, RestoreError> {
     restore_fds(&child, image)?;
     child.call_with_path("chdir", libc::SYS_chdir, &image.cwd, &[])?;
+    // The child inherited the agent's limits: set only those that differ.
+    let inherited = procfs::limits(std::process::id() as i32)?;
     for r in &image.rlimits {
+        if inherited.contains(&(r.resource, r.soft, r.hard)) {
+            continue;
+        }
         let limit = libc::rlimit64 {
             rlim_cur: r.soft,
             rlim_max: r.hard,
