@@ -28,6 +28,12 @@ const DEFAULT_ENV: [&str; 3] = [
     "TERM=dumb",
 ];
 
+/// Variables of the agent's own environment (set for init on the kernel
+/// command line by the VMM) that every exec inherits: GLIBC_TUNABLES keeps
+/// glibc from using AVX on hosts whose guest kernel cannot preserve the
+/// upper YMM halves across task switches (see vmm/src/cmdline.rs).
+const INHERITED_ENV: [&str; 1] = ["GLIBC_TUNABLES"];
+
 /// Output is read and sent in chunks of at most this size (a pipe's default
 /// capacity).
 const CHUNK: usize = 64 << 10;
@@ -139,6 +145,11 @@ impl Exec {
 /// `DEFAULT_ENV` with `extra` entries added or replacing.
 fn environment(extra: &[String]) -> Result<Vec<String>, ExecError> {
     let mut env: Vec<String> = DEFAULT_ENV.iter().map(|e| e.to_string()).collect();
+    for key in INHERITED_ENV {
+        if let Ok(value) = std::env::var(key) {
+            env.push(format!("{key}={value}"));
+        }
+    }
     for entry in extra {
         let key = match entry.split_once('=') {
             Some((key, _)) if !key.is_empty() => key,

@@ -25,6 +25,18 @@ pub const BASE_ARGS: &str =
 /// emulate are hidden. See ../shared/kvm-host.md. Not needed on hardware KVM.
 pub const HOST_COMPAT_ARGS: &str = "noxsave nopti mitigations=off";
 
+/// Passed to init (and by the agent to every process it starts) on kvm_pvm:
+/// guest user code runs natively and sees AVX, but the guest kernel, booted
+/// with `noxsave`, switches tasks with FXSAVE/FXRSTOR, so the upper halves of
+/// the YMM registers do not survive a task switch (seen in a guest: a glibc
+/// AVX `memcpy` lost 16-byte runs of data when preempted). This keeps glibc's
+/// string functions on SSE. Code that detects AVX by itself is still exposed;
+/// a paravirtual xstate save/restore would fix it for all code.
+/// (Setting CR4.OSXSAVE and XCR0 = x87|SSE through KVM was tried: kvm_pvm
+/// keeps the host's XCR0 for guest user code.)
+pub const HOST_COMPAT_GLIBC_TUNABLES: &str = "GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,-AVX2,\
+-AVX_Fast_Unaligned_Load,-AVX512F,-AVX512VL,-FMA,-F16C";
+
 /// CPUID bits hidden on kvm_pvm (XSAVE family, CMPXCHG16B, AVX*, PCID, ...).
 /// The kernel honours only the last `clearcpuid=`, so all bits, these and the
 /// user's, are merged into one option by [`build`].
@@ -54,6 +66,7 @@ pub fn build(host_compat: bool, devices: &[VirtioMmioDevice], extra: &str) -> Re
     let mut clear: Vec<u32> = Vec::new();
     if host_compat {
         args.extend(HOST_COMPAT_ARGS.split_whitespace().map(str::to_owned));
+        args.push(HOST_COMPAT_GLIBC_TUNABLES.to_owned());
         clear.extend_from_slice(HOST_COMPAT_CLEARCPUID);
     }
     for d in devices {
@@ -98,6 +111,7 @@ mod tests {
     fn compat_adds_one_clearcpuid() {
         let l = build(true, &[], "").unwrap();
         assert!(l.contains("noxsave") && l.contains("nopti"));
+        assert!(l.contains(" GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,-AVX2,-AVX_Fast_Unaligned_Load,"));
         assert_eq!(l.matches("clearcpuid=").count(), 1);
         assert!(l.ends_with("clearcpuid=308,295,288,158,306,534,145,298,514,515,151,150,311,312,141"));
     }
