@@ -7,8 +7,11 @@
 //! what is missing.
 
 use std::fs;
+use std::io::Write;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::{mpsc, OnceLock};
 use std::time::{Duration, Instant};
 
 /// Time a node gets to boot to agent-ready on the development hosts (~45 s
@@ -44,6 +47,25 @@ pub fn scratch_dir(name: &str) -> PathBuf {
     d
 }
 
+/// Runs `pmivmm` with `args`, feeding `stdin`, and returns its output.
+pub fn pmivmm_with_input(args: &[&str], stdin: &[u8]) -> Output {
+    let mut child = Command::new(pmivmm_bin())
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run pmivmm");
+    let mut input = child.stdin.take().expect("stdin");
+    let data = stdin.to_vec();
+    let writer = std::thread::spawn(move || {
+        let _ = input.write_all(&data);
+    });
+    let out = child.wait_with_output().expect("wait pmivmm");
+    let _ = writer.join();
+    out
+}
+
 /// Runs `pmivmm` with `args` to completion and returns (status, stdout, stderr).
 pub fn run_pmivmm(args: &[&str]) -> (ExitStatus, String, String) {
     let out = Command::new(pmivmm_bin()).args(args).output().expect("run pmivmm");
@@ -63,20 +85,29 @@ pub struct Node {
 
 impl Node {
     /// Starts `pmivmm --node` with its console and log in a scratch directory.
+    /// The VMM is killed if the thread that started it exits.
     pub fn start(name: &str, extra: &[&str]) -> Node {
         require_kvm();
         let dir = scratch_dir(name);
         let console = dir.join("console.log");
         let log = fs::File::create(dir.join("vmm.log")).expect("vmm log");
-        let child = Command::new(pmivmm_bin())
-            .args(["--node", "--name", name, "--console"])
+        let mut cmd = Command::new(pmivmm_bin());
+        cmd.args(["--node", "--name", name, "--console"])
             .arg(&console)
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn pmivmm");
+            .stderr(log);
+        // SAFETY: prctl is async-signal-safe; the closure touches nothing else.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().expect("spawn pmivmm");
         Node { name: name.to_owned(), dir, child }
     }
 
@@ -140,5 +171,39 @@ impl Drop for Node {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// One node shared by all tests of a test binary, booted on first use and
+/// killed when the test process exits (it is started from a thread that
+/// lives as long as the process, with PR_SET_PDEATHSIG). Returns its name.
+pub fn shared_node(tag: &str) -> &'static str {
+    static NODE: OnceLock<Result<String, String>> = OnceLock::new();
+    let r = NODE.get_or_init(|| {
+        let name = format!("t{}-{tag}", std::process::id());
+        let (tx, rx) = mpsc::channel();
+        let n = name.clone();
+        std::thread::Builder::new()
+            .name("shared-node".into())
+            .spawn(move || {
+                let mut node = Node::start(&n, &["--timeout", "1800"]);
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    node.wait_console("pmivmm-agent ready", BOOT_TIMEOUT)
+                }));
+                let _ = tx.send(r.map_err(|e| {
+                    e.downcast_ref::<String>().cloned().unwrap_or_else(|| "boot failed".into())
+                }));
+                // Keep the node (and this thread) alive until the process exits.
+                let _keep = node;
+                loop {
+                    std::thread::park();
+                }
+            })
+            .expect("spawn shared-node thread");
+        rx.recv().map_err(|e| e.to_string()).and_then(|r| r).map(|()| name)
+    });
+    match r {
+        Ok(name) => name,
+        Err(e) => panic!("the shared test node did not boot: {e}"),
     }
 }

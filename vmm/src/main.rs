@@ -48,6 +48,9 @@ enum Command {
     Ps {
         #[command(flatten)]
         node: NodeRef,
+        /// Include kernel threads.
+        #[arg(short = 'a', long)]
+        all: bool,
     },
     /// Show the load of a node.
     Load {
@@ -206,7 +209,7 @@ fn main() -> ExitCode {
         Command::Exec { node, cwd, env, no_stdin, argv } => {
             commands::exec(&node.name, argv, env, cwd, !no_stdin)
         }
-        Command::Ps { node } => commands::ps(&node.name).map(|()| 0),
+        Command::Ps { node, all } => commands::ps(&node.name, all).map(|()| 0),
         Command::Load { node } => commands::load(&node.name).map(|()| 0),
         Command::Kill { node, signal, pid } => commands::kill(&node.name, pid, signal).map(|()| 0),
         Command::Stop { node, timeout } => {

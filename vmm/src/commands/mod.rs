@@ -10,7 +10,7 @@ pub use exec::exec;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use pmivmm_proto::{AgentClient, Migratability};
+use pmivmm_proto::{AgentClient, Migratability, MigrationObstacle};
 
 use crate::control;
 use crate::rundir::{self, NodePaths};
@@ -24,10 +24,14 @@ fn agent(name: &str) -> anyhow::Result<Client> {
         .with_context(|| format!("cannot reach the guest agent of node {name} (is it still booting? see `pmivmm nodes`)"))
 }
 
-/// `pmivmm ps`: the node's processes and whether they could migrate.
-pub fn ps(name: &str) -> anyhow::Result<()> {
+/// `pmivmm ps`: the node's processes and whether they could migrate;
+/// kernel threads only with `all`.
+pub fn ps(name: &str, all: bool) -> anyhow::Result<()> {
     let procs = agent(name)?.ps()?;
-    let rows = procs.iter().map(|p| {
+    let is_kernel_thread = |p: &&pmivmm_proto::ProcessInfo| {
+        matches!(&p.migratable, Migratability::NotMigratable(o) if o.contains(&MigrationObstacle::KernelThread))
+    };
+    let rows = procs.iter().filter(|p| all || !is_kernel_thread(p)).map(|p| {
         let (migrate, why) = match &p.migratable {
             Migratability::Migratable => ("yes".to_owned(), String::new()),
             Migratability::NotMigratable(obstacles) => (
