@@ -10,6 +10,12 @@
 //! condition variable when there is none (no child means no descendant
 //! either, so no orphan can appear until the agent spawns again): no polling,
 //! no signals.
+//!
+//! Tracing (checkpoint/restore) must go through here too: the kernel reports
+//! a tracee's ptrace stops to every waiter of the tracer's thread group,
+//! whatever the flags, so a tracer thread calling `waitpid(pid)` races with
+//! this thread for them. Such code must receive its tracee's statuses from
+//! the reaper (forward stop statuses of registered PIDs, not only exits).
 
 use std::collections::HashMap;
 use std::sync::mpsc::{channel, Receiver, Sender};
