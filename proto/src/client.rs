@@ -319,6 +319,7 @@ mod tests {
     #[test]
     fn agent_version_mismatch_error_is_reported() {
         let stream = fake_agent(|s| {
+            expect_request(s);
             let kind = ErrorKind::VersionMismatch;
             write_frame(
                 s,
