@@ -9,5 +9,5 @@ start=$(date +%s)
 scripts/setup.sh
 [ -r /dev/kvm ] && [ -w /dev/kvm ] || echo "warning: /dev/kvm is not usable here: the KVM tests will fail" >&2
 printf '\n== tests\n' >&2
-cargo test --release --workspace "$@"
+cargo test --release --workspace --no-fail-fast "$@"
 echo "scripts/test.sh: all tests passed in $(( $(date +%s) - start )) s" >&2

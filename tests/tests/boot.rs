@@ -6,11 +6,43 @@ use std::time::Duration;
 use pmivmm_tests::{run_pmivmm, scratch_dir, Node, BOOT_TIMEOUT};
 
 #[test]
-fn node_boots_to_a_ready_agent() {
+fn node_boots_to_a_ready_agent_and_stops_cleanly() {
     let mut node = Node::start("boot-ready", &["--timeout", "600"]);
+    let name = node.name.clone();
     node.wait_console("pmivmm-agent ready version=", BOOT_TIMEOUT);
-    let log = node.vmm_log();
-    assert!(log.contains("guest agent ready after"), "{log}");
+    // The VMM logs the ready time on its next supervision tick.
+    let start = std::time::Instant::now();
+    while !node.vmm_log().contains("guest agent ready after") {
+        assert!(start.elapsed() < Duration::from_secs(10), "{}", node.vmm_log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (st, out, err) = run_pmivmm(&["nodes"]);
+    assert!(st.success(), "{err}");
+    let line = out.lines().find(|l| l.starts_with(&name)).unwrap_or_else(|| panic!("{name} not in:\n{out}"));
+    assert!(line.contains(" ready "), "{line}");
+    let (st, _, err) = run_pmivmm(&["stop", "--node", &name]);
+    assert!(st.success(), "{err}");
+    let status = node.wait_exit(Duration::from_secs(60));
+    assert_eq!(status.code(), Some(0), "{}", node.vmm_log());
+    assert!(node.vmm_log().contains("the guest powered off"));
+    let (_, out, _) = run_pmivmm(&["nodes"]);
+    assert!(!out.contains(&name), "{name} still listed after stop:\n{out}");
+}
+
+#[test]
+fn a_second_node_with_the_same_name_is_refused() {
+    let first = Node::start("boot-dup", &["--timeout", "120"]);
+    let name = first.name.clone();
+    // The control socket exists as soon as the VMM has built the VM.
+    let start = std::time::Instant::now();
+    while !run_pmivmm(&["nodes"]).1.contains(&name) {
+        assert!(start.elapsed() < Duration::from_secs(30), "{}", first.vmm_log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (st, _, err) = run_pmivmm(&["--node", "--name", &name, "--timeout", "5"]);
+    assert_eq!(st.code(), Some(1));
+    assert!(err.contains("already running"), "{err}");
+    drop(first);
 }
 
 #[test]
@@ -22,6 +54,13 @@ fn guest_kernel_panic_exits_with_code_2() {
     assert_eq!(status.code(), Some(2), "console:\n{}\nlog:\n{}", node.console(), node.vmm_log());
     assert!(node.console().contains("Kernel panic"));
     assert!(node.vmm_log().contains("panicked"));
+}
+
+#[test]
+fn bad_node_names_are_refused() {
+    let (st, _, err) = run_pmivmm(&["--node", "--name", "../etc"]);
+    assert_eq!(st.code(), Some(1));
+    assert!(err.contains("invalid node name"), "{err}");
 }
 
 #[test]

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use pmivmm::commands;
-use pmivmm::config::{self, ConsoleConfig, HostCompat, VmConfig, VsockConfig};
+use pmivmm::config::{self, ConsoleConfig, HostCompat, ShareConfig, VmConfig, VsockConfig};
 
 #[derive(Parser)]
 #[command(
@@ -95,6 +95,17 @@ enum BenchCommand {
         #[arg(last = true)]
         node_args: Vec<String>,
     },
+    /// Throughput and latency of a running node's vsock channel beside a Unix socket.
+    Channel {
+        #[command(flatten)]
+        node: NodeRef,
+        /// MiB to move in each direction.
+        #[arg(long, default_value_t = 4)]
+        mib: usize,
+        /// Round trips for the latency figures.
+        #[arg(long, default_value_t = 20)]
+        rounds: usize,
+    },
 }
 
 #[derive(Args)]
@@ -138,6 +149,11 @@ struct NodeArgs {
     /// Stop the node after this many seconds (exit code 124).
     #[arg(long)]
     timeout: Option<f64>,
+    /// Share a host directory with the node (virtio-9p): the guest mounts it at
+    /// the same path, read-write; files it creates belong to the user running
+    /// pmivmm, and it cannot reach anything outside DIR. [default: no share]
+    #[arg(long, value_name = "DIR")]
+    share: Option<PathBuf>,
 }
 
 /// Parses `256`, `256M`, `256MiB`, `2G`, `2GiB` into MiB.
@@ -185,6 +201,7 @@ impl NodeArgs {
             },
             timeout: self.timeout.map(Duration::from_secs_f64),
             vsock: Some(VsockConfig::new(paths.vsock())),
+            share: self.share.map(ShareConfig::new),
         })
     }
 }
@@ -218,6 +235,10 @@ fn main() -> ExitCode {
         Command::Nodes => commands::nodes().map(|()| 0),
         Command::Bench(BenchCommand::Boot { runs, mem, node_args }) => {
             pmivmm::bench::boot::run(&pmivmm::bench::boot::BootBench { runs, mem, node_args }).map(|()| 0)
+        }
+        Command::Bench(BenchCommand::Channel { node, mib, rounds }) => {
+            pmivmm::bench::channel::run(&pmivmm::bench::channel::ChannelBench { node: node.name, mib, rounds })
+                .map(|()| 0)
         }
     };
     match result {

@@ -2,6 +2,7 @@
 //! here, not in timed tests).
 
 pub mod boot;
+pub mod channel;
 
 /// Minimum and median of a sample (None when empty).
 pub fn min_median(mut v: Vec<f64>) -> Option<(f64, f64)> {
