@@ -84,11 +84,13 @@ pub struct Node {
 }
 
 impl Node {
-    /// Starts `pmivmm --node` with its console and log in a scratch directory.
-    /// The VMM is killed if the thread that started it exits.
-    pub fn start(name: &str, extra: &[&str]) -> Node {
+    /// Starts `pmivmm --node` named `t<pid>-<tag>`, with its console and log
+    /// in a scratch directory. The VMM is killed if the thread that started
+    /// it exits.
+    pub fn start(tag: &str, extra: &[&str]) -> Node {
         require_kvm();
-        let dir = scratch_dir(name);
+        let name = &format!("t{}-{tag}", std::process::id());
+        let dir = scratch_dir(tag);
         let console = dir.join("console.log");
         let log = fs::File::create(dir.join("vmm.log")).expect("vmm log");
         let mut cmd = Command::new(pmivmm_bin());
@@ -180,17 +182,17 @@ impl Drop for Node {
 pub fn shared_node(tag: &str) -> &'static str {
     static NODE: OnceLock<Result<String, String>> = OnceLock::new();
     let r = NODE.get_or_init(|| {
-        let name = format!("t{}-{tag}", std::process::id());
         let (tx, rx) = mpsc::channel();
-        let n = name.clone();
+        let tag = tag.to_owned();
         std::thread::Builder::new()
             .name("shared-node".into())
             .spawn(move || {
-                let mut node = Node::start(&n, &["--timeout", "1800"]);
+                let mut node = Node::start(&tag, &["--timeout", "1800"]);
+                let name = node.name.clone();
                 let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     node.wait_console("pmivmm-agent ready", BOOT_TIMEOUT)
                 }));
-                let _ = tx.send(r.map_err(|e| {
+                let _ = tx.send(r.map(|()| name).map_err(|e| {
                     e.downcast_ref::<String>().cloned().unwrap_or_else(|| "boot failed".into())
                 }));
                 // Keep the node (and this thread) alive until the process exits.
@@ -200,7 +202,7 @@ pub fn shared_node(tag: &str) -> &'static str {
                 }
             })
             .expect("spawn shared-node thread");
-        rx.recv().map_err(|e| e.to_string()).and_then(|r| r).map(|()| name)
+        rx.recv().map_err(|e| e.to_string()).and_then(|r| r)
     });
     match r {
         Ok(name) => name,
