@@ -52,6 +52,27 @@ pub struct VmConfig {
     pub timeout: Option<Duration>,
     /// The virtio-vsock channel to the guest agent; None: no vsock device.
     pub vsock: Option<VsockConfig>,
+    /// A host directory shared into the guest over virtio-9p; None: no share.
+    pub share: Option<ShareConfig>,
+}
+
+/// A host directory the guest mounts (virtio-9p, 9P2000.L) at the same path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShareConfig {
+    /// The shared directory; the guest cannot reach anything outside it.
+    pub host_dir: PathBuf,
+    /// The virtio-9p mount tag the guest's /init mounts.
+    pub tag: String,
+}
+
+impl ShareConfig {
+    /// The mount tag when nothing else is asked for.
+    pub const DEFAULT_TAG: &'static str = "pmivmm";
+
+    /// Shares `host_dir` under the default tag.
+    pub fn new(host_dir: PathBuf) -> Self {
+        ShareConfig { host_dir, tag: Self::DEFAULT_TAG.to_owned() }
+    }
 }
 
 /// The node's virtio-vsock device and its Unix-socket backend.

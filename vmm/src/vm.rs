@@ -21,6 +21,7 @@ use crate::devices::cmos::Cmos;
 use crate::devices::i8042::I8042;
 use crate::devices::serial::{ConsoleSink, EventFdTrigger, SerialDevice};
 use crate::devices::virtio::mmio::{self, MmioTransport};
+use crate::devices::virtio::p9::{self, P9Thread};
 use crate::devices::virtio::vsock::{self, VsockThread};
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::{BusError, MmioBus, PortIoBus};
@@ -63,6 +64,8 @@ pub enum Error {
     Virtio(#[from] mmio::Error),
     #[error(transparent)]
     Vsock(#[from] vsock::Error),
+    #[error(transparent)]
+    Share(#[from] p9::Error),
 }
 
 type Result<T> = std::result::Result<T, Error>;
@@ -85,6 +88,8 @@ pub struct Vm {
     /// The vsock device thread, when the VM has vsock; dropping it stops the
     /// thread and removes the socket file.
     pub vsock: Option<VsockThread>,
+    /// The virtio-9p share's device thread, when the VM has a share.
+    pub share: Option<P9Thread>,
     /// The kernel command line the guest got.
     pub cmdline: String,
 }
@@ -164,8 +169,23 @@ pub fn build(config: &VmConfig, console: ConsoleSink) -> Result<Vm> {
         }
         None => None,
     };
+    let mut extra_cmdline = config.extra_cmdline.clone();
+    let share = match &config.share {
+        Some(sc) => {
+            if !kvm.check_extension(Cap::Ioeventfd) {
+                return Err(Error::MissingCapability("ioeventfd (KVM_CAP_IOEVENTFD)"));
+            }
+            let (device, thread) = p9::create(sc)?;
+            virtio.push(add_virtio_device(&fd, &memory, &mut mmio, virtio.len(), Box::new(device))?);
+            // /init mounts the share at the same path when it sees these.
+            extra_cmdline = format!("{} {}", p9::cmdline_args(sc)?, extra_cmdline);
+            tracing::info!("share: {} (9p tag {})", sc.host_dir.display(), sc.tag);
+            Some(thread)
+        }
+        None => None,
+    };
 
-    let line = cmdline::build(config.host_compat.enabled(), &virtio, &config.extra_cmdline)?;
+    let line = cmdline::build(config.host_compat.enabled(), &virtio, &extra_cmdline)?;
     let kcmdline = linux_loader::cmdline::Cmdline::try_from(&line, layout::CMDLINE_MAX_SIZE)
         .map_err(|e| Error::Kernel { path: config.kernel.clone(), reason: format!("command line: {e}") })?;
     load_cmdline(&memory, GuestAddress(layout::CMDLINE_ADDR), &kcmdline)
@@ -209,6 +229,7 @@ pub fn build(config: &VmConfig, console: ConsoleSink) -> Result<Vm> {
         mmio: Arc::new(mmio),
         serial,
         vsock,
+        share,
         cmdline: line,
     })
 }

@@ -8,6 +8,7 @@
 //! eventfd registered as a KVM irqfd: the vCPU thread never runs device code.
 
 pub mod mmio;
+pub mod p9;
 pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};
