@@ -6,7 +6,8 @@
 # kernel on the development hosts, so it is kept small) holding
 #   /bin/busybox (Debian busybox-static) + applet symlinks made here, on the host,
 #   /sbin/pmivmm-agent (the static guest agent, built here),
-#   /init: mounts /proc, /sys, /dev and execs the agent.
+#   /init: mounts /proc, /sys, /dev and execs the agent,
+#   /bin/pmivmm-workloads + /bin/<workload> links (images/workloads/multicall.sh).
 # Default output: ${PMIVMM_CACHE:-$HOME/.cache/pmivmm}/initramfs.cpio
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -39,6 +40,12 @@ done
 install -m 755 "$AGENT" "$STAGE/sbin/pmivmm-agent"
 strip "$STAGE/sbin/pmivmm-agent"
 install -m 755 "$HERE/init" "$STAGE/init"
+# The checkpoint/restore test workloads: one static multi-call binary
+# (~0.9 MB, ~1.2 s of boot) and a /bin/<name> symlink per workload.
+echo "images: building the test workloads" >&2
+for w in $("$HERE/workloads/multicall.sh" "$STAGE/bin/pmivmm-workloads"); do
+	ln -sf pmivmm-workloads "$STAGE/bin/$w"
+done
 
 mkdir -p "$(dirname "$OUT")"
 (cd "$STAGE" && find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0 > "$OUT.tmp")

@@ -9,6 +9,7 @@ use pmivmm_proto::{ErrorKind, Request, Response, PROTOCOL_VERSION, VERSION};
 use crate::exec::{Exec, ExecError};
 use crate::kill::{send_signal, KillError};
 use crate::load::load;
+use crate::migrate::Migrations;
 use crate::ps::list_processes;
 use crate::server::Stream;
 use crate::sink::ResponseSink;
@@ -29,6 +30,9 @@ struct Connection<S: Stream> {
     exec: Option<Exec>,
     /// `Poweroff` was accepted: power off once the reply is sent.
     power_off_requested: bool,
+    /// Processes this connection froze or half-restored; dropped (resumed or
+    /// killed) when the connection ends.
+    migrations: Migrations,
 }
 
 /// Serves one client until it closes the connection. If it goes away while
@@ -47,6 +51,7 @@ pub fn serve_connection<S: Stream>(stream: S, actions: Actions) {
         actions,
         exec: None,
         power_off_requested: false,
+        migrations: Migrations::default(),
     };
     if let Err(e) = conn.run() {
         if !is_disconnect(&e) {
@@ -189,6 +194,11 @@ impl<S: Stream> Connection<S> {
                 self.power_off_requested = true;
                 Some(Response::Ok)
             }
+            Request::Checkpoint { pid } => Some(self.migrations.checkpoint(pid)),
+            Request::ResumeOriginal { pid } => Some(self.migrations.end_freeze(pid, false)),
+            Request::KillOriginal { pid } => Some(self.migrations.end_freeze(pid, true)),
+            Request::PrepareRestore { image } => Some(self.migrations.prepare(&image)),
+            Request::FinishRestore => Some(self.migrations.finish()),
         }
     }
 }

@@ -11,13 +11,23 @@
 //! either, so no orphan can appear until the agent spawns again): no polling,
 //! no signals.
 //!
-//! Tracing (checkpoint/restore) must go through here too: the kernel reports
+//! Tracing (checkpoint/restore) goes through here too: the kernel reports
 //! a tracee's ptrace stops to every waiter of the tracer's thread group,
-//! whatever the flags, so a tracer thread calling `waitpid(pid)` races with
-//! this thread for them. Such code must receive its tracee's statuses from
-//! the reaper (forward stop statuses of registered PIDs, not only exits).
+//! whatever the flags (`waitpid(-1, __WALL)` here would take them even
+//! without WUNTRACED), so a tracer thread calling `waitpid(pid)` would race
+//! with this thread and lose stops, hanging the engine. The fix: a tracer
+//! registers its tracee *before* the first ptrace call can produce a status
+//! ([`Reaper::trace`] before `PTRACE_SEIZE`; [`Reaper::spawn_traced`] holds
+//! the table lock across the `fork` of a `PTRACE_TRACEME` child), this
+//! thread queues every status of a registered PID (stops and the exit) for
+//! it, and the tracer takes them with [`Reaper::wait_traced`] instead of
+//! calling `waitpid` (see `checkpoint::tracee::wait_status`). The table lock
+//! is taken after `waitpid` returns, so a status can never be looked up
+//! before its PID was registered. An exit of a traced PID still reaches an
+//! exec session waiting for it. Without a running reaper (the engine's host
+//! tests) tracers call `waitpid` themselves.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
 
@@ -28,6 +38,8 @@ use pmivmm_proto::ExitStatus;
 struct Children {
     /// Exit status recipients, by PID.
     waiting: HashMap<i32, Sender<ExitStatus>>,
+    /// Registered tracees: raw wait statuses not yet taken by their tracer.
+    traced: HashMap<i32, VecDeque<i32>>,
     /// How many children have been spawned, to wake the reaper.
     spawned: u64,
 }
@@ -35,6 +47,8 @@ struct Children {
 pub struct Reaper {
     children: Mutex<Children>,
     spawned: Condvar,
+    /// Signalled when a status is queued for a tracee.
+    traced_status: Condvar,
 }
 
 static REAPER: OnceLock<Reaper> = OnceLock::new();
@@ -47,6 +61,7 @@ pub fn reaper() -> &'static Reaper {
         Reaper {
             children: Mutex::new(Children::default()),
             spawned: Condvar::new(),
+            traced_status: Condvar::new(),
         }
     });
     if started {
@@ -59,7 +74,57 @@ pub fn reaper() -> &'static Reaper {
     reaper
 }
 
+/// The reaper if it runs (always in the agent; not in the engine's host
+/// tests, where tracers wait for their tracees themselves).
+pub fn running() -> Option<&'static Reaper> {
+    REAPER.get()
+}
+
 impl Reaper {
+    /// Registers `pid` as traced by the caller: from now on its wait
+    /// statuses are queued for [`Self::wait_traced`]. Call it before the
+    /// ptrace call that attaches.
+    pub fn trace(&self, pid: i32) {
+        let mut children = self.lock();
+        children.traced.entry(pid).or_default();
+        // Wake the reaper if it sleeps for lack of children.
+        children.spawned += 1;
+        self.spawned.notify_one();
+    }
+
+    /// Runs `spawn` (a fork whose child asks to be traced) with the table
+    /// locked and registers the child as traced.
+    pub fn spawn_traced<E>(&self, spawn: impl FnOnce() -> Result<i32, E>) -> Result<i32, E> {
+        let mut children = self.lock();
+        let pid = spawn()?;
+        children.traced.entry(pid).or_default();
+        children.spawned += 1;
+        self.spawned.notify_one();
+        Ok(pid)
+    }
+
+    /// Ends the registration of `pid` (detached, or its end collected);
+    /// statuses not taken are dropped.
+    pub fn untrace(&self, pid: i32) {
+        self.lock().traced.remove(&pid);
+    }
+
+    /// The next raw wait status of the registered tracee `pid`, blocking
+    /// until there is one; `None` if `pid` is not registered.
+    pub fn wait_traced(&self, pid: i32) -> Option<i32> {
+        let mut children = self.lock();
+        loop {
+            let queue = children.traced.get_mut(&pid)?;
+            if let Some(status) = queue.pop_front() {
+                return Some(status);
+            }
+            children = self
+                .traced_status
+                .wait(children)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
     /// Runs `spawn` (which starts one child and returns its PID) with the
     /// child table locked, and registers the child, so that its exit status
     /// is sent to the returned receiver even if it exits at once.
@@ -84,10 +149,18 @@ impl Reaper {
         loop {
             let spawned_before = self.lock().spawned;
             match wait_any() {
-                Ok((pid, status)) => {
-                    if let Some(tx) = self.lock().waiting.remove(&pid) {
-                        // The session may be gone; then nobody wants it.
-                        let _ = tx.send(status);
+                Ok((pid, raw)) => {
+                    let mut children = self.lock();
+                    if let Some(queue) = children.traced.get_mut(&pid) {
+                        queue.push_back(raw);
+                        self.traced_status.notify_all();
+                    }
+                    let ended = libc::WIFEXITED(raw) || libc::WIFSIGNALED(raw);
+                    if ended {
+                        if let Some(tx) = children.waiting.remove(&pid) {
+                            // The session may be gone; then nobody wants it.
+                            let _ = tx.send(exit_status(raw));
+                        }
                     }
                 }
                 Err(Errno::ECHILD) => {
@@ -109,9 +182,10 @@ impl Reaper {
     }
 }
 
-/// Waits for any child to end, including children that do not signal their
-/// exit with SIGCHLD (__WALL); stopped children are not reported.
-fn wait_any() -> Result<(i32, ExitStatus), Errno> {
+/// Waits for any child or tracee to change state, including children that
+/// do not signal their exit with SIGCHLD (__WALL); returns the raw status.
+/// Stops are reported only for tracees (ptrace stops need no WUNTRACED).
+fn wait_any() -> Result<(i32, i32), Errno> {
     let mut status = 0;
     // SAFETY: waitpid with a valid pointer to a local status word. (Not
     // nix's waitpid: it rejects real-time termination signals after the
@@ -120,13 +194,17 @@ fn wait_any() -> Result<(i32, ExitStatus), Errno> {
     if pid < 0 {
         return Err(Errno::last());
     }
-    let status = if libc::WIFSIGNALED(status) {
+    Ok((pid, status))
+}
+
+/// The exit status of an ended process's raw wait status.
+fn exit_status(status: i32) -> ExitStatus {
+    if libc::WIFSIGNALED(status) {
         ExitStatus::Signal {
             signal: libc::WTERMSIG(status),
             core_dumped: libc::WCOREDUMP(status),
         }
     } else {
         ExitStatus::Code(libc::WEXITSTATUS(status))
-    };
-    Ok((pid, status))
+    }
 }

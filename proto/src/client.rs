@@ -7,6 +7,7 @@ use std::path::Path;
 
 use crate::frame::{read_frame, write_frame, FrameError};
 use crate::hybrid_vsock::{self, HybridVsockError};
+use crate::image::PageRef;
 use crate::message::{
     ErrorKind, ExecRequest, ExitStatus, LoadInfo, ProcessInfo, Request, Response,
 };
@@ -115,6 +116,46 @@ impl<R: Read, W: Write> AgentClient<R, W> {
     /// the VMM exits once the guest has reset.
     pub fn poweroff(&mut self) -> Result<(), ClientError> {
         self.call_ok(&Request::Poweroff)
+    }
+
+    /// Freezes and captures process `pid`: the encoded image and its pages'
+    /// frames. The process stays frozen until [`Self::resume_original`] or
+    /// [`Self::kill_original`] on this same client (or until it is dropped:
+    /// then the agent resumes it).
+    pub fn checkpoint(&mut self, pid: u32) -> Result<(Vec<u8>, Vec<PageRef>), ClientError> {
+        match self.call(&Request::Checkpoint { pid })? {
+            Response::Checkpointed { image, pages } => Ok((image, pages)),
+            other => Err(unexpected("Checkpointed", &other)),
+        }
+    }
+
+    /// Lets the process frozen by [`Self::checkpoint`] run on.
+    pub fn resume_original(&mut self, pid: u32) -> Result<(), ClientError> {
+        self.call_ok(&Request::ResumeOriginal { pid })
+    }
+
+    /// Kills the process frozen by [`Self::checkpoint`].
+    pub fn kill_original(&mut self, pid: u32) -> Result<(), ClientError> {
+        self.call_ok(&Request::KillOriginal { pid })
+    }
+
+    /// Builds a stopped process from an encoded image: its PID and the frame
+    /// of every saved page, in image order. Complete it with
+    /// [`Self::finish_restore`] on this same client (dropping the client
+    /// kills it).
+    pub fn prepare_restore(&mut self, image: Vec<u8>) -> Result<(u32, Vec<PageRef>), ClientError> {
+        match self.call(&Request::PrepareRestore { image })? {
+            Response::RestorePrepared { pid, pages } => Ok((pid, pages)),
+            other => Err(unexpected("RestorePrepared", &other)),
+        }
+    }
+
+    /// Lets the prepared process run; returns its PID.
+    pub fn finish_restore(&mut self) -> Result<u32, ClientError> {
+        match self.call(&Request::FinishRestore)? {
+            Response::Restored { pid } => Ok(pid),
+            other => Err(unexpected("Restored", &other)),
+        }
     }
 
     /// Starts a process; the returned session yields its output and exit

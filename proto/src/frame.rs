@@ -123,6 +123,11 @@ mod tests {
             Request::Load,
             Request::Kill { pid: 42, signal: 9 },
             Request::Poweroff,
+            Request::Checkpoint { pid: 77 },
+            Request::ResumeOriginal { pid: 77 },
+            Request::KillOriginal { pid: 77 },
+            Request::PrepareRestore { image: vec![1, 2, 3] },
+            Request::FinishRestore,
         ]
     }
 
@@ -185,6 +190,20 @@ mod tests {
                 mem_free_bytes: 1 << 26,
                 mem_available_bytes: 1 << 26,
             }),
+            Response::Checkpointed {
+                image: vec![9; 10],
+                pages: vec![crate::image::PageRef {
+                    vaddr: 0x7fff_0000_0000,
+                    pfn: 0x1234,
+                    kind: crate::image::PageKind::Data,
+                }],
+            },
+            Response::RestorePrepared { pid: 5, pages: vec![] },
+            Response::Restored { pid: 5 },
+            Response::Error {
+                kind: ErrorKind::Refused,
+                message: "is PID 1".into(),
+            },
         ]
     }
 
@@ -202,7 +221,7 @@ mod tests {
     #[test]
     fn request_variant_count_is_exact() {
         // The last variant's index must be VARIANTS - 1.
-        let frame = encode_frame(&Request::Poweroff).unwrap();
+        let frame = encode_frame(&Request::FinishRestore).unwrap();
         assert_eq!(frame[LEN_BYTES..], [(Request::VARIANTS - 1) as u8]);
     }
 

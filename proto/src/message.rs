@@ -10,6 +10,8 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::image::PageRef;
+
 /// A message from the host to the agent.
 ///
 /// Conversation rules:
@@ -42,12 +44,33 @@ pub enum Request {
     Kill { pid: u32, signal: i32 },
     /// Replied with `Ok`, then the agent syncs and resets the node.
     Poweroff,
+    /// Freezes `pid` (ptrace) and captures it; replied with `Checkpointed`
+    /// or `Error` (`Refused` lists the obstacles; the process is untouched).
+    /// The process stays frozen, traced by this connection, until
+    /// `ResumeOriginal` or `KillOriginal` on the SAME connection; if the
+    /// connection closes first, the agent resumes it.
+    Checkpoint { pid: u32 },
+    /// Lets a process frozen by `Checkpoint` on this connection run on;
+    /// replied with `Ok`.
+    ResumeOriginal { pid: u32 },
+    /// Kills a process frozen by `Checkpoint` on this connection; replied
+    /// with `Ok` once it is gone.
+    KillOriginal { pid: u32 },
+    /// Builds a stopped process from an encoded
+    /// [`crate::image::ProcessImage`]; replied with `RestorePrepared`, whose
+    /// frames must receive the saved pages before `FinishRestore` on the
+    /// SAME connection. If the connection closes first, the agent kills the
+    /// half-restored process.
+    PrepareRestore { image: Vec<u8> },
+    /// Restores the rest of the prepared process and lets it run; replied
+    /// with `Restored`.
+    FinishRestore,
 }
 
 impl Request {
     /// How many variants [`Request`] has: a decoded variant index at or past
     /// this is a request from a newer protocol version.
-    pub const VARIANTS: u32 = 8;
+    pub const VARIANTS: u32 = 13;
 }
 
 /// Starts a process in the guest.
@@ -98,6 +121,24 @@ pub enum Response {
     Exited(ExitStatus),
     ProcessList(Vec<ProcessInfo>),
     Load(LoadInfo),
+    /// The reply to `Checkpoint`: the encoded image
+    /// ([`crate::image::ProcessImage::to_bytes`]) and every present page with
+    /// its guest frame; the [`crate::image::PageKind::Data`] ones, in order,
+    /// are the pages of the image's `pages` runs.
+    Checkpointed {
+        image: Vec<u8>,
+        pages: Vec<PageRef>,
+    },
+    /// The reply to `PrepareRestore`: the new process and, in the order of
+    /// the image's `pages` runs, the frame each saved page must be written to.
+    RestorePrepared {
+        pid: u32,
+        pages: Vec<PageRef>,
+    },
+    /// The reply to `FinishRestore`: the restored process runs.
+    Restored {
+        pid: u32,
+    },
 }
 
 impl Response {
@@ -113,6 +154,9 @@ impl Response {
             Response::Exited(_) => "Exited",
             Response::ProcessList(_) => "ProcessList",
             Response::Load(_) => "Load",
+            Response::Checkpointed { .. } => "Checkpointed",
+            Response::RestorePrepared { .. } => "RestorePrepared",
+            Response::Restored { .. } => "Restored",
         }
     }
 }
@@ -136,6 +180,8 @@ pub enum ErrorKind {
     SpawnFailed,
     /// Any other failure of the operation (the message says what).
     Failed,
+    /// The process cannot be checkpointed (the message lists why).
+    Refused,
 }
 
 impl fmt::Display for ErrorKind {
@@ -149,6 +195,7 @@ impl fmt::Display for ErrorKind {
             ErrorKind::NoSuchProcess => "no such process",
             ErrorKind::SpawnFailed => "spawn failed",
             ErrorKind::Failed => "failed",
+            ErrorKind::Refused => "refused",
         };
         f.write_str(s)
     }

@@ -18,7 +18,6 @@ use std::os::unix::fs::MetadataExt;
 
 use libc::user_regs_struct;
 use nix::sys::signal::{kill, Signal};
-use nix::sys::wait::{waitpid, WaitPidFlag};
 use nix::unistd::Pid;
 use pmivmm_proto::image::{
     FdKind, FileDescriptor, MmLayout, PageKind, PageRef, ProcessImage, Rlimit, SigAction,
@@ -124,7 +123,7 @@ pub fn kill_original(pid: i32) -> Result<(), CheckpointError> {
         pid: pid.as_raw(),
         errno,
     })?;
-    waitpid(pid, Some(WaitPidFlag::__WALL)).map_err(|errno| PtraceError::Call {
+    super::tracee::wait_for_end(pid).map_err(|errno| PtraceError::Call {
         op: "wait",
         pid: pid.as_raw(),
         errno,
@@ -360,7 +359,9 @@ fn harmless_device(path: &str) -> bool {
 }
 
 /// The open descriptors of a process, noting what cannot be reopened.
-/// Descriptors 0-2 are stdio, whatever they are.
+/// Descriptors 0-2 that are regular files are reopened like the others
+/// (path, flags, offset: output redirected to a file continues in it);
+/// anything else on 0-2 is stdio, which the restorer's caller provides.
 fn fds(
     pid: i32,
     obstacles: &mut Vec<MigrationObstacle>,
@@ -370,14 +371,26 @@ fn fds(
     let mut special = Vec::new();
     let mut out = Vec::new();
     for fd in procfs::fd_numbers(pid)? {
+        let link_path = std::path::PathBuf::from(format!("/proc/{pid}/fd/{fd}"));
         if fd <= 2 {
-            out.push(FileDescriptor {
-                fd,
-                kind: FdKind::Stdio,
-            });
+            let target = procfs::read_link(&link_path)?;
+            let regular = target.starts_with('/')
+                && !target.ends_with(" (deleted)")
+                && std::fs::metadata(&link_path)
+                    .is_ok_and(|m| m.mode() & libc::S_IFMT == libc::S_IFREG);
+            let kind = if regular {
+                let (offset, flags) = procfs::fdinfo(pid, fd)?;
+                FdKind::Path {
+                    path: target,
+                    flags,
+                    offset,
+                }
+            } else {
+                FdKind::Stdio
+            };
+            out.push(FileDescriptor { fd, kind });
             continue;
         }
-        let link_path = std::path::PathBuf::from(format!("/proc/{pid}/fd/{fd}"));
         let target = procfs::read_link(&link_path)?;
         if target.starts_with("socket:") {
             sockets += 1;

@@ -303,11 +303,17 @@ struct ChildPlan {
 fn fork_child(plan: ChildPlan) -> Result<RestoredChild, RestoreError> {
     // SAFETY: the child runs only `child_main`, which makes async-signal-safe
     // calls on data prepared before the fork, and never returns.
-    let pid = match unsafe { libc::fork() } {
-        -1 => return Err(RestoreError::Fork(Errno::last())),
+    let fork = || match unsafe { libc::fork() } {
+        -1 => Err(RestoreError::Fork(Errno::last())),
         0 => child_main(&plan),
-        pid => Pid::from_raw(pid),
+        pid => Ok(pid),
     };
+    // With the agent's reaper running, the child is registered as traced
+    // before the reaper can see its first stop (see crate::reaper).
+    let pid = Pid::from_raw(match crate::reaper::running() {
+        Some(reaper) => reaper.spawn_traced(fork)?,
+        None => fork()?,
+    });
     let tracee = Tracee { pid };
     let injector_template = |regs| Injector::new(tracee, regs, plan.scratch);
     let mut child = RestoredChild {

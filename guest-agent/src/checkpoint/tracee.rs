@@ -12,6 +12,7 @@ use nix::sys::ptrace::{self, Event, Options};
 use nix::sys::signal::Signal;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
+use crate::reaper;
 use pmivmm_proto::image::{
     FpuKind, FpuState, InterruptedSyscall, Regs, Rseq, SigInfo, SyscallRestart, FXSAVE_AREA_LEN,
     SIGINFO_LEN,
@@ -71,17 +72,36 @@ impl Tracee {
     /// `PTRACE_INTERRUPT`. A signal being delivered meanwhile is passed on.
     pub fn seize_and_interrupt(pid: Pid) -> Result<Tracee, PtraceError> {
         let tracee = Tracee { pid };
-        ptrace::seize(pid, Options::PTRACE_O_TRACESYSGOOD).map_err(tracee.err("SEIZE"))?;
+        // Registered before the first ptrace call: see crate::reaper.
+        if let Some(reaper) = reaper::running() {
+            reaper.trace(pid.as_raw());
+        }
+        if let Err(e) = ptrace::seize(pid, Options::PTRACE_O_TRACESYSGOOD) {
+            untrace(pid);
+            return Err(tracee.err("SEIZE")(e));
+        }
         if let Err(e) = ptrace::interrupt(pid).map_err(tracee.err("INTERRUPT")) {
             let _ = ptrace::detach(pid, None);
+            untrace(pid);
             return Err(e);
         }
+        let stopped = tracee.wait_interrupt_stop();
+        if stopped.is_err() {
+            // Gone, or in a state we cannot handle: let it be.
+            let _ = ptrace::detach(pid, None);
+            untrace(pid);
+        }
+        stopped.map(|()| tracee)
+    }
+
+    fn wait_interrupt_stop(&self) -> Result<(), PtraceError> {
+        let (tracee, pid) = (self, self.pid);
         loop {
             match tracee.wait()? {
                 WaitStatus::PtraceEvent(_, _, event)
                     if event == Event::PTRACE_EVENT_STOP as i32 =>
                 {
-                    return Ok(tracee)
+                    return Ok(())
                 }
                 // A signal-delivery stop: deliver it; the interrupt stays pending.
                 WaitStatus::Stopped(_, sig) => {
@@ -101,8 +121,7 @@ impl Tracee {
     /// Waits for the next stop; exits are errors.
     pub fn wait(&self) -> Result<WaitStatus, PtraceError> {
         loop {
-            match waitpid(self.pid, Some(WaitPidFlag::__WALL)) {
-                Err(Errno::EINTR) => continue,
+            match wait_status(self.pid) {
                 Err(errno) => return Err(self.err("wait")(errno)),
                 Ok(status @ (WaitStatus::Exited(..) | WaitStatus::Signaled(..))) => {
                     return Err(PtraceError::Gone {
@@ -140,8 +159,12 @@ impl Tracee {
         ptrace::setoptions(self.pid, options).map_err(self.err("SETOPTIONS"))
     }
 
+    /// Detaches (the process runs on) and ends its registration with the
+    /// reaper.
     pub fn detach(&self) -> Result<(), PtraceError> {
-        ptrace::detach(self.pid, None).map_err(self.err("DETACH"))
+        let r = ptrace::detach(self.pid, None).map_err(self.err("DETACH"));
+        untrace(self.pid);
+        r
     }
 
     /// One raw ptrace request that nix does not wrap.
@@ -329,7 +352,44 @@ impl Tracee {
 
     pub fn kill(&self) {
         let _ = nix::sys::signal::kill(self.pid, Signal::SIGKILL);
-        let _ = waitpid(self.pid, Some(WaitPidFlag::__WALL));
+        let _ = wait_for_end(self.pid);
+    }
+}
+
+/// The next wait status of tracee `pid`: from the agent's reaper when it
+/// runs and `pid` is registered with it (the reaper's `waitpid(-1)` would
+/// otherwise take the status first, see crate::reaper), else from
+/// `waitpid(pid, __WALL)`.
+pub fn wait_status(pid: Pid) -> Result<WaitStatus, Errno> {
+    if let Some(raw) = reaper::running().and_then(|r| r.wait_traced(pid.as_raw())) {
+        return WaitStatus::from_raw(pid, raw);
+    }
+    loop {
+        match waitpid(pid, Some(WaitPidFlag::__WALL)) {
+            Err(Errno::EINTR) => continue,
+            other => return other,
+        }
+    }
+}
+
+/// Waits until tracee `pid` (already sent SIGKILL) has ended, then ends its
+/// registration with the reaper.
+pub fn wait_for_end(pid: Pid) -> Result<(), Errno> {
+    let r = loop {
+        match wait_status(pid) {
+            Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..)) => break Ok(()),
+            Ok(_) => continue,
+            Err(e) => break Err(e),
+        }
+    };
+    untrace(pid);
+    r
+}
+
+/// Ends the registration of `pid` with the reaper, if one runs.
+pub fn untrace(pid: Pid) {
+    if let Some(reaper) = reaper::running() {
+        reaper.untrace(pid.as_raw());
     }
 }
 

@@ -1,0 +1,219 @@
+//! The checkpoint/restore requests of one connection.
+//!
+//! ptrace is per thread on the tracer side, so every step of one checkpoint
+//! (`Checkpoint`, then `ResumeOriginal` or `KillOriginal`) or restore
+//! (`PrepareRestore`, then `FinishRestore`) must come from the thread that
+//! attached: the connection's own thread, which calls into this state. When
+//! the connection ends, [`Drop`] resumes every process still frozen by a
+//! checkpoint and kills a half-restored child, so a lost host never leaves a
+//! frozen or half-built process behind.
+//!
+//! Stdio of a restored process: descriptors 0-2 that were regular files in
+//! the image are reopened by the engine like other files (a workload's
+//! redirected output continues in its file); any other stdio (pipes,
+//! terminals) becomes /dev/null here. Forwarding it through the home node's
+//! deputy belongs to migration.
+
+use std::fs::File;
+use std::os::fd::AsFd;
+
+use pmivmm_proto::frame::MAX_FRAME_LEN;
+use pmivmm_proto::image::{PageRef, ProcessImage};
+use pmivmm_proto::{ErrorKind, Response};
+
+use crate::checkpoint::{
+    capture, finish_restore, kill_original, prepare_restore, resume_original, CheckpointError,
+    RestoredChild,
+};
+
+/// Upper bound of the encoded size of one [`PageRef`] (two varint u64s of
+/// at most 10 bytes and the kind).
+const MAX_PAGE_REF_LEN: usize = 21;
+/// Room for the reply's variant tag and length prefixes.
+const REPLY_OVERHEAD: usize = 64;
+
+/// What one connection has frozen or half-built.
+#[derive(Default)]
+pub struct Migrations {
+    /// PIDs captured on this connection and still frozen.
+    frozen: Vec<i32>,
+    /// A child prepared on this connection, waiting for `FinishRestore`.
+    restoring: Option<(RestoredChild, ProcessImage)>,
+}
+
+fn error(kind: ErrorKind, message: impl Into<String>) -> Response {
+    Response::Error {
+        kind,
+        message: message.into(),
+    }
+}
+
+/// Whether a reply with this image and page list fits in one frame.
+fn fits_in_frame(image_len: usize, pages: &[PageRef]) -> bool {
+    pages
+        .len()
+        .checked_mul(MAX_PAGE_REF_LEN)
+        .and_then(|n| n.checked_add(image_len))
+        .and_then(|n| n.checked_add(REPLY_OVERHEAD))
+        .is_some_and(|n| n <= MAX_FRAME_LEN as usize)
+}
+
+fn checkpoint_error(e: CheckpointError) -> Response {
+    let kind = match &e {
+        CheckpointError::Refused { .. } => ErrorKind::Refused,
+        _ => ErrorKind::Failed,
+    };
+    error(kind, e.to_string())
+}
+
+impl Migrations {
+    /// `Checkpoint { pid }`.
+    pub fn checkpoint(&mut self, pid: u32) -> Response {
+        let Ok(pid) = i32::try_from(pid) else {
+            return error(ErrorKind::BadRequest, format!("invalid PID {pid}"));
+        };
+        if pid <= 0 {
+            return error(ErrorKind::BadRequest, format!("invalid PID {pid}"));
+        }
+        if self.frozen.contains(&pid) {
+            return error(
+                ErrorKind::Busy,
+                format!("PID {pid} is already frozen by a checkpoint on this connection"),
+            );
+        }
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            return error(ErrorKind::NoSuchProcess, format!("no process with PID {pid}"));
+        }
+        let (image, pages) = match capture(pid) {
+            Ok(captured) => captured,
+            Err(e) => return checkpoint_error(e),
+        };
+        let image = image.to_bytes();
+        if !fits_in_frame(image.len(), &pages) {
+            let _ = resume_original(pid);
+            return error(
+                ErrorKind::Failed,
+                format!(
+                    "PID {pid} is too large to checkpoint in one message: image of {} bytes and {} \
+                     pages exceed the frame limit of {MAX_FRAME_LEN} bytes; it was resumed",
+                    image.len(),
+                    pages.len()
+                ),
+            );
+        }
+        self.frozen.push(pid);
+        Response::Checkpointed { image, pages }
+    }
+
+    /// `ResumeOriginal { pid }` and `KillOriginal { pid }`.
+    pub fn end_freeze(&mut self, pid: u32, kill: bool) -> Response {
+        let Some(i) = self.frozen.iter().position(|&p| p as u32 == pid) else {
+            return error(
+                ErrorKind::BadRequest,
+                format!("PID {pid} was not frozen by a checkpoint on this connection"),
+            );
+        };
+        let pid = self.frozen.swap_remove(i);
+        let r = if kill {
+            kill_original(pid)
+        } else {
+            resume_original(pid)
+        };
+        match r {
+            Ok(()) => Response::Ok,
+            Err(e) => error(ErrorKind::Failed, e.to_string()),
+        }
+    }
+
+    /// `PrepareRestore { image }`.
+    pub fn prepare(&mut self, image: &[u8]) -> Response {
+        if self.restoring.is_some() {
+            return error(
+                ErrorKind::Busy,
+                "a restore is already prepared on this connection (send FinishRestore)",
+            );
+        }
+        let image = match ProcessImage::from_bytes(image) {
+            Ok(image) => image,
+            Err(e) => return error(ErrorKind::BadRequest, format!("invalid image: {e}")),
+        };
+        let null = match File::options().read(true).write(true).open("/dev/null") {
+            Ok(f) => f,
+            Err(e) => return error(ErrorKind::Failed, format!("cannot open /dev/null: {e}")),
+        };
+        let fd = null.as_fd();
+        match prepare_restore(&image, [fd, fd, fd]) {
+            Ok((child, pages)) => {
+                let pid = child.pid() as u32;
+                if !fits_in_frame(0, &pages) {
+                    // Dropping the child kills it.
+                    return error(
+                        ErrorKind::Failed,
+                        format!("{} pages do not fit in one reply", pages.len()),
+                    );
+                }
+                self.restoring = Some((child, image));
+                Response::RestorePrepared { pid, pages }
+            }
+            Err(e) => error(ErrorKind::Failed, format!("cannot prepare the restore: {e}")),
+        }
+    }
+
+    /// `FinishRestore`.
+    pub fn finish(&mut self) -> Response {
+        let Some((child, image)) = self.restoring.take() else {
+            return error(
+                ErrorKind::BadRequest,
+                "no restore is prepared on this connection (send PrepareRestore first)",
+            );
+        };
+        match finish_restore(child, &image) {
+            Ok(pid) => Response::Restored { pid: pid as u32 },
+            Err(e) => error(ErrorKind::Failed, format!("cannot finish the restore: {e}")),
+        }
+    }
+}
+
+impl Drop for Migrations {
+    fn drop(&mut self) {
+        for pid in self.frozen.drain(..) {
+            if let Err(e) = resume_original(pid) {
+                eprintln!("pmivmm-agent: cannot resume PID {pid} after its client left: {e}");
+            } else {
+                eprintln!("pmivmm-agent: client left during a checkpoint; PID {pid} resumed");
+            }
+        }
+        if let Some((child, _)) = self.restoring.take() {
+            eprintln!(
+                "pmivmm-agent: client left during a restore; killing half-restored PID {}",
+                child.pid()
+            );
+            drop(child);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pmivmm_proto::image::PageKind;
+
+    #[test]
+    fn frame_limit_check() {
+        let page = PageRef {
+            vaddr: u64::MAX,
+            pfn: u64::MAX,
+            kind: PageKind::Data,
+        };
+        // The bound holds for the worst-case encoding.
+        let resp = Response::Checkpointed {
+            image: vec![0; 100],
+            pages: vec![page; 10],
+        };
+        let len = pmivmm_proto::frame::encode_frame(&resp).unwrap().len();
+        assert!(len <= 100 + 10 * MAX_PAGE_REF_LEN + REPLY_OVERHEAD);
+        assert!(fits_in_frame(1000, &vec![page; 1000]));
+        let too_many = MAX_FRAME_LEN as usize / MAX_PAGE_REF_LEN + 1;
+        assert!(!fits_in_frame(0, &vec![page; too_many]));
+    }
+}
