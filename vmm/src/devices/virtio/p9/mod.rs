@@ -102,11 +102,11 @@ impl Drop for P9Thread {
 }
 
 /// The host directory as the guest's /init gets it on the kernel command
-/// line (`PMIVMM_SHARE=<dir>`, which the kernel puts in init's environment).
+/// line (`PMIVMM_SHARE=<dir>`, which the kernel puts in init's environment):
+/// the absolute path as given, symlinks not resolved, so that the same path
+/// names the share on both sides.
 pub fn guest_path(config: &ShareConfig) -> Result<String, Error> {
-    let dir = config
-        .host_dir
-        .canonicalize()
+    let dir = std::path::absolute(&config.host_dir)
         .map_err(|source| Error::Dir { path: config.host_dir.clone(), source })?;
     let s = dir.to_str().ok_or_else(|| Error::BadPath(dir.clone()))?;
     if s.chars().any(|c| c.is_whitespace() || c.is_control() || c == '"' || c == '\'' || c == '\\') {

@@ -18,6 +18,9 @@
 //!   the Linux client never sends such names (its VFS resolves `..` itself).
 //! - a walk has at most 16 components (P9_MAXWELEM) and the number of fids is
 //!   bounded ([`MAX_FIDS`]); each fid holds at most two host fds.
+//! - every Tlopen gets O_NONBLOCK (no effect on regular files and
+//!   directories): a FIFO the host left in the share cannot block the
+//!   device thread, which serves one request at a time.
 //! - set-user/group-id bits are dropped from created files and modes set by
 //!   the guest, and ownership changes are ignored: every file the guest
 //!   creates belongs to the user running the VMM (root when the VMM runs as
@@ -39,6 +42,7 @@ pub const HEADER_LEN: usize = 7;
 
 // Message types (include/net/9p/9p.h).
 pub const RLERROR: u8 = 7;
+pub const TLOPEN: u8 = 12;
 pub const TLCREATE: u8 = 14;
 pub const TSYMLINK: u8 = 16;
 pub const TMKNOD: u8 = 18;
@@ -60,7 +64,9 @@ pub const RCLUNK: u8 = 121;
 const P9_SETATTR_MODE: u32 = 0x1;
 const P9_SETATTR_UID: u32 = 0x2;
 const P9_SETATTR_GID: u32 = 0x4;
-const SETID_BITS: u32 = (libc::S_ISUID | libc::S_ISGID) as u32;
+const SETID_BITS: u32 = libc::S_ISUID | libc::S_ISGID;
+/// Tlopen's O_NONBLOCK (include/net/9p/9p.h).
+const P9_NONBLOCK: u32 = 0o4000;
 
 /// Why the guard refused a request: the errno the guest gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,6 +159,11 @@ fn check(ty: u8, body: &mut [u8]) -> Result<FidEffect, Refused> {
             }
             return Ok(FidEffect::Walk { fid, newfid, names: n });
         }
+        TLOPEN => {
+            f.u32()?; // fid
+            let (at, flags) = f.u32_at()?;
+            f.put_u32(at, flags | P9_NONBLOCK);
+        }
         TLCREATE => {
             f.u32()?; // fid
             f.name()?;
@@ -164,7 +175,7 @@ fn check(ty: u8, body: &mut [u8]) -> Result<FidEffect, Refused> {
             f.u32()?; // dfid
             f.name()?;
             let (at, mode) = f.u32_at()?;
-            f.put_u32(at, mode & !(libc::S_ISUID as u32));
+            f.put_u32(at, mode & !libc::S_ISUID);
         }
         TSETATTR => {
             f.u32()?; // fid

@@ -149,7 +149,13 @@ impl Fs {
 
     fn lopen(&mut self, fid: u32, flags: u32) -> Result<(), i32> {
         let r = self.call(body().u32(fid).u32(flags).frame(TLOPEN));
-        r.errno().map_or_else(|| Ok(assert_eq!(r.ty, RLOPEN)), Err)
+        match r.errno() {
+            Some(e) => Err(e),
+            None => {
+                assert_eq!(r.ty, RLOPEN);
+                Ok(())
+            }
+        }
     }
 
     fn read(&mut self, fid: u32) -> Result<Vec<u8>, i32> {
@@ -373,6 +379,19 @@ fn malformed_requests_get_errors() {
 }
 
 #[test]
+fn a_host_fifo_does_not_block_the_device() {
+    let mut fs = Fs::new("fifo", MAX_FIDS);
+    let fifo = std::ffi::CString::new(fs.dir.join("fifo").into_os_string().into_encoded_bytes()).unwrap();
+    // SAFETY: a valid C string.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+    assert_eq!(fs.walk_root(2, &["fifo"]), Ok(vec![0]));
+    // Without O_NONBLOCK this open would wait for a writer forever.
+    fs.lopen(2, O_RDONLY).unwrap();
+    // The server reads with pread, which a FIFO refuses: an error, not a hang.
+    assert_eq!(fs.read(2), Err(libc::ESPIPE));
+}
+
+#[test]
 fn component_names() {
     for ok in [&b"a"[..], b"...", b".hidden", b"x..y"] {
         assert!(is_component(ok), "{ok:?}");
@@ -412,7 +431,11 @@ fn config_space_is_the_mount_tag() {
     std::fs::create_dir(&spaced).unwrap();
     assert!(matches!(create(&share_config(&spaced)), Err(Error::BadPath(_))));
     let args = cmdline_args(&share_config(&fs.dir)).unwrap();
-    assert_eq!(args, format!("PMIVMM_SHARE={} PMIVMM_SHARE_TAG=pmivmm", fs.dir.canonicalize().unwrap().display()));
+    assert_eq!(args, format!("PMIVMM_SHARE={} PMIVMM_SHARE_TAG=pmivmm", fs.dir.display()));
+    // Relative paths become absolute; symlinks are kept (the guest mounts at the path given).
+    let link = fs.dir.parent().unwrap().join("link");
+    symlink(&fs.dir, &link).unwrap();
+    assert_eq!(guest_path(&share_config(&link)).unwrap(), link.to_str().unwrap());
 }
 
 const MEM_SIZE: u64 = 0x100_0000;
