@@ -7,6 +7,7 @@
 
 pub mod arch;
 pub mod bench;
+pub mod checkpoint;
 pub mod cmdline;
 pub mod commands;
 pub mod config;

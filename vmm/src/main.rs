@@ -76,6 +76,27 @@ enum Command {
     },
     /// List the nodes running on this host.
     Nodes,
+    /// Checkpoint a process of a node into a host directory (the VMM reads
+    /// its pages straight from guest RAM); the original is killed afterwards.
+    Checkpoint {
+        #[command(flatten)]
+        node: NodeRef,
+        /// PID of the process in the node.
+        pid: u32,
+        /// Directory to write (created; must not hold a checkpoint yet).
+        #[arg(short = 'o', long = "output", value_name = "DIR")]
+        dir: PathBuf,
+        /// Leave the original running instead of killing it.
+        #[arg(long)]
+        leave_running: bool,
+    },
+    /// Restore a checkpoint directory as a new process of a node.
+    Restore {
+        #[command(flatten)]
+        node: NodeRef,
+        /// Directory written by `pmivmm checkpoint`.
+        dir: PathBuf,
+    },
     /// Benchmarks that print tables.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -233,6 +254,16 @@ fn main() -> ExitCode {
             commands::stop(&node.name, Duration::from_secs(timeout)).map(|()| 0)
         }
         Command::Nodes => commands::nodes().map(|()| 0),
+        Command::Checkpoint { node, pid, dir, leave_running } => {
+            commands::checkpoint::checkpoint(&node.name, pid, &dir, leave_running).map(|r| {
+                println!("{}", commands::checkpoint::describe_checkpoint(&r, &dir));
+                0
+            })
+        }
+        Command::Restore { node, dir } => commands::checkpoint::restore(&node.name, &dir).map(|r| {
+            println!("{}", commands::checkpoint::describe_restore(&r));
+            0
+        }),
         Command::Bench(BenchCommand::Boot { runs, mem, node_args }) => {
             pmivmm::bench::boot::run(&pmivmm::bench::boot::BootBench { runs, mem, node_args }).map(|()| 0)
         }

@@ -71,6 +71,7 @@ pub fn run(config: &VmConfig) -> anyhow::Result<VmExit> {
             config.vsock.as_ref().map(|v| v.socket_path.clone()),
             events.clone(),
             stop.clone(),
+            vm.memory.clone(),
         ),
     )
     .context("cannot start the control server")?;

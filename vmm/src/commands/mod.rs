@@ -2,6 +2,7 @@
 //! hybrid vsock to its guest agent (exec, ps, load, kill) or through its
 //! control socket to the VMM (stop, nodes).
 
+pub mod checkpoint;
 mod exec;
 pub mod tables;
 

@@ -1,7 +1,7 @@
 //! Serves the control socket of a running node.
 
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -9,8 +9,10 @@ use std::time::{Duration, Instant};
 
 use pmivmm_proto::frame::{read_frame, write_frame};
 use pmivmm_proto::AgentClient;
+use vm_memory::GuestMemoryMmap;
 
 use super::{ControlRequest, ControlResponse, NodeState, NodeStatus, CONTROL_VERSION};
+use crate::checkpoint;
 use crate::devices::serial::ConsoleEvents;
 use crate::vcpu::{StopCause, StopRequest};
 
@@ -29,6 +31,9 @@ pub struct NodeHandle {
     pub vsock: Option<PathBuf>,
     pub console: Arc<ConsoleEvents>,
     pub stop: Arc<StopRequest>,
+    /// Guest RAM (a cheap clone of the VM's mapping), for checkpoint and
+    /// restore to copy pages by frame number.
+    pub memory: GuestMemoryMmap,
     stopping: AtomicBool,
 }
 
@@ -41,6 +46,7 @@ impl NodeHandle {
         vsock: Option<PathBuf>,
         console: Arc<ConsoleEvents>,
         stop: Arc<StopRequest>,
+        memory: GuestMemoryMmap,
     ) -> Arc<Self> {
         Arc::new(NodeHandle {
             name,
@@ -50,6 +56,7 @@ impl NodeHandle {
             vsock,
             console,
             stop,
+            memory,
             stopping: AtomicBool::new(false),
         })
     }
@@ -146,7 +153,10 @@ fn serve(mut stream: UnixStream, node: &Arc<NodeHandle>) {
 
 fn handle(req: ControlRequest, node: &Arc<NodeHandle>) -> ControlResponse {
     let version = match req {
-        ControlRequest::Status { version } | ControlRequest::Stop { version, .. } => version,
+        ControlRequest::Status { version }
+        | ControlRequest::Stop { version, .. }
+        | ControlRequest::Checkpoint { version, .. }
+        | ControlRequest::Restore { version, .. } => version,
     };
     if version != CONTROL_VERSION {
         return ControlResponse::Error(format!(
@@ -160,5 +170,21 @@ fn handle(req: ControlRequest, node: &Arc<NodeHandle>) -> ControlResponse {
             node.begin_stop(Duration::from_millis(grace_ms).min(MAX_GRACE));
             ControlResponse::Stopping
         }
+        ControlRequest::Checkpoint { pid, dir, leave_running, .. } => {
+            match checkpoint::checkpoint(&node.memory, node.vsock.as_deref(), pid, Path::new(&dir), leave_running) {
+                Ok(report) => {
+                    tracing::info!(node = %node.name, "checkpointed PID {pid} into {dir}: {report:?}");
+                    ControlResponse::Checkpointed(report)
+                }
+                Err(e) => ControlResponse::Error(format!("checkpoint of PID {pid} failed: {e}")),
+            }
+        }
+        ControlRequest::Restore { dir, .. } => match checkpoint::restore(&node.memory, node.vsock.as_deref(), Path::new(&dir)) {
+            Ok(report) => {
+                tracing::info!(node = %node.name, "restored {dir} as PID {}: {report:?}", report.pid);
+                ControlResponse::Restored(report)
+            }
+            Err(e) => ControlResponse::Error(format!("restore of {dir} failed: {e}")),
+        },
     }
 }
