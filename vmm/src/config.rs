@@ -33,6 +33,13 @@ impl HostCompat {
     }
 }
 
+/// Guest profiling (see `crate::profile`).
+#[derive(Debug, Clone)]
+pub struct ProfileConfig {
+    pub system_map: PathBuf,
+    pub interval: Duration,
+}
+
 /// Everything needed to boot one node VM.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
@@ -50,6 +57,9 @@ pub struct VmConfig {
     pub host_compat: HostCompat,
     /// Stop the VM after this long (exit code 124).
     pub timeout: Option<Duration>,
+    /// Sample the guest RIP at this interval and print a profile resolved
+    /// with this System.map when the node stops.
+    pub profile: Option<ProfileConfig>,
     /// The virtio-vsock channel to the guest agent; None: no vsock device.
     pub vsock: Option<VsockConfig>,
     /// A host directory shared into the guest over virtio-9p; None: no share.
@@ -109,6 +119,11 @@ pub fn cache_dir() -> PathBuf {
 /// The kernel `kernel-config/build.sh` built last.
 pub fn default_kernel() -> PathBuf {
     cache_dir().join("kernel/current/vmlinux")
+}
+
+/// The System.map of that kernel.
+pub fn default_system_map() -> PathBuf {
+    cache_dir().join("kernel/current/System.map")
 }
 
 /// The initramfs `images/build.sh` built last.

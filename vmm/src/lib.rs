@@ -14,6 +14,7 @@ pub mod config;
 pub mod control;
 pub mod devices;
 pub mod node;
+pub mod profile;
 pub mod rundir;
 pub mod vcpu;
 pub mod vm;

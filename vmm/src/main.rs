@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use pmivmm::commands;
-use pmivmm::config::{self, ConsoleConfig, HostCompat, ShareConfig, VmConfig, VsockConfig};
+use pmivmm::config::{self, ConsoleConfig, HostCompat, ProfileConfig, ShareConfig, VmConfig, VsockConfig};
 
 #[derive(Parser)]
 #[command(
@@ -170,6 +170,14 @@ struct NodeArgs {
     /// Stop the node after this many seconds (exit code 124).
     #[arg(long)]
     timeout: Option<f64>,
+    /// Sample the guest instruction pointer every N milliseconds and print
+    /// where the guest spent its time (by kernel function) when the node stops.
+    #[arg(long, value_name = "MS", num_args = 0..=1, default_missing_value = "10")]
+    profile: Option<u64>,
+    /// System.map used to name kernel functions in the profile
+    /// [default: the one next to the cached kernel]
+    #[arg(long)]
+    system_map: Option<PathBuf>,
     /// Share a host directory with the node (virtio-9p): the guest mounts it at
     /// the same path, read-write; files it creates belong to the user running
     /// pmivmm, and it cannot reach anything outside DIR. [default: no share]
@@ -221,6 +229,14 @@ impl NodeArgs {
                 CompatArg::Off => HostCompat::Off,
             },
             timeout: self.timeout.map(Duration::from_secs_f64),
+            profile: match self.profile {
+                Some(0) => return Err("--profile needs an interval of at least 1 ms".into()),
+                Some(ms) => Some(ProfileConfig {
+                    system_map: self.system_map.unwrap_or_else(config::default_system_map),
+                    interval: Duration::from_millis(ms),
+                }),
+                None => None,
+            },
             vsock: Some(VsockConfig::new(paths.vsock())),
             share: self.share.map(ShareConfig::new),
         })

@@ -15,6 +15,7 @@ use vmm_sys_util::terminal::Terminal;
 
 use crate::config::{ConsoleConfig, VmConfig};
 use crate::control::{self, server::NodeHandle};
+use crate::profile::{self, Samples, SymbolTable};
 use crate::rundir::NodePaths;
 use crate::devices::lock;
 use crate::devices::serial::{ConsoleEvents, ConsoleSink, SerialDevice};
@@ -75,13 +76,25 @@ pub fn run(config: &VmConfig) -> anyhow::Result<VmExit> {
         ),
     )
     .context("cannot start the control server")?;
+    let symbols = match &config.profile {
+        Some(p) => {
+            vcpu.enable_profiling();
+            Some(SymbolTable::from_system_map(
+                &std::fs::read_to_string(&p.system_map)
+                    .with_context(|| format!("cannot read the System.map {}", p.system_map.display()))?,
+            ))
+        }
+        None => None,
+    };
     let vcpu_thread = thread::Builder::new()
         .name("vcpu0".into())
         .spawn(move || {
             let r = vcpu.run();
-            let _ = done_tx.send((r, vcpu.stats));
+            let _ = done_tx.send((r, vcpu.stats, vcpu.take_samples()));
         })
         .context("cannot start the vCPU thread")?;
+    let profile_interval = config.profile.as_ref().map(|p| p.interval);
+    let mut next_sample = Instant::now();
 
     let _raw_terminal = match config.console {
         ConsoleConfig::Stdio if io::stdin().is_terminal() => {
@@ -91,8 +104,12 @@ pub fn run(config: &VmConfig) -> anyhow::Result<VmExit> {
     };
 
     let mut agent_reported = false;
-    let (result, stats) = loop {
-        match done_rx.recv_timeout(TICK) {
+    let (result, stats, samples) = loop {
+        let wait = match profile_interval {
+            Some(_) => next_sample.saturating_duration_since(Instant::now()),
+            None => TICK,
+        };
+        match done_rx.recv_timeout(wait) {
             Ok(r) => break r,
             Err(mpsc::RecvTimeoutError::Disconnected) => anyhow::bail!("the vCPU thread died"),
             Err(mpsc::RecvTimeoutError::Timeout) => {}
@@ -106,12 +123,25 @@ pub fn run(config: &VmConfig) -> anyhow::Result<VmExit> {
         if config.timeout.is_some_and(|t| started.elapsed() >= t) {
             stop.request(StopCause::Timeout);
         }
-        if stop.is_requested() {
+        let sample_due = profile_interval.is_some_and(|_| Instant::now() >= next_sample);
+        if let Some(i) = profile_interval.filter(|_| sample_due) {
+            next_sample += i;
+        }
+        if stop.is_requested() || sample_due {
             // A failed kick only means the thread is already gone.
             let _ = vcpu_thread.kill(vcpu::kick_signal());
         }
     };
     let _ = vcpu_thread.join();
+    if let (Some(samples), Some(symbols), Some(interval)) = (samples, symbols, profile_interval) {
+        // Boot and what came after are different questions: split at ready.
+        let ready = events.milestones().agent_ready.unwrap_or(Duration::MAX);
+        let (boot, after): (Vec<_>, Vec<_>) = samples.0.into_iter().partition(|(t, _)| *t <= ready);
+        eprintln!("--- until the agent was ready");
+        eprint!("{}", profile::report(&Samples(boot), &symbols, 40, interval));
+        eprintln!("--- after the agent was ready");
+        eprint!("{}", profile::report(&Samples(after), &symbols, 20, interval));
+    }
     let exit = result?;
     tracing::info!(
         node = %config.name,

@@ -5,12 +5,14 @@
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use kvm_bindings::{kvm_run, KVM_INTERNAL_ERROR_EMULATION, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::register_signal_handler;
 
 use crate::devices::{IoEffect, MmioBus, PortIoBus};
+use crate::profile::Samples;
 
 /// Why a VM stopped running.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,6 +146,8 @@ pub struct ExitStats {
 /// A vCPU with its devices.
 pub struct Vcpu {
     fd: VcpuFd,
+    /// Guest RIP samples, when profiling (taken at every kick that is not a stop).
+    profile: Option<(Instant, Samples)>,
     pio: Arc<PortIoBus>,
     mmio: Arc<MmioBus>,
     stop: Arc<StopRequest>,
@@ -159,7 +163,7 @@ impl Vcpu {
         stop: Arc<StopRequest>,
         panic_seen: Box<dyn Fn() -> bool + Send>,
     ) -> Self {
-        Vcpu { fd, pio, mmio, stop, panic_seen, stats: ExitStats::default() }
+        Vcpu { fd, profile: None, pio, mmio, stop, panic_seen, stats: ExitStats::default() }
     }
 
     /// Runs the guest until it stops. Call on the thread that should receive
@@ -210,16 +214,34 @@ impl Vcpu {
                     })
                 }
                 Ok(VcpuExit::Hlt) => return Ok(self.shutdown_exit()),
-                Ok(VcpuExit::Intr) => self.fd.set_kvm_immediate_exit(0),
+                Ok(VcpuExit::Intr) => self.kicked()?,
                 Ok(VcpuExit::InternalError) => self.internal_error()?,
                 Ok(VcpuExit::FailEntry(reason, _)) => return Err(Error::FailEntry(reason)),
                 Ok(other) => return Err(Error::Unexpected(format!("{other:?}"))),
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                    self.fd.set_kvm_immediate_exit(0);
-                }
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => self.kicked()?,
                 Err(e) => return Err(Error::Run(e)),
             }
         }
+    }
+
+    /// Back from a kick: re-arm KVM_RUN and take a profile sample.
+    fn kicked(&mut self) -> Result<(), Error> {
+        self.fd.set_kvm_immediate_exit(0);
+        if let Some((start, samples)) = &mut self.profile {
+            let rip = self.fd.get_regs().map_err(Error::Regs)?.rip;
+            samples.0.push((start.elapsed(), rip));
+        }
+        Ok(())
+    }
+
+    /// Starts recording a guest RIP sample at every kick.
+    pub fn enable_profiling(&mut self) {
+        self.profile = Some((Instant::now(), Samples::default()));
+    }
+
+    /// The samples recorded so far.
+    pub fn take_samples(&mut self) -> Option<Samples> {
+        self.profile.take().map(|(_, s)| s)
     }
 
     fn reset_exit(&self) -> VmExit {

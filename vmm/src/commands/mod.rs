@@ -99,6 +99,19 @@ pub fn stop(name: &str, timeout: Duration) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A run directory whose control socket does not answer: a node that is just
+/// starting (its directory is seconds old) or one whose VMM died; the latter
+/// is removed.
+fn stale(base: &std::path::Path, name: &str) -> String {
+    let dir = base.join(name);
+    let age = std::fs::metadata(&dir).and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok());
+    if age.is_some_and(|a| a > Duration::from_secs(30)) && std::fs::remove_dir_all(&dir).is_ok() {
+        "dead (VMM gone; removed its run directory)".into()
+    } else {
+        "starting or dead (control socket does not answer)".into()
+    }
+}
+
 /// `pmivmm nodes`: the nodes running on this host.
 pub fn nodes() -> anyhow::Result<()> {
     let base = rundir::base();
@@ -116,7 +129,7 @@ pub fn nodes() -> anyhow::Result<()> {
                     .unwrap_or_else(|| "-".into()),
                 s.guest_cid.map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
             ],
-            Err(_) => vec![name, "dead (stale run directory)".into()],
+            Err(_) => vec![name.clone(), stale(&base, &name)],
         }
     });
     print!("{}", tables::render(&["NAME", "STATE", "VMM PID", "MEMORY", "UPTIME", "BOOTED IN", "CID"], rows));
