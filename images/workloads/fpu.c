@@ -1,4 +1,4 @@
-/* fpu: long floating-point computations that keep their state in x87, SSE
+/* fpu [ROUNDS]: long floating-point computations that keep their state in x87, SSE
  * and (when the CPU has it and NOAVX is unset) AVX registers across many
  * iterations, under a non-default MXCSR rounding mode and x87 precision. */
 #include "common.h"
@@ -33,8 +33,9 @@ static long double x87_round(long double x)
 	return x;
 }
 
-int main(void)
+int main(int argc, char **argv)
 {
+	int rounds = argc > 1 ? atoi(argv[1]) : ROUNDS;
 	int avx = __builtin_cpu_supports("avx") && !getenv("NOAVX");
 	/* Round toward zero, and x87 at 53-bit precision: a restore that loses
 	 * MXCSR or the x87 control word changes the results. */
@@ -47,7 +48,7 @@ int main(void)
 	uint64_t h = FNV_INIT;
 	__m128d a = _mm_set_pd(1.0, 2.0), b = _mm_set_pd(0.25, 0.125);
 	long double x = 1.0L;
-	for (int r = 0; r < ROUNDS; r++) {
+	for (int r = 0; r < rounds; r++) {
 		a = sse_round(a, b);
 		x = x87_round(x);
 		double v[2], w[4] = { 0 };

@@ -15,6 +15,8 @@ use std::io::{IoSlice, IoSliceMut};
 use libc::user_regs_struct;
 use nix::errno::Errno;
 use nix::sys::uio::{process_vm_readv, process_vm_writev, RemoteIoVec};
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use nix::unistd::Pid;
 
 use super::tracee::{PtraceError, Tracee};
@@ -121,8 +123,17 @@ impl Injector {
             base: addr as usize,
             len: data.len(),
         }];
-        let n = process_vm_writev(self.tracee.pid, &[IoSlice::new(data)], &remote)
-            .map_err(|errno| self.memory_error("process_vm_writev", addr, data.len(), errno))?;
+        if NO_CROSS_MEMORY_ATTACH.load(Ordering::Relaxed) {
+            return proc_mem(self.tracee.pid, addr, data.len(), |f| f.write_all_at(data, addr));
+        }
+        let n = match process_vm_writev(self.tracee.pid, &[IoSlice::new(data)], &remote) {
+            Err(Errno::ENOSYS) => {
+                NO_CROSS_MEMORY_ATTACH.store(true, Ordering::Relaxed);
+                return self.poke(addr, data);
+            }
+            other => other,
+        }
+        .map_err(|errno| self.memory_error("process_vm_writev", addr, data.len(), errno))?;
         if n != data.len() {
             return Err(self.memory_error("process_vm_writev", addr, data.len(), Errno::EFAULT));
         }
@@ -145,9 +156,39 @@ impl Injector {
     }
 }
 
+/// Set once `process_vm_readv`/`writev` returned ENOSYS: the node kernel is
+/// built without CONFIG_CROSS_MEMORY_ATTACH, so /proc/PID/mem (which the
+/// tracer may read and write) is used instead.
+static NO_CROSS_MEMORY_ATTACH: AtomicBool = AtomicBool::new(false);
+
+/// Runs `io` on /proc/PID/mem (opened read-write).
+fn proc_mem(
+    pid: Pid,
+    addr: u64,
+    len: usize,
+    io: impl FnOnce(&std::fs::File) -> std::io::Result<()>,
+) -> Result<(), InjectError> {
+    let err = |e: std::io::Error| InjectError::Memory {
+        op: "/proc/PID/mem",
+        pid: pid.as_raw(),
+        addr,
+        len,
+        errno: Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
+    };
+    let f = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open(format!("/proc/{pid}/mem"))
+        .map_err(err)?;
+    io(&f).map_err(err)
+}
+
 /// Reads `buf.len()` bytes at `addr` in process `pid` (one syscall).
 pub fn read_remote(pid: Pid, addr: u64, buf: &mut [u8]) -> Result<(), InjectError> {
     let len = buf.len();
+    if NO_CROSS_MEMORY_ATTACH.load(Ordering::Relaxed) {
+        return proc_mem(pid, addr, len, |f| f.read_exact_at(buf, addr));
+    }
     let remote = [RemoteIoVec {
         base: addr as usize,
         len,
@@ -159,7 +200,13 @@ pub fn read_remote(pid: Pid, addr: u64, buf: &mut [u8]) -> Result<(), InjectErro
         len,
         errno,
     };
-    let n = process_vm_readv(pid, &mut [IoSliceMut::new(buf)], &remote).map_err(err)?;
+    let n = match process_vm_readv(pid, &mut [IoSliceMut::new(buf)], &remote) {
+        Err(Errno::ENOSYS) => {
+            NO_CROSS_MEMORY_ATTACH.store(true, Ordering::Relaxed);
+            return read_remote(pid, addr, buf);
+        }
+        other => other.map_err(err)?,
+    };
     if n != len {
         return Err(err(Errno::EFAULT));
     }

@@ -570,11 +570,48 @@ fn populate(child: &RestoredChild, image: &ProcessImage) -> Result<(), RestoreEr
         }
     }
     for (start, end) in spans {
-        child.injector.call(
+        let r = child.injector.call(
             || format!("MADV_POPULATE_WRITE of {start:#x}-{end:#x}"),
             libc::SYS_madvise,
             &[start, end - start, libc::MADV_POPULATE_WRITE as u64],
-        )?;
+        );
+        match r {
+            Err(InjectError::Failed {
+                errno: Errno::ENOSYS,
+                ..
+            }) => return populate_by_writes(child, image),
+            other => other?,
+        };
+    }
+    Ok(())
+}
+
+/// The fallback of [`populate`] on kernels without madvise (the node kernel
+/// has no CONFIG_ADVISE_SYSCALLS): one byte written through /proc/PID/mem
+/// per page (the tracer may write there; a write breaks copy-on-write like a
+/// fault would). The byte's value does not matter: every such page is
+/// overwritten with its saved contents.
+fn populate_by_writes(child: &RestoredChild, image: &ProcessImage) -> Result<(), RestoreError> {
+    use std::os::unix::fs::FileExt;
+    let pid = child.pid();
+    let io_err = |addr: u64, e: std::io::Error| {
+        RestoreError::Inject(InjectError::Memory {
+            op: "/proc/PID/mem populate",
+            pid,
+            addr,
+            len: 1,
+            errno: Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
+        })
+    };
+    let mem = std::fs::File::options()
+        .write(true)
+        .open(format!("/proc/{pid}/mem"))
+        .map_err(|e| io_err(0, e))?;
+    for run in &image.pages {
+        for i in 0..run.count {
+            let addr = run.start + i * PAGE_SIZE;
+            mem.write_all_at(&[0], addr).map_err(|e| io_err(addr, e))?;
+        }
     }
     Ok(())
 }

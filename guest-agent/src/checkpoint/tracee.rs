@@ -337,12 +337,20 @@ impl Tracee {
             pad: 0,
         };
         let size = size_of::<libc::ptrace_rseq_configuration>();
-        self.raw(
+        match self.raw(
             "GET_RSEQ_CONFIGURATION",
             libc::PTRACE_GET_RSEQ_CONFIGURATION,
             size,
             (&mut conf as *mut libc::ptrace_rseq_configuration).cast(),
-        )?;
+        ) {
+            // A kernel without CONFIG_RSEQ (the node kernel) does not know
+            // the request: nothing can be registered there.
+            Err(PtraceError::Call {
+                errno: Errno::EIO | Errno::EINVAL,
+                ..
+            }) => return Ok(None),
+            other => other?,
+        };
         Ok((conf.rseq_abi_pointer != 0).then_some(Rseq {
             pointer: conf.rseq_abi_pointer,
             size: conf.rseq_abi_size,
