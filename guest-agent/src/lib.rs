@@ -6,6 +6,7 @@ pub mod connection;
 pub mod exec;
 pub mod kill;
 pub mod load;
+pub mod mounts;
 pub mod migrate;
 pub mod power;
 pub mod procfs;

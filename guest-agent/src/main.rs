@@ -1,7 +1,8 @@
 //! pmivmm-agent: the guest agent of a pmivmm node.
 //!
-//! It runs as PID 1 of the node VM (the initramfs's /init execs it after
-//! mounting /proc, /sys and /dev): it reaps every orphan, never exits, and
+//! It runs as PID 1 of the node VM (the initramfs's /init execs it): it
+//! mounts /proc, /sys, /dev and the node's shared directory, reaps every
+//! orphan, never exits, and
 //! serves the control protocol (pmivmm_proto) on vsock port
 //! `AGENT_VSOCK_PORT`. It prints `pmivmm-agent ready version=<version>` on
 //! the console once the port is bound, so "ready" means connectable.
@@ -9,6 +10,7 @@
 use std::io::Write;
 
 use pmivmm_agent::connection::Actions;
+use pmivmm_agent::mounts;
 use pmivmm_agent::power::power_off;
 use pmivmm_agent::reaper::reaper;
 use pmivmm_agent::server::serve;
@@ -18,6 +20,14 @@ use pmivmm_proto::{AGENT_READY_MARKER, AGENT_VSOCK_PORT, VERSION};
 fn main() {
     // Reap orphans from the start, whatever happens to the channel.
     reaper();
+    if let Err(e) = mounts::mount_kernel_filesystems() {
+        eprintln!("pmivmm-agent: {e}");
+    }
+    match mounts::mount_share() {
+        Ok(Some(dir)) => println!("pmivmm-agent: share mounted at {dir}"),
+        Ok(None) => {}
+        Err(e) => eprintln!("pmivmm-agent: {e}"),
+    }
     match VsockListener::bind(AGENT_VSOCK_PORT) {
         Ok(listener) => {
             let mut out = std::io::stdout().lock();

@@ -62,7 +62,7 @@ fn share_runs_programs_and_confines_the_guest() {
     let mut node = Node::start("share", &["--timeout", "900", "--share", share.to_str().unwrap()]);
     node.wait_console("pmivmm-agent ready", BOOT_TIMEOUT);
     assert!(
-        node.console().contains(&format!("pmivmm-init: share mounted at {}", share.display())),
+        node.console().contains(&format!("pmivmm-agent: share mounted at {}", share.display())),
         "--- console\n{}",
         node.console()
     );
