@@ -182,14 +182,17 @@ fn fail_point(name: &'static str) -> Result<(), CheckpointError> {
 }
 
 /// The capture proper, on the frozen process. Its registers and signal mask
-/// are put back by the caller. `stat` was read before the freeze (its mm
-/// fields only change through prctl, which a frozen process cannot call).
+/// are put back by the caller. `stat` was read before the freeze and is read
+/// again here: an execve between that read and the freeze (a process
+/// checkpointed right after its launch) replaces every mm field.
 fn capture_frozen(
     tracee: Tracee,
     regs: &user_regs_struct,
     stat: &Stat,
 ) -> Result<(ProcessImage, Vec<PageRef>), CheckpointError> {
     let pid = tracee.pid.as_raw();
+    let _ = stat;
+    let stat = &procfs::stat(pid)?;
     // Checked again now that nothing can change under us (threads, signal
     // dispositions).
     let status = procfs::status(pid)?;

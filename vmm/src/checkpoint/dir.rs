@@ -38,8 +38,8 @@ pub const PAGES: &str = "pages.bin";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DirError {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: io::Error },
     #[error("{0} already holds a checkpoint (remove it or choose another directory)")]
     Exists(PathBuf),
     #[error("{path} is not a pmivmm checkpoint (bad magic)")]
@@ -64,7 +64,7 @@ pub struct Checkpoint {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> DirError + '_ {
-    move |source| DirError::Io { path: path.to_owned(), source }
+    move |error| DirError::Io { path: path.to_owned(), error }
 }
 
 fn header(image: &[u8], pages: &[u8]) -> [u8; HEADER_LEN] {
