@@ -1,4 +1,4 @@
-/* mprotect: 32 pages filled with a pattern, then 8 read-only, 8 PROT_NONE,
+/* mprotect [STEPS]: 32 pages filled with a pattern, then 8 read-only, 8 PROT_NONE,
  * 8 read-write, 8 read+exec. At the end the protections must still hold
  * (a write to a read-only page and a read of a PROT_NONE page fault) and
  * the contents must be intact. */
@@ -22,8 +22,9 @@ static int faults(volatile char *p, int write)
 	return 0;
 }
 
-int main(void)
+int main(int argc, char **argv)
 {
+	int steps = argc > 1 ? atoi(argv[1]) : 30;
 	long pg = sysconf(_SC_PAGESIZE);
 	char *m = mmap(0, PAGES * pg, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 	if (m == MAP_FAILED)
@@ -33,7 +34,7 @@ int main(void)
 	if (mprotect(m, 8 * pg, PROT_READ) || mprotect(m + 8 * pg, 8 * pg, PROT_NONE) ||
 	    mprotect(m + 24 * pg, 8 * pg, PROT_READ | PROT_EXEC))
 		fail("mprotect");
-	for (int i = 0; i < 30; i++) {
+	for (int i = 0; i < steps; i++) {
 		m[16 * pg + i] ^= 0x55; /* the read-write part keeps changing */
 		m[16 * pg + i] ^= 0x55;
 		say("step %d\n", i);

@@ -1,4 +1,4 @@
-/* signals: a SIGUSR1 handler (SA_RESTART, with a mask) that runs all the
+/* signals [ITERS]: a SIGUSR1 handler (SA_RESTART, with a mask) that runs all the
  * time, SIGINT ignored, and signals that stay blocked and pending for the
  * whole run: SIGUSR2 and three queued SIGRTMIN+1 (process queue),
  * SIGRTMIN+2 (thread queue). At the end they are unblocked and must all
@@ -19,7 +19,7 @@ static void on_rt1(int sig, siginfo_t *si, void *uc)
 }
 static void on_rt2(int sig) { (void)sig; rt2++; }
 
-int main(void)
+int main(int argc, char **argv)
 {
 	struct sigaction sa = { 0 };
 	sa.sa_handler = on_usr1;
@@ -39,7 +39,8 @@ int main(void)
 		sigqueue(getpid(), SIGRTMIN + 1, (union sigval){ .sival_int = v });
 	raise(SIGRTMIN + 2);
 
-	for (int i = 0; i < 40; i++) {
+	int iters = argc > 1 ? atoi(argv[1]) : 40;
+	for (int i = 0; i < iters; i++) {
 		kill(getpid(), SIGUSR1);
 		say("iter %d handled %d\n", i, (int)usr1);
 		sleep_ms(20);
