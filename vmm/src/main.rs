@@ -116,6 +116,15 @@ enum BenchCommand {
         #[arg(last = true)]
         node_args: Vec<String>,
     },
+    /// Checkpoint and restore of 1 MiB and 16 MiB processes on a running node:
+    /// freeze time, page copy from/to guest RAM beside memcpy, restore phases.
+    Checkpoint {
+        #[command(flatten)]
+        node: NodeRef,
+        /// Process sizes in MiB (repeatable).
+        #[arg(long = "mib", default_values_t = [1u64, 16])]
+        sizes: Vec<u64>,
+    },
     /// Throughput and latency of a running node's vsock channel beside a Unix socket.
     Channel {
         #[command(flatten)]
@@ -282,6 +291,10 @@ fn main() -> ExitCode {
         }),
         Command::Bench(BenchCommand::Boot { runs, mem, node_args }) => {
             pmivmm::bench::boot::run(&pmivmm::bench::boot::BootBench { runs, mem, node_args }).map(|()| 0)
+        }
+        Command::Bench(BenchCommand::Checkpoint { node, sizes }) => {
+            pmivmm::bench::checkpoint::run(&pmivmm::bench::checkpoint::CheckpointBench { node: node.name, sizes_mib: sizes })
+                .map(|()| 0)
         }
         Command::Bench(BenchCommand::Channel { node, mib, rounds }) => {
             pmivmm::bench::channel::run(&pmivmm::bench::channel::ChannelBench { node: node.name, mib, rounds })
