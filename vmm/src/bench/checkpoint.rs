@@ -64,7 +64,7 @@ fn one(node: &str, paths: &NodePaths, mib: u64) -> anyhow::Result<(CheckpointRep
         .context("no PID from the launcher")?;
     eprintln!("bench checkpoint: {mib} MiB process is PID {pid}; waiting until it has filled its buffer...");
     let start = Instant::now();
-    while !sh(&vsock, &format!("grep -q 'pass 0 ok' {out} && echo yes"))?.contains("yes") {
+    while !sh(&vsock, &format!("grep -q 'pass 1 ok' {out} && echo yes"))?.contains("yes") {
         anyhow::ensure!(start.elapsed() < Duration::from_secs(600), "the {mib} MiB process never filled its buffer");
         std::thread::sleep(Duration::from_millis(500));
     }
