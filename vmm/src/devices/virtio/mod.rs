@@ -10,6 +10,7 @@
 pub mod mmio;
 pub mod p9;
 pub mod vsock;
+pub mod worker;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -51,6 +52,18 @@ pub enum ActivateError {
     Queue(#[source] virtio_queue::Error),
     #[error("cannot duplicate a queue eventfd: {0}")]
     EventFd(#[source] std::io::Error),
+}
+
+/// Reads a read-only configuration space `config` at `offset`; bytes past
+/// its end read as zero.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = offset
+            .checked_add(i as u64)
+            .and_then(|o| config.get(usize::try_from(o).ok()?))
+            .copied()
+            .unwrap_or(0);
+    }
 }
 
 /// A virtio device type behind the mmio transport. Everything here runs on

@@ -16,19 +16,16 @@
 
 pub mod server;
 
-use std::os::fd::AsRawFd;
 use std::path::PathBuf;
-use std::sync::mpsc;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::epoll::Epoll;
 
 use self::server::{FileServer, MAX_MSIZE};
-use super::{ActivateError, ActiveQueue, Interrupt, VirtioDevice};
+use super::worker::{self, Active, Commands, WorkerThread};
+use super::{read_config_bytes, ActivateError, ActiveQueue, Interrupt, VirtioDevice};
 use crate::config::ShareConfig;
 use crate::guest_warn;
 
@@ -39,8 +36,6 @@ pub const VIRTIO_9P_MOUNT_TAG: u64 = 1;
 /// Longest mount tag accepted (the guest mounts it by name).
 pub const MAX_TAG_LEN: usize = 64;
 const QUEUE_SIZES: [u16; 1] = [256];
-const QUEUE_TOKEN: u64 = 1;
-const COMMAND_TOKEN: u64 = 2;
 /// Open files the VMM wants to be able to hold: two per fid plus its own.
 const WANT_NOFILE: u64 = 2 * server::MAX_FIDS as u64 + 1024;
 
@@ -62,44 +57,14 @@ pub enum Error {
     Thread(#[source] std::io::Error),
 }
 
-enum Command {
-    Activate { mem: GuestMemoryMmap, queue: ActiveQueue, interrupt: Arc<Interrupt> },
-    Reset,
-    Stop,
-}
-
-struct CommandSender {
-    tx: mpsc::Sender<Command>,
-    wake: EventFd,
-}
-
-impl CommandSender {
-    fn send(&self, cmd: Command) -> Result<(), ActivateError> {
-        self.tx.send(cmd).map_err(|_| ActivateError::WorkerGone)?;
-        self.wake.write(1).map_err(|_| ActivateError::WorkerGone)
-    }
-}
-
 /// The 9p device as the transport sees it.
 pub struct P9 {
     config: Vec<u8>,
-    commands: CommandSender,
+    commands: Commands,
 }
 
 /// The running device thread; dropping it stops the thread.
-pub struct P9Thread {
-    commands: CommandSender,
-    handle: Option<JoinHandle<()>>,
-}
-
-impl Drop for P9Thread {
-    fn drop(&mut self) {
-        let _ = self.commands.send(Command::Stop);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-    }
-}
+pub type P9Thread = WorkerThread;
 
 /// The host directory as the guest's /init gets it on the kernel command
 /// line (`PMIVMM_SHARE=<dir>`, which the kernel puts in init's environment):
@@ -135,19 +100,11 @@ pub fn create(config: &ShareConfig) -> Result<(P9, P9Thread), Error> {
     let server =
         FileServer::new(&config.host_dir).map_err(|source| Error::Dir { path: config.host_dir.clone(), source })?;
     raise_nofile_limit();
-    let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::Epoll)?;
-    let epoll = Epoll::new().map_err(Error::Epoll)?;
-    epoll
-        .ctl(ControlOperation::Add, wake.as_raw_fd(), EpollEvent::new(EventSet::IN, COMMAND_TOKEN))
-        .map_err(Error::Epoll)?;
-    let (tx, rx) = mpsc::channel();
-    let worker = Worker { epoll, wake: wake.try_clone().map_err(Error::Epoll)?, commands: rx, server, active: None };
-    let handle = std::thread::Builder::new().name("9p".into()).spawn(move || worker.run()).map_err(Error::Thread)?;
-    let sender =
-        || -> Result<CommandSender, Error> { Ok(CommandSender { tx: tx.clone(), wake: wake.try_clone().map_err(Error::Epoll)? }) };
+    let epoll = Arc::new(Epoll::new().map_err(Error::Epoll)?);
+    let (commands, thread) = worker::spawn(epoll, Backend { server }).map_err(Error::Thread)?;
     let mut cfg = (config.tag.len() as u16).to_le_bytes().to_vec();
     cfg.extend_from_slice(config.tag.as_bytes());
-    Ok((P9 { config: cfg, commands: sender()? }, P9Thread { commands: sender()?, handle: Some(handle) }))
+    Ok((P9 { config: cfg, commands }, thread))
 }
 
 /// Every fid may hold two fds: make sure the soft limit allows that.
@@ -178,13 +135,7 @@ impl VirtioDevice for P9 {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = offset
-                .checked_add(i as u64)
-                .and_then(|o| self.config.get(usize::try_from(o).ok()?))
-                .copied()
-                .unwrap_or(0);
-        }
+        read_config_bytes(&self.config, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {
@@ -198,97 +149,35 @@ impl VirtioDevice for P9 {
         queues: Vec<ActiveQueue>,
         interrupt: Arc<Interrupt>,
     ) -> Result<(), ActivateError> {
-        if queues.len() != QUEUE_SIZES.len() {
-            return Err(ActivateError::QueueCount { got: queues.len(), want: QUEUE_SIZES.len() });
-        }
-        let queue = queues.into_iter().next().expect("one queue, checked above");
-        self.commands.send(Command::Activate { mem, queue, interrupt })
+        self.commands.activate(mem, queues, interrupt, QUEUE_SIZES.len())
     }
 
     fn reset(&mut self) {
-        if self.commands.send(Command::Reset).is_err() {
-            tracing::warn!("9p: reset, but the device thread is gone");
-        }
+        self.commands.reset("9p");
     }
 }
 
-struct Active {
-    mem: GuestMemoryMmap,
-    queue: ActiveQueue,
-    interrupt: Arc<Interrupt>,
-}
-
-struct Worker {
-    epoll: Epoll,
-    wake: EventFd,
-    commands: mpsc::Receiver<Command>,
+/// The device's work on its thread: the file server.
+struct Backend {
     server: FileServer,
-    active: Option<Active>,
 }
 
-impl Worker {
-    fn run(mut self) {
-        let mut events = vec![EpollEvent::default(); 4];
-        loop {
-            let n = match self.epoll.wait(-1, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    tracing::error!("9p: the device's event loop failed ({e}); the device stops");
-                    return;
-                }
-            };
-            for ev in &events[..n] {
-                match ev.data() {
-                    COMMAND_TOKEN if !self.handle_commands() => return,
-                    QUEUE_TOKEN => {
-                        if let Some(a) = &self.active {
-                            let _ = a.queue.notify.read();
-                        }
-                        self.process();
-                    }
-                    _ => {}
-                }
-            }
-        }
+impl worker::Backend for Backend {
+    const NAME: &'static str = "9p";
+
+    fn activated(&mut self, active: &mut Active) {
+        self.process(active);
     }
 
-    /// Returns false when the thread should stop.
-    fn handle_commands(&mut self) -> bool {
-        let _ = self.wake.read();
-        while let Ok(cmd) = self.commands.try_recv() {
-            match cmd {
-                Command::Activate { mem, queue, interrupt } => {
-                    self.deactivate();
-                    let ev = EpollEvent::new(EventSet::IN, QUEUE_TOKEN);
-                    if let Err(e) = self.epoll.ctl(ControlOperation::Add, queue.notify.as_raw_fd(), ev) {
-                        tracing::error!("9p: cannot watch the request queue: {e}");
-                    }
-                    self.active = Some(Active { mem, queue, interrupt });
-                    tracing::debug!("9p: device activated");
-                    self.process();
-                }
-                Command::Reset => self.deactivate(),
-                Command::Stop => return false,
-            }
-        }
-        true
+    fn queue_notified(&mut self, active: &mut Active, _index: usize) {
+        self.process(active);
     }
+}
 
-    fn deactivate(&mut self) {
-        if let Some(a) = self.active.take() {
-            let _ = self.epoll.ctl(ControlOperation::Delete, a.queue.notify.as_raw_fd(), EpollEvent::default());
-        }
-    }
-
-    fn process(&mut self) {
-        let Some(a) = &mut self.active else { return };
-        if process_queue(&a.mem, &mut a.queue.queue, &mut self.server) {
-            match a.queue.queue.needs_notification(&a.mem) {
-                Ok(true) => a.interrupt.signal_used_queue(),
-                Ok(false) => {}
-                Err(e) => guest_warn!("9p: reading the queue's notification state: {e}"),
-            }
+impl Backend {
+    fn process(&mut self, active: &mut Active) {
+        if process_queue(&active.mem, &mut active.queues[0].queue, &mut self.server) {
+            active.notify_used(0, "9p");
         }
     }
 }

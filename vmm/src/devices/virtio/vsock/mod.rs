@@ -12,22 +12,19 @@ pub mod connection;
 pub mod muxer;
 pub mod packet;
 
-use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
-use std::sync::mpsc;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use virtio_vsock::packet::VsockPacket;
 use vm_memory::{Bytes, GuestMemoryMmap};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::epoll::{Epoll, EventSet};
 
 use self::muxer::Muxer;
 use self::packet::{Header, MAX_PKT_DATA};
-use super::{ActivateError, ActiveQueue, Interrupt, VirtioDevice};
+use super::worker::{self, Active, Commands, WorkerThread};
+use super::{read_config_bytes, ActivateError, ActiveQueue, Interrupt, VirtioDevice};
 use crate::config::VsockConfig;
 use crate::guest_warn;
 
@@ -36,13 +33,9 @@ pub const DEVICE_TYPE: u32 = 19;
 /// Queue size of rx, tx and event queues.
 const QUEUE_SIZE: u16 = 256;
 const QUEUE_SIZES: [u16; 3] = [QUEUE_SIZE; 3];
+/// Queue indexes (the third, 2, is the event queue, which we never use).
 const RX: usize = 0;
 const TX: usize = 1;
-const EVENT: usize = 2;
-/// Epoll data of the queue eventfds and the command eventfd; socket fds
-/// (the muxer's) are below 2^32.
-const QUEUE_TOKEN: u64 = 1 << 32;
-const COMMAND_TOKEN: u64 = 1 << 33;
 
 /// Errors setting up the vsock device.
 #[derive(Debug, thiserror::Error)]
@@ -61,45 +54,22 @@ pub enum Error {
     Thread(#[source] std::io::Error),
 }
 
-enum Command {
-    Activate { mem: GuestMemoryMmap, queues: Vec<ActiveQueue>, interrupt: Arc<Interrupt> },
-    Reset,
-    Stop,
-}
-
-/// Sends commands to the device thread.
-struct CommandSender {
-    tx: mpsc::Sender<Command>,
-    wake: EventFd,
-}
-
-impl CommandSender {
-    fn send(&self, cmd: Command) -> Result<(), ActivateError> {
-        self.tx.send(cmd).map_err(|_| ActivateError::WorkerGone)?;
-        self.wake.write(1).map_err(|_| ActivateError::WorkerGone)
-    }
-}
-
 /// The vsock device as the transport sees it.
 pub struct Vsock {
     guest_cid: u64,
-    commands: CommandSender,
+    commands: Commands,
 }
 
 /// The running device thread; dropping it stops the thread and removes the
 /// socket file.
 pub struct VsockThread {
-    commands: CommandSender,
-    handle: Option<JoinHandle<()>>,
+    _thread: WorkerThread,
     path: PathBuf,
 }
 
 impl Drop for VsockThread {
     fn drop(&mut self) {
-        let _ = self.commands.send(Command::Stop);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
+        // `_thread` is dropped (stopped and joined) after this body runs.
         let _ = std::fs::remove_file(&self.path);
     }
 }
@@ -121,19 +91,11 @@ pub fn create(config: &VsockConfig) -> Result<(Vsock, VsockThread), Error> {
         Err(source) => return Err(Error::StaleSocket { path, source }),
     }
     let listener = UnixListener::bind(&path).map_err(|source| Error::Bind { path: path.clone(), source })?;
-    let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::Epoll)?;
     let epoll = Arc::new(Epoll::new().map_err(Error::Epoll)?);
-    epoll
-        .ctl(ControlOperation::Add, wake.as_raw_fd(), EpollEvent::new(EventSet::IN, COMMAND_TOKEN))
-        .map_err(Error::Epoll)?;
     let muxer = Muxer::new(cid, path.clone(), listener, epoll.clone()).map_err(Error::Epoll)?;
-    let (tx, rx) = mpsc::channel();
-    let worker = Worker { epoll, wake: wake.try_clone().map_err(Error::Epoll)?, commands: rx, muxer, guest_cid: cid, active: None };
-    let handle = std::thread::Builder::new().name("vsock".into()).spawn(move || worker.run()).map_err(Error::Thread)?;
-    let sender = || -> Result<CommandSender, Error> {
-        Ok(CommandSender { tx: tx.clone(), wake: wake.try_clone().map_err(Error::Epoll)? })
-    };
-    Ok((Vsock { guest_cid: cid, commands: sender()? }, VsockThread { commands: sender()?, handle: Some(handle), path }))
+    let (commands, thread) =
+        worker::spawn(epoll, Backend { muxer, guest_cid: cid }).map_err(Error::Thread)?;
+    Ok((Vsock { guest_cid: cid, commands }, VsockThread { _thread: thread, path }))
 }
 
 impl VirtioDevice for Vsock {
@@ -150,14 +112,7 @@ impl VirtioDevice for Vsock {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let cfg = self.guest_cid.to_le_bytes();
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = offset
-                .checked_add(i as u64)
-                .and_then(|o| cfg.get(usize::try_from(o).ok()?))
-                .copied()
-                .unwrap_or(0);
-        }
+        read_config_bytes(&self.guest_cid.to_le_bytes(), offset, data);
     }
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {
@@ -171,132 +126,64 @@ impl VirtioDevice for Vsock {
         queues: Vec<ActiveQueue>,
         interrupt: Arc<Interrupt>,
     ) -> Result<(), ActivateError> {
-        if queues.len() != QUEUE_SIZES.len() {
-            return Err(ActivateError::QueueCount { got: queues.len(), want: QUEUE_SIZES.len() });
-        }
-        self.commands.send(Command::Activate { mem, queues, interrupt })
+        self.commands.activate(mem, queues, interrupt, QUEUE_SIZES.len())
     }
 
     fn reset(&mut self) {
-        if self.commands.send(Command::Reset).is_err() {
-            tracing::warn!("vsock: reset, but the device thread is gone");
-        }
+        self.commands.reset("vsock");
     }
 }
 
-/// Queues and memory of an activated device.
-struct Active {
-    mem: GuestMemoryMmap,
-    queues: Vec<ActiveQueue>,
-    interrupt: Arc<Interrupt>,
-}
-
-/// The device thread's state.
-struct Worker {
-    epoll: Arc<Epoll>,
-    wake: EventFd,
-    commands: mpsc::Receiver<Command>,
+/// The device's work on its thread: the muxer of host connections.
+struct Backend {
     muxer: Muxer,
     guest_cid: u64,
-    active: Option<Active>,
 }
 
-impl Worker {
-    fn run(mut self) {
-        let mut events = vec![EpollEvent::default(); 64];
-        loop {
-            let n = match self.epoll.wait(-1, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    tracing::error!("vsock: the device's event loop failed ({e}); the device stops");
-                    return;
-                }
-            };
-            for ev in &events[..n] {
-                match ev.data() {
-                    COMMAND_TOKEN if !self.handle_commands() => return,
-                    COMMAND_TOKEN => {}
-                    t if (QUEUE_TOKEN..QUEUE_TOKEN + QUEUE_SIZES.len() as u64).contains(&t) => {
-                        self.queue_notified((t - QUEUE_TOKEN) as usize)
-                    }
-                    t if self.muxer.owns(t) => self.muxer.handle_event(t, ev.event_set()),
-                    // A socket closed earlier in this batch.
-                    _ => {}
-                }
-            }
-            self.process_rx();
+impl worker::Backend for Backend {
+    const NAME: &'static str = "vsock";
+
+    fn activated(&mut self, active: &mut Active) {
+        // The guest may have queued packets before this thread saw the activation.
+        self.process_tx(active);
+    }
+
+    fn queue_notified(&mut self, active: &mut Active, index: usize) {
+        match index {
+            TX => self.process_tx(active),
+            // RX: buffers arrived, handled by after_events after every batch.
+            // EVENT: we send no events (they are for migration of the VM itself).
+            _ => {}
         }
     }
 
-    /// Returns false when the thread should stop.
-    fn handle_commands(&mut self) -> bool {
-        let _ = self.wake.read();
-        while let Ok(cmd) = self.commands.try_recv() {
-            match cmd {
-                Command::Activate { mem, queues, interrupt } => {
-                    for (i, q) in queues.iter().enumerate() {
-                        let ev = EpollEvent::new(EventSet::IN, QUEUE_TOKEN + i as u64);
-                        if let Err(e) = self.epoll.ctl(ControlOperation::Add, q.notify.as_raw_fd(), ev) {
-                            tracing::error!("vsock: cannot watch queue {i}: {e}");
-                        }
-                    }
-                    self.active = Some(Active { mem, queues, interrupt });
-                    tracing::debug!("vsock: device activated");
-                    // The guest may have queued packets before this thread saw the activation.
-                    self.process_tx();
-                }
-                Command::Reset => self.deactivate(),
-                Command::Stop => return false,
-            }
+    fn event(&mut self, _active: Option<&mut Active>, token: u64, events: EventSet) {
+        // A token the muxer no longer owns is a socket closed earlier in this batch.
+        if self.muxer.owns(token) {
+            self.muxer.handle_event(token, events);
         }
-        true
     }
 
-    fn deactivate(&mut self) {
-        if let Some(active) = self.active.take() {
-            for q in &active.queues {
-                let _ = self.epoll.ctl(ControlOperation::Delete, q.notify.as_raw_fd(), EpollEvent::default());
+    fn after_events(&mut self, active: Option<&mut Active>) {
+        // Fill the guest's rx buffers with whatever the muxer has for it.
+        if let Some(active) = active {
+            if process_rx_queue(&active.mem, &mut active.queues[RX].queue, &mut self.muxer) {
+                active.notify_used(RX, "vsock");
             }
         }
+    }
+
+    fn reset(&mut self) {
         self.muxer.reset();
     }
-
-    fn queue_notified(&mut self, index: usize) {
-        let Some(active) = &self.active else { return };
-        let _ = active.queues[index].notify.read();
-        match index {
-            TX => self.process_tx(),
-            // RX: buffers arrived, handled by the process_rx after every batch.
-            // EVENT: we send no events (they are for migration of the VM itself).
-            RX | EVENT => {}
-            _ => unreachable!("only three queue tokens are registered"),
-        }
-    }
-
-    /// Takes every packet the guest queued on tx.
-    fn process_tx(&mut self) {
-        let Some(active) = &mut self.active else { return };
-        let used = process_tx_queue(&active.mem, &mut active.queues[TX].queue, self.guest_cid, &mut self.muxer);
-        if used {
-            notify_guest(&active.mem, &mut active.queues[TX].queue, &active.interrupt);
-        }
-    }
-
-    /// Fills the guest's rx buffers with whatever the muxer has for it.
-    fn process_rx(&mut self) {
-        let Some(active) = &mut self.active else { return };
-        if process_rx_queue(&active.mem, &mut active.queues[RX].queue, &mut self.muxer) {
-            notify_guest(&active.mem, &mut active.queues[RX].queue, &active.interrupt);
-        }
-    }
 }
 
-fn notify_guest(mem: &GuestMemoryMmap, queue: &mut Queue, interrupt: &Interrupt) {
-    match queue.needs_notification(mem) {
-        Ok(true) => interrupt.signal_used_queue(),
-        Ok(false) => {}
-        Err(e) => guest_warn!("vsock: reading the queue's notification state: {e}"),
+impl Backend {
+    /// Takes every packet the guest queued on tx.
+    fn process_tx(&mut self, active: &mut Active) {
+        if process_tx_queue(&active.mem, &mut active.queues[TX].queue, self.guest_cid, &mut self.muxer) {
+            active.notify_used(TX, "vsock");
+        }
     }
 }
 

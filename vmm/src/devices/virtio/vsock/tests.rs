@@ -10,6 +10,8 @@ use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRI
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Address, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::epoll::EpollEvent;
+use vmm_sys_util::eventfd::EventFd;
 
 use super::muxer::host_port_path;
 use super::packet::{Op, HOST_CID, SHUTDOWN_BOTH, TYPE_STREAM};
