@@ -120,17 +120,15 @@ impl Tracee {
 
     /// Waits for the next stop; exits are errors.
     pub fn wait(&self) -> Result<WaitStatus, PtraceError> {
-        loop {
-            match wait_status(self.pid) {
-                Err(errno) => return Err(self.err("wait")(errno)),
-                Ok(status @ (WaitStatus::Exited(..) | WaitStatus::Signaled(..))) => {
-                    return Err(PtraceError::Gone {
-                        pid: self.pid.as_raw(),
-                        status,
-                    })
-                }
-                Ok(status) => return Ok(status),
+        match wait_status(self.pid) {
+            Err(errno) => Err(self.err("wait")(errno)),
+            Ok(status @ (WaitStatus::Exited(..) | WaitStatus::Signaled(..))) => {
+                Err(PtraceError::Gone {
+                    pid: self.pid.as_raw(),
+                    status,
+                })
             }
+            Ok(status) => Ok(status),
         }
     }
 
