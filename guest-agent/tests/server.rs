@@ -454,3 +454,100 @@ fn poweroff_is_answered_then_performed() {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+fn tracer_pid(pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("TracerPid:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Checkpoint and restore requests through the protocol, with the reaper
+/// running (it must leave tracees' stops to their tracer), and the cleanup
+/// of a client that goes away midway.
+#[test]
+fn checkpoint_requests_and_clients_that_leave_midway() {
+    // Without the fds this test process leaks to its children (cargo's
+    // jobserver pipe), which would make it unmigratable.
+    let close_and_sleep = "for fd in $(ls /proc/$$/fd); do [ $fd -gt 2 ] && eval \"exec $fd>&-\"; done; exec sleep 60";
+    let mut session = client().exec(exec(&["bash", "-c", close_and_sleep])).unwrap();
+    let pid = session.pid();
+    wait_until("sleep has exec'd", || {
+        std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|p| p.ends_with("sleep"))
+    });
+
+    // A client that leaves while its checkpoint holds the process frozen:
+    // the process is resumed.
+    let mut c = client();
+    let (image, pages) = c.checkpoint(pid).unwrap();
+    assert!(!pages.is_empty());
+    assert_ne!(tracer_pid(pid), Some(0), "not frozen under ptrace");
+    assert!(matches!(
+        c.checkpoint(pid),
+        Err(ClientError::Agent { kind: ErrorKind::Busy, .. })
+    ));
+    drop(c);
+    wait_until("the original is resumed", || tracer_pid(pid) == Some(0));
+
+    // A client that leaves after PrepareRestore: the half-built child dies.
+    let mut c = client();
+    let (child, frames) = c.prepare_restore(image).unwrap();
+    assert!(!frames.is_empty());
+    assert!(Path::new(&format!("/proc/{child}")).exists());
+    drop(c);
+    wait_until("the half-restored child is gone", || {
+        !Path::new(&format!("/proc/{child}")).exists()
+    });
+
+    // Requests that make no sense on this connection, and refusals.
+    let mut c = client();
+    assert!(matches!(
+        c.finish_restore(),
+        Err(ClientError::Agent { kind: ErrorKind::BadRequest, .. })
+    ));
+    assert!(matches!(
+        c.kill_original(pid),
+        Err(ClientError::Agent { kind: ErrorKind::BadRequest, .. })
+    ));
+    assert!(matches!(
+        c.checkpoint(999_999_999),
+        Err(ClientError::Agent { kind: ErrorKind::NoSuchProcess, .. })
+    ));
+    match c.checkpoint(1) {
+        Err(ClientError::Agent { kind: ErrorKind::Refused, message }) => {
+            assert!(message.contains("PID 1 (init)"), "{message}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        c.prepare_restore(vec![1, 2, 3]),
+        Err(ClientError::Agent { kind: ErrorKind::BadRequest, .. })
+    ));
+
+    // Checkpoint then kill: the exec session still learns how its process
+    // ended (the reaper hands a tracee's exit to both).
+    c.checkpoint(pid).unwrap();
+    c.kill_original(pid).unwrap();
+    loop {
+        match session.next_event().unwrap() {
+            ExecEvent::Exited(status) => {
+                assert_eq!(
+                    status,
+                    ExitStatus::Signal {
+                        signal: 9,
+                        core_dumped: false
+                    }
+                );
+                break;
+            }
+            _ => continue,
+        }
+    }
+}
