@@ -9,6 +9,8 @@
 
 pub mod mmio;
 pub mod p9;
+#[cfg(test)]
+pub mod test_utils;
 pub mod vsock;
 pub mod worker;
 

@@ -5,13 +5,13 @@
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::server::*;
 use super::*;
+use crate::devices::virtio::test_utils::chain;
 
 // Message types the tests send and expect.
 const TSTATFS: u8 = 8;
@@ -459,15 +459,7 @@ impl QueueHarness {
 
     fn add_chain(&mut self, descs: &[(u64, u32, u16)]) -> u16 {
         let head = self.next_desc;
-        let raw: Vec<RawDescriptor> = descs
-            .iter()
-            .enumerate()
-            .map(|(i, &(addr, len, flags))| {
-                let last = i + 1 == descs.len();
-                let flags = if last { flags } else { flags | VRING_DESC_F_NEXT as u16 };
-                RawDescriptor::from(SplitDescriptor::new(addr, len, flags, head + i as u16 + 1))
-            })
-            .collect();
+        let raw = chain(head, descs);
         self.vq.add_desc_chains(&raw, head).unwrap();
         self.next_desc += descs.len() as u16;
         head

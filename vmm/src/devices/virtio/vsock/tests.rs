@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::Duration;
 
-use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Address, GuestAddress, GuestMemoryMmap};
@@ -16,6 +16,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::muxer::host_port_path;
 use super::packet::{Op, HOST_CID, SHUTDOWN_BOTH, TYPE_STREAM};
 use super::*;
+use crate::devices::virtio::test_utils::chain;
 
 const GUEST_CID: u64 = 3;
 const MEM_SIZE: u64 = 0x100_0000;
@@ -77,15 +78,7 @@ impl Harness {
 
     fn add_chain(&mut self, q: usize, descs: &[(u64, u32, u16)]) -> u16 {
         let head = self.next_desc[q];
-        let raw: Vec<RawDescriptor> = descs
-            .iter()
-            .enumerate()
-            .map(|(i, &(addr, len, flags))| {
-                let last = i + 1 == descs.len();
-                let flags = if last { flags } else { flags | VRING_DESC_F_NEXT as u16 };
-                RawDescriptor::from(SplitDescriptor::new(addr, len, flags, head + i as u16 + 1))
-            })
-            .collect();
+        let raw = chain(head, descs);
         let vq = if q == RX { &self.rxvq } else { &self.txvq };
         vq.add_desc_chains(&raw, head).unwrap();
         self.next_desc[q] += descs.len() as u16;
