@@ -13,6 +13,7 @@ pub mod commands;
 pub mod config;
 pub mod control;
 pub mod devices;
+pub mod guest_ram;
 pub mod node;
 pub mod profile;
 pub mod rundir;

@@ -142,6 +142,9 @@ pub fn run(config: &VmConfig) -> anyhow::Result<VmExit> {
         eprintln!("--- after the agent was ready");
         eprint!("{}", profile::report(&Samples(after), &symbols, 20, interval));
     }
+    if let Some(pv) = &vm.pv {
+        tracing::info!(node = %config.name, "the VMM cleared {} guest pages (paravirtual clear_page)", lock(pv).cleared);
+    }
     let exit = result?;
     tracing::info!(
         node = %config.name,

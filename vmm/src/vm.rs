@@ -19,6 +19,7 @@ use crate::cmdline;
 use crate::config::VmConfig;
 use crate::devices::cmos::Cmos;
 use crate::devices::i8042::I8042;
+use crate::devices::pv::{self, PvInterface};
 use crate::devices::serial::{ConsoleSink, EventFdTrigger, SerialDevice};
 use crate::devices::virtio::mmio::{self, MmioTransport};
 use crate::devices::virtio::p9::{self, P9Thread};
@@ -85,6 +86,8 @@ pub struct Vm {
     pub pio: Arc<PortIoBus>,
     pub mmio: Arc<MmioBus>,
     pub serial: Arc<Mutex<SerialDevice>>,
+    /// The paravirtual page-clearing interface, when offered.
+    pub pv: Option<Arc<Mutex<PvInterface>>>,
     /// The vsock device thread, when the VM has vsock; dropping it stops the
     /// thread and removes the socket file.
     pub vsock: Option<VsockThread>,
@@ -185,7 +188,8 @@ pub fn build(config: &VmConfig, console: ConsoleSink) -> Result<Vm> {
         None => None,
     };
 
-    let line = cmdline::build(config.host_compat.enabled(), &virtio, &extra_cmdline)?;
+    let host_compat = config.host_compat.enabled();
+    let line = cmdline::build(host_compat, &virtio, &extra_cmdline)?;
     let kcmdline = linux_loader::cmdline::Cmdline::try_from(&line, layout::CMDLINE_MAX_SIZE)
         .map_err(|e| Error::Kernel { path: config.kernel.clone(), reason: format!("command line: {e}") })?;
     load_cmdline(&memory, GuestAddress(layout::CMDLINE_ADDR), &kcmdline)
@@ -219,6 +223,12 @@ pub fn build(config: &VmConfig, console: ConsoleSink) -> Result<Vm> {
     pio.insert(ports::SERIAL_COM1, 8, serial.clone())?;
     pio.insert(ports::I8042_DATA, ports::I8042_COMMAND - ports::I8042_DATA + 1, Arc::new(Mutex::new(I8042)))?;
     pio.insert(ports::CMOS_INDEX, 2, Arc::new(Mutex::new(Cmos::default())))?;
+    // Paravirtual page clearing, only where guest kernel stores are emulated:
+    // on hardware KVM the guest clears a page faster than an exit costs.
+    let pv = host_compat.then(|| Arc::new(Mutex::new(PvInterface::new(memory.clone()))));
+    if let Some(pv) = &pv {
+        pio.insert(pv::PORT, pv::PORT_LEN, pv.clone())?;
+    }
 
     Ok(Vm {
         _kvm: kvm,
@@ -228,6 +238,7 @@ pub fn build(config: &VmConfig, console: ConsoleSink) -> Result<Vm> {
         pio: Arc::new(pio),
         mmio: Arc::new(mmio),
         serial,
+        pv,
         vsock,
         share,
         cmdline: line,

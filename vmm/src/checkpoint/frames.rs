@@ -11,7 +11,9 @@
 //! hands out neighbouring frames to neighbouring faults) become one copy.
 
 use pmivmm_proto::image::{PageKind, PageRef, PageRun, PAGE_SIZE};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::guest_ram::frame_addr;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum FrameError {
@@ -25,20 +27,6 @@ pub enum FrameError {
     Access { pfn: u64, reason: String },
     #[error("{got} bytes of page data for {pages} pages")]
     DataLength { got: usize, pages: usize },
-}
-
-/// The guest-physical address of frame `pfn`, if the whole frame is RAM.
-pub fn frame_addr(mem: &GuestMemoryMmap, pfn: u64) -> Option<GuestAddress> {
-    let start = pfn.checked_mul(PAGE_SIZE)?;
-    let end = start.checked_add(PAGE_SIZE)?;
-    mem.iter()
-        .any(|r| {
-            let r_start = r.start_addr().0;
-            r_start
-                .checked_add(r.len())
-                .is_some_and(|r_end| r_start <= start && end <= r_end)
-        })
-        .then_some(GuestAddress(start))
 }
 
 /// Checks every frame of `pages`.
@@ -137,16 +125,6 @@ mod tests {
     #[test]
     fn frames_inside_ram_only() {
         let mem = memory();
-        assert_eq!(frame_addr(&mem, 0), Some(GuestAddress(0)));
-        assert_eq!(frame_addr(&mem, 15), Some(GuestAddress(15 * 4096)));
-        assert_eq!(frame_addr(&mem, 16), None, "just past the low region");
-        assert_eq!(frame_addr(&mem, MMIO_GAP_START / 4096), None, "MMIO gap");
-        assert_eq!(frame_addr(&mem, MMIO_GAP_END / 4096 - 1), None, "last gap frame");
-        assert_eq!(frame_addr(&mem, MMIO_GAP_END / 4096), Some(GuestAddress(MMIO_GAP_END)));
-        assert_eq!(frame_addr(&mem, MMIO_GAP_END / 4096 + 16), None, "past the end of RAM");
-        for hostile in [u64::MAX, u64::MAX / 4096, u64::MAX / 4096 + 1, 1 << 52] {
-            assert_eq!(frame_addr(&mem, hostile), None, "{hostile:#x}");
-        }
         let err = check_frames(&mem, &[page(0x1000, 1), page(0x2000, u64::MAX)]).unwrap_err();
         assert_eq!(err, FrameError::NotRam { pfn: u64::MAX, vaddr: 0x2000 });
     }

@@ -3,6 +3,7 @@
 
 pub mod cmos;
 pub mod i8042;
+pub mod pv;
 pub mod serial;
 pub mod virtio;
 
