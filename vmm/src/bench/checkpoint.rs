@@ -117,7 +117,7 @@ pub fn run(b: &CheckpointBench) -> anyhow::Result<()> {
     println!(
         "CAPTURE: the agent freezing and describing the process (guest kernel work); FROZEN: until the original was \
          killed; READ/WRITE: the VMM copying the pages from/to guest RAM by frame; PREPARE: the agent building the \
-         process and faulting its pages in (~5 ms a page on emulated guest kernels)."
+         process and faulting its pages in (milliseconds a page where guest kernels are emulated)."
     );
     Ok(())
 }
