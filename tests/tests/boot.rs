@@ -96,6 +96,9 @@ fn bad_memory_sizes_are_refused() {
     let (st, _, err) = run_pmivmm(&["--node", "--mem", "1M"]);
     assert_eq!(st.code(), Some(1));
     assert!(err.contains("at least"), "{err}");
+    let (st, _, err) = run_pmivmm(&["--node", "--mem", "100000G"]);
+    assert_eq!(st.code(), Some(1));
+    assert!(err.contains("more than this host has"), "{err}");
 }
 
 #[test]

@@ -45,6 +45,8 @@ pub enum Error {
     Kvm { call: &'static str, source: kvm_ioctls::Error },
     #[error("guest memory of {mem_mib} MiB is out of range (at least {MIN_MEM_MIB} MiB)")]
     BadMemorySize { mem_mib: u64 },
+    #[error("guest memory of {mem_mib} MiB is more than this host has ({host_mib} MiB)")]
+    MoreMemoryThanHost { mem_mib: u64, host_mib: u64 },
     #[error("cannot allocate {mem_mib} MiB of guest memory: {reason}")]
     Memory { mem_mib: u64, reason: String },
     #[error("kernel {path}: {reason}")]
@@ -113,6 +115,10 @@ pub fn build(config: &VmConfig, console: ConsoleSink) -> Result<Vm> {
         .checked_mul(1 << 20)
         .filter(|_| config.mem_mib >= MIN_MEM_MIB)
         .ok_or(Error::BadMemorySize { mem_mib: config.mem_mib })?;
+    let host_mib = host_memory_mib();
+    if config.mem_mib > host_mib {
+        return Err(Error::MoreMemoryThanHost { mem_mib: config.mem_mib, host_mib });
+    }
     // Open the images before touching KVM so that a typo fails fast and clearly.
     let mut kernel = open_image(&config.kernel).map_err(|reason| Error::Kernel { path: config.kernel.clone(), reason })?;
     let mut initrd = open_image(&config.initrd).map_err(|reason| Error::Initrd { path: config.initrd.clone(), reason })?;
@@ -301,6 +307,16 @@ fn create_memory(fd: &VmFd, mem_size: u64, mem_mib: u64) -> Result<GuestMemoryMm
         unsafe { fd.set_user_memory_region(mr) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
     }
     Ok(memory)
+}
+
+/// Physical memory of the host, in MiB (u64::MAX if unknown).
+fn host_memory_mib() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let (pages, page_size) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
+    match (u64::try_from(pages), u64::try_from(page_size)) {
+        (Ok(p), Ok(s)) if p > 0 && s > 0 => p.saturating_mul(s) >> 20,
+        _ => u64::MAX,
+    }
 }
 
 /// 64 random bytes for the guest's RNG seed.
