@@ -143,8 +143,12 @@ impl<R: Read, W: Write> AgentClient<R, W> {
     /// of every saved page, in image order. Complete it with
     /// [`Self::finish_restore`] on this same client (dropping the client
     /// kills it).
-    pub fn prepare_restore(&mut self, image: Vec<u8>) -> Result<(u32, Vec<PageRef>), ClientError> {
-        match self.call(&Request::PrepareRestore { image })? {
+    pub fn prepare_restore(
+        &mut self,
+        image: Vec<u8>,
+        forward_stdio: bool,
+    ) -> Result<(u32, Vec<PageRef>), ClientError> {
+        match self.call(&Request::PrepareRestore { image, forward_stdio })? {
             Response::RestorePrepared { pid, pages } => Ok((pid, pages)),
             other => Err(unexpected("RestorePrepared", &other)),
         }

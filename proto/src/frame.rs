@@ -126,8 +126,12 @@ mod tests {
             Request::Checkpoint { pid: 77 },
             Request::ResumeOriginal { pid: 77 },
             Request::KillOriginal { pid: 77 },
-            Request::PrepareRestore { image: vec![1, 2, 3] },
+            Request::PrepareRestore { image: vec![1, 2, 3], forward_stdio: true },
             Request::FinishRestore,
+            Request::PrecopyRound { pid: 77, first: true },
+            Request::BecomeDeputy { pid: 77, node: "n2".into() },
+            Request::DeputyOutput { fd: 1, data: b"out".to_vec() },
+            Request::DeputyExit(ExitStatus::Signal { signal: 15, core_dumped: false }),
         ]
     }
 
@@ -180,6 +184,7 @@ mod tests {
                         error: "EACCES".into(),
                     },
                 ]),
+                remote: Some("n2".into()),
             }]),
             Response::Load(LoadInfo {
                 load_avg: [0.5, 0.25, 0.125],
@@ -196,10 +201,13 @@ mod tests {
                     vaddr: 0x7fff_0000_0000,
                     pfn: 0x1234,
                     kind: crate::image::PageKind::Data,
+                    dirty: true,
                 }],
             },
             Response::RestorePrepared { pid: 5, pages: vec![] },
             Response::Restored { pid: 5 },
+            Response::PrecopyPages { pages: vec![] },
+            Response::DeputySignal { signal: 10 },
             Response::Error {
                 kind: ErrorKind::Refused,
                 message: "is PID 1".into(),
@@ -221,8 +229,9 @@ mod tests {
     #[test]
     fn request_variant_count_is_exact() {
         // The last variant's index must be VARIANTS - 1.
-        let frame = encode_frame(&Request::FinishRestore).unwrap();
-        assert_eq!(frame[LEN_BYTES..], [(Request::VARIANTS - 1) as u8]);
+        let last = Request::DeputyExit(ExitStatus::Code(0));
+        let frame = encode_frame(&last).unwrap();
+        assert_eq!(frame[LEN_BYTES], (Request::VARIANTS - 1) as u8);
     }
 
     #[test]

@@ -245,6 +245,9 @@ pub struct PageRef {
     /// Page frame number: guest-physical address / [`PAGE_SIZE`].
     pub pfn: u64,
     pub kind: PageKind,
+    /// The page's soft-dirty bit: written since the last pre-copy round
+    /// cleared the bits (every page is dirty when no round ran).
+    pub dirty: bool,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]

@@ -61,16 +61,50 @@ pub enum Request {
     /// frames must receive the saved pages before `FinishRestore` on the
     /// SAME connection. If the connection closes first, the agent kills the
     /// half-restored process.
-    PrepareRestore { image: Vec<u8> },
+    ///
+    /// `forward_stdio` (migration): the process's stdio that the image does
+    /// not reopen as regular files become pipes (stdin: /dev/null) whose
+    /// output is streamed on this connection after `Restored`, exactly like
+    /// an exec's: `Stdout` / `Stderr` chunks, then `Exited`. Without it they
+    /// are /dev/null.
+    PrepareRestore { image: Vec<u8>, forward_stdio: bool },
     /// Restores the rest of the prepared process and lets it run; replied
-    /// with `Restored`.
+    /// with `Restored` (then the forwarded output, see `PrepareRestore`).
     FinishRestore,
+    /// One pre-copy round of a process that keeps running: the agent seizes
+    /// `pid` (first round; refused with `Refused` like `Checkpoint` if it
+    /// cannot be checkpointed), stops it for a moment, reads which pages are
+    /// present (`first`: all of them) or were written since the previous
+    /// round (soft-dirty), clears the soft-dirty bits and lets it run on.
+    /// Replied with `PrecopyPages`. The process stays seized (but running) by
+    /// this connection; a later `Checkpoint { pid }` on the same connection
+    /// freezes it for good and reports every present page with its
+    /// soft-dirty bit ([`PageRef::dirty`]: written since the last round). If
+    /// the connection closes first, the agent lets it go.
+    PrecopyRound { pid: u32, first: bool },
+    /// Turns the process frozen by `Checkpoint { pid }` on this connection
+    /// into the deputy of its migrated self, which now runs on `node`: it
+    /// keeps its PID, its parent and its stdio, stays frozen and never runs
+    /// its own code again. Replied with `Ok`. From then on the connection
+    /// carries only the deputy's traffic: the agent sends `DeputySignal`
+    /// for each signal sent to the deputy (which the deputy does not take),
+    /// and accepts `DeputyOutput` and `DeputyExit`. If the connection closes
+    /// before `DeputyExit`, the deputy is killed (SIGKILL): its migrated
+    /// process has lost its home.
+    BecomeDeputy { pid: u32, node: String },
+    /// Bytes the migrated process wrote to its fd `fd` (1 or 2): written to
+    /// the deputy's own fd `fd` (its pipe, terminal or file). No reply.
+    DeputyOutput { fd: u8, data: Vec<u8> },
+    /// The migrated process ended this way: the deputy ends the same way
+    /// (exits with the code or is killed by the signal), so that its parent
+    /// sees it. Replied with `Ok` once the deputy is gone.
+    DeputyExit(ExitStatus),
 }
 
 impl Request {
     /// How many variants [`Request`] has: a decoded variant index at or past
     /// this is a request from a newer protocol version.
-    pub const VARIANTS: u32 = 13;
+    pub const VARIANTS: u32 = 17;
 }
 
 /// Starts a process in the guest.
@@ -139,6 +173,16 @@ pub enum Response {
     Restored {
         pid: u32,
     },
+    /// The reply to `PrecopyRound`: the present (first round) or dirtied
+    /// pages with their frames, as of the moment the process was stopped.
+    PrecopyPages {
+        pages: Vec<PageRef>,
+    },
+    /// A signal was sent to a deputy (see `BecomeDeputy`); it must reach
+    /// the migrated process.
+    DeputySignal {
+        signal: i32,
+    },
 }
 
 impl Response {
@@ -157,6 +201,8 @@ impl Response {
             Response::Checkpointed { .. } => "Checkpointed",
             Response::RestorePrepared { .. } => "RestorePrepared",
             Response::Restored { .. } => "Restored",
+            Response::PrecopyPages { .. } => "PrecopyPages",
+            Response::DeputySignal { .. } => "DeputySignal",
         }
     }
 }
@@ -244,6 +290,9 @@ pub struct ProcessInfo {
     /// Resident memory, in bytes.
     pub rss_bytes: u64,
     pub migratable: Migratability,
+    /// For a deputy (see `Request::BecomeDeputy`): the node its migrated
+    /// process runs on now.
+    pub remote: Option<String>,
 }
 
 /// Whether a process can be migrated to another node.

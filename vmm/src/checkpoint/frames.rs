@@ -119,7 +119,7 @@ mod tests {
     }
 
     fn page(vaddr: u64, pfn: u64) -> PageRef {
-        PageRef { vaddr, pfn, kind: PageKind::Data }
+        PageRef { vaddr, pfn, kind: PageKind::Data, dirty: true }
     }
 
     #[test]
@@ -175,7 +175,7 @@ mod tests {
         // Non-data pages are skipped when picking the data pages.
         let mixed = [
             page(0x1000, 1),
-            PageRef { vaddr: 0x1800_0000, pfn: 7, kind: PageKind::CleanFile },
+            PageRef { vaddr: 0x1800_0000, pfn: 7, kind: PageKind::CleanFile, dirty: true },
             page(0x2000, 2),
             page(0x8000, 3),
         ];

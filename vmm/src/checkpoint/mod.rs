@@ -176,7 +176,7 @@ pub fn restore(memory: &GuestMemoryMmap, vsock: Option<&Path>, from: &Path) -> R
     let read_dir = start.elapsed();
     let mut client = connect(vsock)?;
     let t = Instant::now();
-    let (_pid, targets) = client.prepare_restore(ckpt.image_bytes.clone()).map_err(agent_error)?;
+    let (_pid, targets) = client.prepare_restore(ckpt.image_bytes.clone(), false).map_err(agent_error)?;
     let prepare = t.elapsed();
     // On any error from here on, dropping `client` closes the connection and
     // the agent kills the half-restored child.
