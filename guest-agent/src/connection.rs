@@ -197,8 +197,22 @@ impl<S: Stream> Connection<S> {
             Request::Checkpoint { pid } => Some(self.migrations.checkpoint(pid)),
             Request::ResumeOriginal { pid } => Some(self.migrations.end_freeze(pid, false)),
             Request::KillOriginal { pid } => Some(self.migrations.end_freeze(pid, true)),
-            Request::PrepareRestore { image } => Some(self.migrations.prepare(&image)),
+            Request::PrepareRestore {
+                image,
+                forward_stdio: false,
+            } => Some(self.migrations.prepare(&image)),
             Request::FinishRestore => Some(self.migrations.finish()),
+            Request::PrepareRestore {
+                forward_stdio: true,
+                ..
+            }
+            | Request::PrecopyRound { .. }
+            | Request::BecomeDeputy { .. }
+            | Request::DeputyOutput { .. }
+            | Request::DeputyExit(_) => Some(error(
+                ErrorKind::UnknownRequest,
+                "this agent does not implement migration requests yet",
+            )),
         }
     }
 }

@@ -27,8 +27,8 @@ use crate::checkpoint::{
 };
 
 /// Upper bound of the encoded size of one [`PageRef`] (two varint u64s of
-/// at most 10 bytes and the kind).
-const MAX_PAGE_REF_LEN: usize = 21;
+/// at most 10 bytes, the kind and the dirty flag).
+const MAX_PAGE_REF_LEN: usize = 22;
 /// Room for the reply's variant tag and length prefixes.
 const REPLY_OVERHEAD: usize = 64;
 
@@ -204,6 +204,7 @@ mod tests {
             vaddr: u64::MAX,
             pfn: u64::MAX,
             kind: PageKind::Data,
+            dirty: true,
         };
         // The bound holds for the worst-case encoding.
         let resp = Response::Checkpointed {

@@ -129,6 +129,7 @@ fn inspect(pid: u32, units: &Units, buf: &mut Vec<u8>) -> Option<ProcessInfo> {
         } else {
             Migratability::NotMigratable(obstacles)
         },
+        remote: None,
     })
 }
 

@@ -498,7 +498,7 @@ fn checkpoint_requests_and_clients_that_leave_midway() {
 
     // A client that leaves after PrepareRestore: the half-built child dies.
     let mut c = client();
-    let (child, frames) = c.prepare_restore(image).unwrap();
+    let (child, frames) = c.prepare_restore(image, false).unwrap();
     assert!(!frames.is_empty());
     assert!(Path::new(&format!("/proc/{child}")).exists());
     drop(c);
@@ -527,7 +527,7 @@ fn checkpoint_requests_and_clients_that_leave_midway() {
         other => panic!("{other:?}"),
     }
     assert!(matches!(
-        c.prepare_restore(vec![1, 2, 3]),
+        c.prepare_restore(vec![1, 2, 3], false),
         Err(ClientError::Agent { kind: ErrorKind::BadRequest, .. })
     ));
 

@@ -23,6 +23,9 @@ const PRESENT: u64 = 1 << 63;
 const SWAPPED: u64 = 1 << 62;
 /// "file-page or shared-anon".
 const FILE_OR_SHARED: u64 = 1 << 61;
+/// Written since the soft-dirty bits were last cleared (`4` written to
+/// /proc/PID/clear_refs); needs CONFIG_MEM_SOFT_DIRTY.
+const SOFT_DIRTY: u64 = 1 << 55;
 const PFN_MASK: u64 = (1 << 55) - 1;
 /// Entries per pread: 64 Ki entries (512 KiB) cover 256 MiB of address space.
 const CHUNK_PAGES: u64 = 64 << 10;
@@ -100,6 +103,7 @@ impl Pagemap {
                 vaddr,
                 pfn: entry & PFN_MASK,
                 kind,
+                dirty: entry & SOFT_DIRTY != 0,
             });
             Ok(())
         })
@@ -121,10 +125,12 @@ impl Pagemap {
                         vaddr,
                     });
                 }
+                // Pages about to receive contents: dirty by definition.
                 out.push(PageRef {
                     vaddr,
                     pfn: entry & PFN_MASK,
                     kind: PageKind::Data,
+                    dirty: true,
                 });
                 Ok(())
             })?;
