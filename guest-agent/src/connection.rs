@@ -3,6 +3,8 @@
 
 use std::io;
 
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use pmivmm_proto::frame::{decode_request, read_payload, FrameError};
 use pmivmm_proto::{ErrorKind, Request, Response, PROTOCOL_VERSION, VERSION};
 
@@ -30,8 +32,8 @@ struct Connection<S: Stream> {
     exec: Option<Exec>,
     /// `Poweroff` was accepted: power off once the reply is sent.
     power_off_requested: bool,
-    /// Processes this connection froze or half-restored; dropped (resumed or
-    /// killed) when the connection ends.
+    /// Processes this connection seized, froze or half-restored; dropped
+    /// (let go, resumed or killed) when the connection ends.
     migrations: Migrations,
 }
 
@@ -79,7 +81,11 @@ impl<S: Stream> Connection<S> {
         if !self.hello()? {
             return Ok(());
         }
-        while let Some(payload) = self.next_payload()? {
+        loop {
+            self.await_request()?;
+            let Some(payload) = self.next_payload()? else {
+                break;
+            };
             let reply = match decode_request(&payload) {
                 Ok(req) => self.handle(req),
                 Err(e @ FrameError::UnknownRequest { .. }) => Some(error(
@@ -96,6 +102,34 @@ impl<S: Stream> Connection<S> {
             }
         }
         Ok(())
+    }
+
+    /// Waits until the next request can be read, answering meanwhile the
+    /// stops of processes in pre-copy on this connection as the reaper
+    /// reports them. Only whole frames are read afterwards: nothing ever
+    /// times out in the middle of one.
+    fn await_request(&mut self) -> Result<(), FrameError> {
+        loop {
+            let Some(waker) = self.migrations.waker() else {
+                return Ok(());
+            };
+            let mut fds = [
+                PollFd::new(self.reader.as_fd(), PollFlags::POLLIN),
+                PollFd::new(waker, PollFlags::POLLIN),
+            ];
+            match poll(&mut fds, PollTimeout::NONE) {
+                Ok(_) => {}
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(io::Error::from(e).into()),
+            }
+            let [request, woken] = fds.map(|fd| fd.revents().is_some_and(|r| !r.is_empty()));
+            if woken {
+                self.migrations.tend();
+            }
+            if request {
+                return Ok(());
+            }
+        }
     }
 
     /// Reads the next request frame; a frame that breaks the framing (too
@@ -202,11 +236,13 @@ impl<S: Stream> Connection<S> {
                 forward_stdio: false,
             } => Some(self.migrations.prepare(&image)),
             Request::FinishRestore => Some(self.migrations.finish()),
+            Request::PrecopyRound { pid, first } => {
+                Some(self.migrations.precopy_round(pid, first))
+            }
             Request::PrepareRestore {
                 forward_stdio: true,
                 ..
             }
-            | Request::PrecopyRound { .. }
             | Request::BecomeDeputy { .. }
             | Request::DeputyOutput { .. }
             | Request::DeputyExit(_) => Some(error(

@@ -1,12 +1,18 @@
 //! The checkpoint/restore requests of one connection.
 //!
 //! ptrace is per thread on the tracer side, so every step of one checkpoint
-//! (`Checkpoint`, then `ResumeOriginal` or `KillOriginal`) or restore
-//! (`PrepareRestore`, then `FinishRestore`) must come from the thread that
-//! attached: the connection's own thread, which calls into this state. When
-//! the connection ends, [`Drop`] resumes every process still frozen by a
-//! checkpoint and kills a half-restored child, so a lost host never leaves a
-//! frozen or half-built process behind.
+//! (`PrecopyRound`s, `Checkpoint`, then `ResumeOriginal` or `KillOriginal`)
+//! or restore (`PrepareRestore`, then `FinishRestore`) must come from the
+//! thread that attached: the connection's own thread, which calls into this
+//! state. When the connection ends, [`Drop`] lets pre-copied processes go,
+//! resumes every process still frozen by a checkpoint and kills a
+//! half-restored child, so a lost host never leaves a seized, frozen or
+//! half-built process behind.
+//!
+//! A pre-copied process runs between rounds but stays seized: its stops
+//! (signals, job control) wait for this thread, which the reaper wakes
+//! through [`Migrations::waker`] (see crate::reaper); the connection polls
+//! it beside the socket and calls [`Migrations::tend`].
 //!
 //! Stdio of a restored process: descriptors 0-2 that were regular files in
 //! the image are reopened by the engine like other files (a workload's
@@ -15,16 +21,19 @@
 //! deputy belongs to migration.
 
 use std::fs::File;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::Arc;
 
+use nix::sys::eventfd::{EfdFlags, EventFd};
 use pmivmm_proto::frame::MAX_FRAME_LEN;
 use pmivmm_proto::image::{PageRef, ProcessImage};
 use pmivmm_proto::{ErrorKind, Response};
 
 use crate::checkpoint::{
     capture, finish_restore, kill_original, prepare_restore, resume_original, CheckpointError,
-    RestoredChild,
+    Precopy, RestoredChild, Tended,
 };
+use crate::reaper::{self, Waker};
 
 /// Upper bound of the encoded size of one [`PageRef`] (two varint u64s of
 /// at most 10 bytes, the kind and the dirty flag).
@@ -32,9 +41,14 @@ const MAX_PAGE_REF_LEN: usize = 22;
 /// Room for the reply's variant tag and length prefixes.
 const REPLY_OVERHEAD: usize = 64;
 
-/// What one connection has frozen or half-built.
+/// What one connection has seized, frozen or half-built.
 #[derive(Default)]
 pub struct Migrations {
+    /// Processes in pre-copy rounds on this connection, running.
+    precopies: Vec<Precopy>,
+    /// Set by the reaper when a pre-copied process stops or ends; made
+    /// with the first pre-copy.
+    waker: Option<Waker>,
     /// PIDs captured on this connection and still frozen.
     frozen: Vec<i32>,
     /// A child prepared on this connection, waiting for `FinishRestore`.
@@ -66,25 +80,137 @@ fn checkpoint_error(e: CheckpointError) -> Response {
     error(kind, e.to_string())
 }
 
+/// A PID of a request that names a process to checkpoint: positive, not
+/// frozen on this connection already, and existing.
+fn checkpoint_target(pid: u32, frozen: &[i32]) -> Result<i32, Response> {
+    let pid = match i32::try_from(pid) {
+        Ok(pid) if pid > 0 => pid,
+        _ => return Err(error(ErrorKind::BadRequest, format!("invalid PID {pid}"))),
+    };
+    if frozen.contains(&pid) {
+        return Err(error(
+            ErrorKind::Busy,
+            format!("PID {pid} is already frozen by a checkpoint on this connection"),
+        ));
+    }
+    if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        return Err(error(
+            ErrorKind::NoSuchProcess,
+            format!("no process with PID {pid}"),
+        ));
+    }
+    Ok(pid)
+}
+
 impl Migrations {
-    /// `Checkpoint { pid }`.
-    pub fn checkpoint(&mut self, pid: u32) -> Response {
-        let Ok(pid) = i32::try_from(pid) else {
-            return error(ErrorKind::BadRequest, format!("invalid PID {pid}"));
+    /// `PrecopyRound { pid, first }`. `first` on a process already in
+    /// pre-copy on this connection starts over: every present page.
+    pub fn precopy_round(&mut self, pid: u32, first: bool) -> Response {
+        let pid = match checkpoint_target(pid, &self.frozen) {
+            Ok(pid) => pid,
+            Err(reply) => return reply,
         };
-        if pid <= 0 {
-            return error(ErrorKind::BadRequest, format!("invalid PID {pid}"));
-        }
-        if self.frozen.contains(&pid) {
+        let round = match self.precopies.iter().position(|p| p.pid() == pid) {
+            Some(i) => self
+                .precopies
+                .swap_remove(i)
+                .round(first)
+                .map_err(checkpoint_error),
+            None if first => self.start_precopy(pid),
+            None => {
+                return error(
+                    ErrorKind::BadRequest,
+                    format!(
+                        "PID {pid} is not in pre-copy on this connection (its first round must \
+                         say first)"
+                    ),
+                )
+            }
+        };
+        let (precopy, pages) = match round {
+            Ok(round) => round,
+            Err(reply) => return reply,
+        };
+        if !fits_in_frame(0, &pages) {
+            precopy.release();
             return error(
-                ErrorKind::Busy,
-                format!("PID {pid} is already frozen by a checkpoint on this connection"),
+                ErrorKind::Failed,
+                format!(
+                    "{} pages of PID {pid} do not fit in one reply; it was let go",
+                    pages.len()
+                ),
             );
         }
-        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
-            return error(ErrorKind::NoSuchProcess, format!("no process with PID {pid}"));
+        self.precopies.push(precopy);
+        Response::PrecopyPages { pages }
+    }
+
+    /// The first round of `pid`, whose stops then wake this connection.
+    fn start_precopy(&mut self, pid: i32) -> Result<(Precopy, Vec<PageRef>), Response> {
+        if self.waker.is_none() {
+            let flags = EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK;
+            let waker = EventFd::from_flags(flags).map_err(|e| {
+                error(
+                    ErrorKind::Failed,
+                    format!("cannot create an eventfd for the pre-copy: {e}"),
+                )
+            })?;
+            self.waker = Some(Arc::new(waker));
         }
-        let (image, pages) = match capture(pid) {
+        let (precopy, pages) = Precopy::start(pid).map_err(checkpoint_error)?;
+        if let (Some(reaper), Some(waker)) = (reaper::running(), &self.waker) {
+            reaper.wake_on_status(pid, Arc::clone(waker));
+            // Stops reported before the waker was set.
+            let _ = waker.write(1);
+        }
+        Ok((precopy, pages))
+    }
+
+    /// What the connection polls beside its socket while processes are in
+    /// pre-copy: readable when [`Self::tend`] has work.
+    pub fn waker(&self) -> Option<BorrowedFd<'_>> {
+        match &self.waker {
+            Some(waker) if !self.precopies.is_empty() => Some(waker.as_fd()),
+            _ => None,
+        }
+    }
+
+    /// Answers the stops of the pre-copied processes; forgets those that
+    /// ended.
+    pub fn tend(&mut self) {
+        if let Some(waker) = &self.waker {
+            // Reset; EAGAIN when it was zero already.
+            let _ = waker.read();
+        }
+        let mut i = 0;
+        while i < self.precopies.len() {
+            let pid = self.precopies[i].pid();
+            match self.precopies[i].tend() {
+                Ok(Tended::Running) => i += 1,
+                Ok(Tended::Ended(status)) => {
+                    eprintln!("pmivmm-agent: PID {pid} ended during its pre-copy ({status:?})");
+                    self.precopies.swap_remove(i);
+                }
+                Err(e) => {
+                    eprintln!("pmivmm-agent: pre-copy of PID {pid}: {e}; letting it go");
+                    self.precopies.swap_remove(i).release();
+                }
+            }
+        }
+    }
+
+    /// `Checkpoint { pid }`, of a process in pre-copy on this connection
+    /// too.
+    pub fn checkpoint(&mut self, pid: u32) -> Response {
+        let pid = match checkpoint_target(pid, &self.frozen) {
+            Ok(pid) => pid,
+            Err(reply) => return reply,
+        };
+        let captured = match self.precopies.iter().position(|p| p.pid() == pid) {
+            Some(i) => self.precopies.swap_remove(i).capture(),
+            None => capture(pid),
+        };
+        let (image, pages) = match captured {
             Ok(captured) => captured,
             Err(e) => return checkpoint_error(e),
         };
@@ -176,6 +302,13 @@ impl Migrations {
 
 impl Drop for Migrations {
     fn drop(&mut self) {
+        for precopy in self.precopies.drain(..) {
+            eprintln!(
+                "pmivmm-agent: client left during a pre-copy; PID {} let go",
+                precopy.pid()
+            );
+            precopy.release();
+        }
         for pid in self.frozen.drain(..) {
             if let Err(e) = resume_original(pid) {
                 eprintln!("pmivmm-agent: cannot resume PID {pid} after its client left: {e}");
@@ -206,6 +339,11 @@ mod tests {
             kind: PageKind::Data,
             dirty: true,
         };
+        let precopy = Response::PrecopyPages {
+            pages: vec![page; 10],
+        };
+        let len = pmivmm_proto::frame::encode_frame(&precopy).unwrap().len();
+        assert!(len <= 10 * MAX_PAGE_REF_LEN + REPLY_OVERHEAD);
         // The bound holds for the worst-case encoding.
         let resp = Response::Checkpointed {
             image: vec![0; 100],

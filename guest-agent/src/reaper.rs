@@ -26,20 +26,41 @@
 //! before its PID was registered. An exit of a traced PID still reaches an
 //! exec session waiting for it. Without a running reaper (the engine's host
 //! tests) tracers call `waitpid` themselves.
+//!
+//! A tracer that lets its tracee run (a pre-copied process between rounds)
+//! must still answer its stops (a signal-delivery stop holds the process
+//! until the tracer resumes it) while it waits on its connection: it gives
+//! the reaper a [`Waker`] ([`Reaper::wake_on_status`]), an eventfd the
+//! reaper increments whenever it queues a status for that tracee, and polls
+//! it beside the connection; [`Reaper::try_wait_traced`] then takes the
+//! statuses without blocking.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 
 use nix::errno::Errno;
+use nix::sys::eventfd::EventFd;
 use pmivmm_proto::ExitStatus;
+
+/// An eventfd the reaper increments when it queues a status for a tracee
+/// (see [`Reaper::wake_on_status`]).
+pub type Waker = Arc<EventFd>;
+
+/// A registered tracee.
+#[derive(Default)]
+struct Tracing {
+    /// Raw wait statuses not yet taken by the tracer.
+    statuses: VecDeque<i32>,
+    waker: Option<Waker>,
+}
 
 #[derive(Default)]
 struct Children {
     /// Exit status recipients, by PID.
     waiting: HashMap<i32, Sender<ExitStatus>>,
-    /// Registered tracees: raw wait statuses not yet taken by their tracer.
-    traced: HashMap<i32, VecDeque<i32>>,
+    /// Registered tracees.
+    traced: HashMap<i32, Tracing>,
     /// How many children have been spawned, to wake the reaper.
     spawned: u64,
 }
@@ -93,14 +114,34 @@ impl Reaper {
     }
 
     /// Runs `spawn` (a fork whose child asks to be traced) with the table
-    /// locked and registers the child as traced.
-    pub fn spawn_traced<E>(&self, spawn: impl FnOnce() -> Result<i32, E>) -> Result<i32, E> {
+    /// locked and registers the child as traced and, like
+    /// [`Self::spawn_registered`], for its exit status.
+    pub fn spawn_traced<E>(
+        &self,
+        spawn: impl FnOnce() -> Result<i32, E>,
+    ) -> Result<(i32, Receiver<ExitStatus>), E> {
         let mut children = self.lock();
         let pid = spawn()?;
         children.traced.entry(pid).or_default();
+        let (tx, rx) = channel();
+        children.waiting.insert(pid, tx);
         children.spawned += 1;
         self.spawned.notify_one();
-        Ok(pid)
+        Ok((pid, rx))
+    }
+
+    /// From now on, every status queued for the registered tracee `pid`
+    /// also increments `waker` (one that is queued already does not).
+    pub fn wake_on_status(&self, pid: i32, waker: Waker) {
+        if let Some(tracing) = self.lock().traced.get_mut(&pid) {
+            tracing.waker = Some(waker);
+        }
+    }
+
+    /// The next raw wait status of the registered tracee `pid` if one is
+    /// queued.
+    pub fn try_wait_traced(&self, pid: i32) -> Option<i32> {
+        self.lock().traced.get_mut(&pid)?.statuses.pop_front()
     }
 
     /// Ends the registration of `pid` (detached, or its end collected);
@@ -114,8 +155,8 @@ impl Reaper {
     pub fn wait_traced(&self, pid: i32) -> Option<i32> {
         let mut children = self.lock();
         loop {
-            let queue = children.traced.get_mut(&pid)?;
-            if let Some(status) = queue.pop_front() {
+            let tracing = children.traced.get_mut(&pid)?;
+            if let Some(status) = tracing.statuses.pop_front() {
                 return Some(status);
             }
             children = self
@@ -151,9 +192,14 @@ impl Reaper {
             match wait_any() {
                 Ok((pid, raw)) => {
                     let mut children = self.lock();
-                    if let Some(queue) = children.traced.get_mut(&pid) {
-                        queue.push_back(raw);
+                    if let Some(tracing) = children.traced.get_mut(&pid) {
+                        tracing.statuses.push_back(raw);
                         self.traced_status.notify_all();
+                        if let Some(waker) = &tracing.waker {
+                            // Fails only if the counter would overflow: it
+                            // is non-zero then, which is all it says.
+                            let _ = waker.write(1);
+                        }
                     }
                     let ended = libc::WIFEXITED(raw) || libc::WIFSIGNALED(raw);
                     if ended {

@@ -2,13 +2,14 @@
 //! whose streams can be split into a reading and a writing half.
 
 use std::io::{self, Read, Write};
+use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::Duration;
 
 use crate::connection::{serve_connection, Actions};
 
-/// A byte stream to a client.
-pub trait Stream: Read + Write + Send + Sized + 'static {
+/// A byte stream to a client; its fd can be polled for the next request.
+pub trait Stream: Read + Write + AsFd + Send + Sized + 'static {
     /// Another handle to the same stream (the writing half).
     fn try_clone(&self) -> io::Result<Self>;
 }

@@ -18,6 +18,8 @@ use pmivmm_proto::{
     MigrationObstacle, Request, Response, PROTOCOL_VERSION, VERSION,
 };
 
+mod common;
+
 static POWER_OFFS: AtomicUsize = AtomicUsize::new(0);
 
 fn fake_power_off() {
@@ -62,6 +64,51 @@ fn exec(argv: &[&str]) -> ExecRequest {
 
 fn sh(script: &str) -> ExecRequest {
     exec(&["sh", "-c", script])
+}
+
+/// Execs `argv` from a bash that first closes the fds this test process
+/// leaks to its children (cargo's jobserver pipe), which would make the
+/// program unmigratable.
+fn migratable(argv: &[&str]) -> ExecRequest {
+    let script = format!(
+        "for fd in $(ls /proc/$$/fd); do [ $fd -gt 2 ] && eval \"exec $fd>&-\"; done; exec {}",
+        argv.join(" ")
+    );
+    exec(&["bash", "-c", &script])
+}
+
+/// Execs workload `name` (see images/workloads) as [`migratable`] does.
+/// The workloads are built through the agent: its reaper would take the
+/// exit status of a build started here.
+fn workload(name: &str, args: &[&str]) -> ExecRequest {
+    let path = common::workload_built_by(name, |script, dir| {
+        let argv = [script.to_str().unwrap(), dir.to_str().unwrap()];
+        let out = client().exec(exec(&argv)).unwrap().wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status, ExitStatus::Code(0), "build.sh failed: {stderr}");
+    });
+    let mut argv = vec![path.to_str().unwrap()];
+    argv.extend_from_slice(args);
+    migratable(&argv)
+}
+
+/// Reads an exec's events until its stdout contains `text`; returns the
+/// stdout read.
+fn read_until<R: std::io::Read, W: std::io::Write>(
+    session: &mut pmivmm_proto::ExecSession<R, W>,
+    text: &str,
+) -> String {
+    let mut out = Vec::new();
+    while !String::from_utf8_lossy(&out).contains(text) {
+        match session.next_event().unwrap() {
+            ExecEvent::Stdout(data) => out.extend_from_slice(&data),
+            ExecEvent::Stderr(data) => panic!("stderr: {}", String::from_utf8_lossy(&data)),
+            ExecEvent::Exited(status) => {
+                panic!("exited ({status}) before {text:?}: {}", String::from_utf8_lossy(&out))
+            }
+        }
+    }
+    String::from_utf8(out).unwrap()
 }
 
 /// A raw connection that has said hello.
@@ -474,10 +521,7 @@ fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
 /// of a client that goes away midway.
 #[test]
 fn checkpoint_requests_and_clients_that_leave_midway() {
-    // Without the fds this test process leaks to its children (cargo's
-    // jobserver pipe), which would make it unmigratable.
-    let close_and_sleep = "for fd in $(ls /proc/$$/fd); do [ $fd -gt 2 ] && eval \"exec $fd>&-\"; done; exec sleep 60";
-    let mut session = client().exec(exec(&["bash", "-c", close_and_sleep])).unwrap();
+    let mut session = client().exec(migratable(&["sleep", "60"])).unwrap();
     let pid = session.pid();
     wait_until("sleep has exec'd", || {
         std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|p| p.ends_with("sleep"))
@@ -550,4 +594,76 @@ fn checkpoint_requests_and_clients_that_leave_midway() {
             _ => continue,
         }
     }
+}
+
+/// Waits until `pid`, started by an exec of [`workload`], runs `name`.
+fn wait_for_exec(pid: u32, name: &str) {
+    wait_until(&format!("{name} has exec'd"), || {
+        std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|p| p.ends_with(name))
+    });
+}
+
+/// The output of an uninterrupted run of workload `name`.
+fn uninterrupted(name: &str, args: &[&str]) -> String {
+    let out = client()
+        .exec(workload(name, args))
+        .unwrap()
+        .wait_with_output()
+        .unwrap();
+    assert_eq!(out.status, ExitStatus::Code(0), "{name} failed on its own");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// `signals` sends itself a signal every 20 ms: seized between pre-copy
+/// rounds, it stops at each, and the agent must pass them on at once (the
+/// reaper wakes the connection) for it to make progress. Checkpointed and
+/// resumed, it ends as an uninterrupted run does.
+#[test]
+fn precopy_rounds_pass_the_running_process_its_signals() {
+    let expected = uninterrupted("signals", &["60"]);
+    let mut session = client().exec(workload("signals", &["60"])).unwrap();
+    let pid = session.pid();
+    wait_for_exec(pid, "signals");
+    let mut out = read_until(&mut session, "iter 2 ");
+
+    let mut c = client();
+    let first = c.precopy_round(pid, true).unwrap();
+    assert!(!first.is_empty() && first.iter().all(|p| p.dirty));
+    assert_ne!(tracer_pid(pid), Some(0), "not seized");
+    out += &read_until(&mut session, "iter 12 ");
+    let second = c.precopy_round(pid, false).unwrap();
+    assert!(!second.is_empty(), "the process ran: its stack at least is dirty");
+    assert!(matches!(
+        c.precopy_round(pid + 1_000_000, false),
+        Err(ClientError::Agent { kind: ErrorKind::NoSuchProcess, .. })
+    ));
+    out += &read_until(&mut session, "iter 20 ");
+
+    let (_, pages) = c.checkpoint(pid).unwrap();
+    assert!(!pages.is_empty());
+    c.resume_original(pid).unwrap();
+    let rest = session.wait_with_output().unwrap();
+    assert_eq!(rest.status, ExitStatus::Code(0));
+    out += &String::from_utf8(rest.stdout).unwrap();
+    assert_eq!(out, expected);
+}
+
+/// A client that leaves during a pre-copy: the process is let go and runs
+/// to its normal end.
+#[test]
+fn precopied_process_is_let_go_when_its_client_leaves() {
+    let expected = uninterrupted("counter", &["30"]);
+    let mut session = client().exec(workload("counter", &["30"])).unwrap();
+    let pid = session.pid();
+    wait_for_exec(pid, "counter");
+    let mut out = read_until(&mut session, "tick 1\n");
+    let mut c = client();
+    c.precopy_round(pid, true).unwrap();
+    c.precopy_round(pid, false).unwrap();
+    drop(c);
+    wait_until("the process is let go", || tracer_pid(pid) == Some(0));
+    let rest = session.wait_with_output().unwrap();
+    assert_eq!(rest.status, ExitStatus::Code(0));
+    out += &String::from_utf8(rest.stdout).unwrap();
+    assert_eq!(out, expected);
 }

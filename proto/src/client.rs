@@ -119,13 +119,29 @@ impl<R: Read, W: Write> AgentClient<R, W> {
     }
 
     /// Freezes and captures process `pid`: the encoded image and its pages'
-    /// frames. The process stays frozen until [`Self::resume_original`] or
-    /// [`Self::kill_original`] on this same client (or until it is dropped:
-    /// then the agent resumes it).
+    /// frames, with their dirty bits if [`Self::precopy_round`] ran
+    /// (otherwise all dirty). The process stays frozen until
+    /// [`Self::resume_original`] or [`Self::kill_original`] on this same
+    /// client (or until it is dropped: then the agent resumes it).
     pub fn checkpoint(&mut self, pid: u32) -> Result<(Vec<u8>, Vec<PageRef>), ClientError> {
         match self.call(&Request::Checkpoint { pid })? {
             Response::Checkpointed { image, pages } => Ok((image, pages)),
             other => Err(unexpected("Checkpointed", &other)),
+        }
+    }
+
+    /// One pre-copy round of process `pid`, which keeps running: with
+    /// `first` (the first round, which seizes it) every present page,
+    /// otherwise the pages written since the previous round (all
+    /// [`PageRef::dirty`]). The process stays seized by this client until
+    /// [`Self::checkpoint`] freezes it (its pages then carry their dirty
+    /// bits) or the client is dropped (then the agent lets it go). The
+    /// first round fails with [`ErrorKind::Refused`] if the process cannot
+    /// be checkpointed; a failed later round lets it go.
+    pub fn precopy_round(&mut self, pid: u32, first: bool) -> Result<Vec<PageRef>, ClientError> {
+        match self.call(&Request::PrecopyRound { pid, first })? {
+            Response::PrecopyPages { pages } => Ok(pages),
+            other => Err(unexpected("PrecopyPages", &other)),
         }
     }
 

@@ -80,7 +80,9 @@ pub enum Request {
     /// this connection; a later `Checkpoint { pid }` on the same connection
     /// freezes it for good and reports every present page with its
     /// soft-dirty bit ([`PageRef::dirty`]: written since the last round). If
-    /// the connection closes first, the agent lets it go.
+    /// the connection closes first, or a later round fails, the agent lets
+    /// it go. `first` again starts over (every present page). On a kernel
+    /// without soft-dirty tracking every present page counts as dirty.
     PrecopyRound { pid: u32, first: bool },
     /// Turns the process frozen by `Checkpoint { pid }` on this connection
     /// into the deputy of its migrated self, which now runs on `node`: it

@@ -26,7 +26,7 @@ use pmivmm_proto::image::{
 use pmivmm_proto::MigrationObstacle;
 
 use super::inject::{find_syscall_insn, InjectError, Injector};
-use super::pagemap::{runs, Pagemap, PagemapError};
+use super::pagemap::{runs, Pagemap, PagemapError, Select};
 use super::procfs::{self, MapsEntry, ProcfsError, Stat, Status, PF_KTHREAD};
 use super::tracee::{regs_to_image, rewind_interrupted_syscall, PtraceError, Tracee};
 
@@ -47,6 +47,8 @@ pub enum CheckpointError {
     Pagemap(#[from] PagemapError),
     #[error("PID {pid}: no `syscall` instruction in its vdso or code to run syscalls with")]
     NoSyscallInsn { pid: i32 },
+    #[error("cannot clear the soft-dirty bits of PID {pid}: {source}")]
+    ClearRefs { pid: i32, source: std::io::Error },
     #[error("cannot stat mapped file {path}: {source}")]
     MappedFile {
         path: String,
@@ -72,12 +74,27 @@ const SIG_IGN: u64 = 1;
 
 /// Freezes `pid` and captures it. Returns the image and every present page
 /// with its frame (the VMM copies the [`PageKind::Data`] ones, in order; they
-/// are the pages of [`ProcessImage::pages`]).
+/// are the pages of [`ProcessImage::pages`]), all dirty (no pre-copy round
+/// ran).
 pub fn capture(pid: i32) -> Result<(ProcessImage, Vec<PageRef>), CheckpointError> {
+    check_before_seize(pid)?;
+    let (tracee, _) = Tracee::seize_and_interrupt(Pid::from_raw(pid))?;
+    capture_stopped(tracee, Select::AllDirty)
+}
+
+/// The checks that refuse a process before it is even seized.
+pub(super) fn check_before_seize(pid: i32) -> Result<(), CheckpointError> {
     let status = procfs::status(pid)?;
     let stat = procfs::stat(pid)?;
-    refuse_if_any(pid, process_obstacles(pid, &status, stat.flags))?;
-    let tracee = Tracee::seize_and_interrupt(Pid::from_raw(pid))?;
+    refuse_if_any(pid, process_obstacles(pid, &status, stat.flags))
+}
+
+/// Captures a process this thread has seized and stopped, listing its pages
+/// as `select` says. It stays frozen; on failure it is let go (detached).
+pub(super) fn capture_stopped(
+    tracee: Tracee,
+    select: Select,
+) -> Result<(ProcessImage, Vec<PageRef>), CheckpointError> {
     let original = match (tracee.regs(), tracee.sigmask()) {
         (Ok(regs), Ok(mask)) => (regs, mask),
         (Err(e), _) | (_, Err(e)) => {
@@ -87,7 +104,7 @@ pub fn capture(pid: i32) -> Result<(ProcessImage, Vec<PageRef>), CheckpointError
     };
     let mut resumed = original.0;
     let interrupted = rewind_interrupted_syscall(&mut resumed);
-    let result = capture_frozen(tracee, &original.0, &stat);
+    let result = capture_frozen(tracee, &original.0, select);
     // Whatever happened, the process gets back its mask and registers (with
     // the syscall it was in rewound: see `rewind_interrupted_syscall`).
     let put_back = tracee
@@ -181,20 +198,20 @@ fn fail_point(name: &'static str) -> Result<(), CheckpointError> {
     Ok(())
 }
 
-/// The capture proper, on the frozen process. Its registers and signal mask
-/// are put back by the caller. `stat` was read before the freeze and is read
-/// again here: an execve between that read and the freeze (a process
+/// What [`inspect_stopped`] read.
+pub(super) struct Inspection {
+    pub stat: Stat,
+    pub status: Status,
+    pub vmas: Vec<Vma>,
+    pub fds: Vec<FileDescriptor>,
+}
+
+/// Every check that refuses a process, on the stopped process (nothing can
+/// change under us: threads, mappings, descriptors). /proc/PID/stat is read
+/// here even if it was before the freeze: an execve in between (a process
 /// checkpointed right after its launch) replaces every mm field.
-fn capture_frozen(
-    tracee: Tracee,
-    regs: &user_regs_struct,
-    stat: &Stat,
-) -> Result<(ProcessImage, Vec<PageRef>), CheckpointError> {
-    let pid = tracee.pid.as_raw();
-    let _ = stat;
-    let stat = &procfs::stat(pid)?;
-    // Checked again now that nothing can change under us (threads, signal
-    // dispositions).
+pub(super) fn inspect_stopped(pid: i32) -> Result<Inspection, CheckpointError> {
+    let stat = procfs::stat(pid)?;
     let status = procfs::status(pid)?;
     let mut obstacles = process_obstacles(
         pid,
@@ -207,6 +224,41 @@ fn capture_frozen(
     let vmas = vmas(&procfs::maps(pid)?, &mut obstacles)?;
     let fds = fds(pid, &mut obstacles)?;
     refuse_if_any(pid, obstacles)?;
+    Ok(Inspection {
+        stat,
+        status,
+        vmas,
+        fds,
+    })
+}
+
+/// The present pages of `vmas` that `select` asks for.
+pub(super) fn present_pages(
+    pagemap: &Pagemap,
+    vmas: &[Vma],
+    select: Select,
+) -> Result<Vec<PageRef>, CheckpointError> {
+    let mut pages = Vec::new();
+    for vma in vmas {
+        pagemap.present_pages(vma, select, &mut pages)?;
+    }
+    Ok(pages)
+}
+
+/// The capture proper, on the frozen process. Its registers and signal mask
+/// are put back by the caller.
+fn capture_frozen(
+    tracee: Tracee,
+    regs: &user_regs_struct,
+    select: Select,
+) -> Result<(ProcessImage, Vec<PageRef>), CheckpointError> {
+    let pid = tracee.pid.as_raw();
+    let Inspection {
+        stat,
+        status,
+        vmas,
+        fds,
+    } = inspect_stopped(pid)?;
 
     let fpu = tracee.fpu()?;
     let rseq = tracee.rseq()?;
@@ -221,11 +273,7 @@ fn capture_frozen(
     let actions = sigactions(&injector, &status)?;
     fail_point("after-injection")?;
 
-    let pagemap = Pagemap::open(pid)?;
-    let mut pages = Vec::new();
-    for vma in &vmas {
-        pagemap.present_pages(vma, &mut pages)?;
-    }
+    let pages = present_pages(&Pagemap::open(pid)?, &vmas, select)?;
     let data = runs(
         pages
             .iter()
@@ -281,7 +329,7 @@ fn capture_frozen(
 }
 
 /// The VMAs of a process, noting what cannot be recreated.
-fn vmas(
+pub(super) fn vmas(
     maps: &[MapsEntry],
     obstacles: &mut Vec<MigrationObstacle>,
 ) -> Result<Vec<Vma>, CheckpointError> {

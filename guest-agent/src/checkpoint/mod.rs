@@ -6,6 +6,9 @@
 //! * [`prepare_restore`] builds a child with the image's memory layout and
 //!   reports the frames that must receive the saved pages;
 //!   [`finish_restore`] restores the rest and lets the process run.
+//! * [`Precopy`] runs pre-copy rounds on a process that keeps running and
+//!   ends them with the checkpoint ([`Precopy::capture`]) or by letting it
+//!   go.
 //! * [`ProcMem`] reads and writes page contents through /proc/PID/mem, where
 //!   no VMM copies them (host tests, local mode).
 //!
@@ -14,6 +17,7 @@
 mod capture;
 mod inject;
 mod pagemap;
+mod precopy;
 mod procfs;
 mod procmem;
 mod restore;
@@ -23,6 +27,8 @@ mod tracee;
 mod tests;
 
 pub use capture::{capture, kill_original, resume_original, CheckpointError};
+pub use pagemap::soft_dirty_tracked;
+pub use precopy::{Precopy, Tended};
 pub use procmem::{ProcMem, ProcMemError};
 pub use restore::{finish_restore, prepare_restore, RestoreError, RestoredChild};
 

@@ -1,9 +1,11 @@
-//! /proc/PID/pagemap: which pages of a VMA are present and in which frame.
+//! /proc/PID/pagemap: which pages of a VMA are present, in which frame,
+//! and whether they were written since the soft-dirty bits were cleared.
 //! One pread per VMA (chunked only for huge sparse VMAs).
 
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
+use std::sync::OnceLock;
 
 use pmivmm_proto::image::{PageKind, PageRef, PageRun, Vma, VmaKind, PAGE_SIZE};
 
@@ -29,6 +31,49 @@ const SOFT_DIRTY: u64 = 1 << 55;
 const PFN_MASK: u64 = (1 << 55) - 1;
 /// Entries per pread: 64 Ki entries (512 KiB) cover 256 MiB of address space.
 const CHUNK_PAGES: u64 = 64 << 10;
+
+/// Which present pages [`Pagemap::present_pages`] lists, and what their
+/// [`PageRef::dirty`] says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Select {
+    /// Every present page, dirty: no pre-copy round cleared the bits.
+    AllDirty,
+    /// Every present page, with its soft-dirty bit.
+    All,
+    /// Only the present pages whose soft-dirty bit is set.
+    Dirty,
+}
+
+/// Whether this kernel tracks soft-dirty pages (CONFIG_MEM_SOFT_DIRTY).
+/// Without it the bit is never set, so every page must count as dirty:
+/// pre-copy rounds then report every present page (more copying, never a
+/// missed write). Probed once on a written page of the agent's own, which
+/// is soft-dirty where the bits are tracked (the agent never clears its
+/// own).
+pub fn soft_dirty_tracked() -> bool {
+    static TRACKED: OnceLock<bool> = OnceLock::new();
+    *TRACKED.get_or_init(|| {
+        let page = std::hint::black_box([1u8; 1]);
+        let addr = page.as_ptr() as u64 / PAGE_SIZE * PAGE_SIZE;
+        let mut dirty = false;
+        let probed = Pagemap::open(std::process::id() as i32).and_then(|own| {
+            own.for_each(addr, addr + PAGE_SIZE, |_, entry| {
+                dirty = entry & SOFT_DIRTY != 0;
+                Ok(())
+            })
+        });
+        if let Err(e) = probed {
+            eprintln!("pmivmm-agent: cannot probe soft-dirty tracking: {e}");
+        }
+        if !dirty {
+            eprintln!(
+                "pmivmm-agent: this kernel does not track soft-dirty pages \
+                 (CONFIG_MEM_SOFT_DIRTY): every present page counts as dirty"
+            );
+        }
+        dirty
+    })
+}
 
 pub struct Pagemap {
     pid: i32,
@@ -71,10 +116,20 @@ impl Pagemap {
         Ok(())
     }
 
-    /// The present pages of `vma`, classified (see [`PageKind`]). `[vvar]`
-    /// pages and the pages of shared file mappings (which the file provides)
-    /// are never listed.
-    pub fn present_pages(&self, vma: &Vma, out: &mut Vec<PageRef>) -> Result<(), PagemapError> {
+    /// The present pages of `vma` that `select` asks for, classified (see
+    /// [`PageKind`]). `[vvar]` pages and the pages of shared file mappings
+    /// (which the file provides) are never listed.
+    pub fn present_pages(
+        &self,
+        vma: &Vma,
+        select: Select,
+        out: &mut Vec<PageRef>,
+    ) -> Result<(), PagemapError> {
+        let select = if soft_dirty_tracked() {
+            select
+        } else {
+            Select::AllDirty
+        };
         let (private_file, vdso) = match vma.kind {
             VmaKind::Vvar { .. } => return Ok(()),
             VmaKind::File { .. } if vma.shared => return Ok(()),
@@ -89,7 +144,8 @@ impl Pagemap {
                     vaddr,
                 });
             }
-            if entry & PRESENT == 0 {
+            let dirty = select == Select::AllDirty || entry & SOFT_DIRTY != 0;
+            if entry & PRESENT == 0 || (select == Select::Dirty && !dirty) {
                 return Ok(());
             }
             let kind = if vdso {
@@ -103,7 +159,7 @@ impl Pagemap {
                 vaddr,
                 pfn: entry & PFN_MASK,
                 kind,
-                dirty: entry & SOFT_DIRTY != 0,
+                dirty,
             });
             Ok(())
         })

@@ -311,7 +311,7 @@ fn fork_child(plan: ChildPlan) -> Result<RestoredChild, RestoreError> {
     // With the agent's reaper running, the child is registered as traced
     // before the reaper can see its first stop (see crate::reaper).
     let pid = Pid::from_raw(match crate::reaper::running() {
-        Some(reaper) => reaper.spawn_traced(fork)?,
+        Some(reaper) => reaper.spawn_traced(fork)?.0,
         None => fork()?,
     });
     let tracee = Tracee { pid };

@@ -6,52 +6,34 @@
 //! They need root (ptrace of any process, PFNs in pagemap, PR_SET_MM_MAP)
 //! and fail, not skip, without it.
 
+use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsFd;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
-use pmivmm_proto::image::{FpuKind, FpuState, ImageError, PageKind, ProcessImage, FXSAVE_AREA_LEN};
+use pmivmm_proto::image::{
+    FpuKind, FpuState, ImageError, PageKind, PageRef, PageRun, ProcessImage, FXSAVE_AREA_LEN,
+    PAGE_SIZE,
+};
 use pmivmm_proto::MigrationObstacle;
 
 use super::capture::FAIL_AT;
 use super::*;
+
+#[path = "../../tests/common/mod.rs"]
+mod common;
+use common::{work_dir, workload, PageCopies};
 
 fn require_root() {
     assert!(
         nix::unistd::geteuid().is_root(),
         "the checkpoint/restore tests need root (ptrace of other processes, PFNs in /proc/PID/pagemap, PR_SET_MM_MAP)"
     );
-}
-
-/// target/<profile>/cr-tests: workloads and per-test output files.
-fn work_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps/<test>")
-        .join("cr-tests")
-}
-
-/// Builds the workloads once per test binary.
-fn workload(name: &str) -> PathBuf {
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    let dir = BUILT.get_or_init(|| {
-        let out = work_dir().join("workloads");
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/workloads/build.sh");
-        let status = Command::new(&script)
-            .arg(&out)
-            .status()
-            .expect("run images/workloads/build.sh");
-        assert!(status.success(), "building the workloads failed");
-        out
-    });
-    dir.join(name)
 }
 
 /// A pseudo-random delay in `range` (the moment of the checkpoint).
@@ -101,6 +83,12 @@ impl Workload {
 
     fn output(&self) -> String {
         std::fs::read_to_string(&self.out).unwrap()
+    }
+
+    /// Waits until `memory` has printed one more "pass N ok" line.
+    fn wait_for_next_pass(&self) {
+        let passes = self.output().matches(" ok\n").count();
+        self.wait_for(&format!("pass {} ok\n", passes + 1));
     }
 
     /// Waits until the output contains `text`.
@@ -160,9 +148,21 @@ fn migrate(w: Workload, adjust: impl FnOnce(&mut ProcessImage)) -> String {
         pages.iter().all(|p| p.pfn != 0),
         "pages without frame numbers"
     );
+    assert!(pages.iter().all(|p| p.dirty), "no round ran: all dirty");
     let data = ProcMem::open(pid).unwrap().read_runs(&image.pages).unwrap();
     kill_original(pid).unwrap();
+    restore(&w, image, &data, adjust)
+}
 
+/// Restores a checkpointed (and killed) workload from its image and page
+/// contents, and returns its complete output once the restored process
+/// exited successfully.
+fn restore(
+    w: &Workload,
+    image: ProcessImage,
+    data: &[u8],
+    adjust: impl FnOnce(&mut ProcessImage),
+) -> String {
     // The image crosses the network: encode, decode, validate.
     let mut image = ProcessImage::from_bytes(&image.to_bytes()).unwrap();
     adjust(&mut image);
@@ -173,7 +173,7 @@ fn migrate(w: Workload, adjust: impl FnOnce(&mut ProcessImage)) -> String {
     assert_eq!(frames.len() as u64, image.page_count());
     ProcMem::open(child.pid())
         .unwrap()
-        .write_runs(&image.pages, &data)
+        .write_runs(&image.pages, data)
         .unwrap();
     let restored =
         finish_restore(child, &image).unwrap_or_else(|e| panic!("finish_restore failed: {e}"));
@@ -263,24 +263,24 @@ fn file_offsets_round_trip() {
     round_trip("files", "files", &[target.to_str().unwrap()], &[], 50..500);
 }
 
-/// Starts `hold MODE`, expects capture to refuse it naming `expected`, and
-/// checks that it was left running, untraced, and finishes normally.
+/// Starts `hold MODE`, expects capture and a first pre-copy round to refuse
+/// it naming `expected`, and checks that it was left running, untraced, and
+/// finishes normally.
 fn refused(mode: &str, expected: impl Fn(&MigrationObstacle) -> bool) {
     require_root();
     let mut w = Workload::start(&format!("hold-{mode}"), "hold", &[mode], &[]);
     w.wait_for("alive 1\n");
-    match capture(w.pid()) {
+    let check = |what: &str, result: Result<(), CheckpointError>| match result {
         Err(CheckpointError::Refused { obstacles, .. }) => {
             assert!(
                 obstacles.iter().any(&expected),
                 "unexpected obstacles {obstacles:?}"
             )
         }
-        other => panic!(
-            "capture of hold {mode} was not refused: {:?}",
-            other.map(|(i, _)| i.comm)
-        ),
-    }
+        other => panic!("{what} of hold {mode} was not refused: {other:?}"),
+    };
+    check("capture", capture(w.pid()).map(drop));
+    check("pre-copy", Precopy::start(w.pid()).map(|(p, _)| p.release()));
     let status = std::fs::read_to_string(format!("/proc/{}/status", w.pid())).unwrap();
     assert!(status.contains("TracerPid:\t0\n"), "still traced: {status}");
     assert!(w.child.wait().unwrap().success());
@@ -352,6 +352,121 @@ fn resumed_original_runs_on() {
     resume_original(w.pid()).unwrap();
     assert!(w.child.wait().unwrap().success());
     assert_eq!(w.output(), expected);
+}
+
+/// The buffer `memory 1` rewrites in every pass: its only anonymous mapping
+/// of more than 1 MiB.
+fn memory_buffer(pid: i32) -> BTreeSet<u64> {
+    let maps = procfs::maps(pid).unwrap();
+    let buffer = maps
+        .iter()
+        .find(|m| m.name.is_empty() && m.end - m.start > 1 << 20)
+        .expect("memory has no 1 MiB buffer");
+    (buffer.start..buffer.end).step_by(PAGE_SIZE as usize).collect()
+}
+
+fn addresses(pages: &[PageRef]) -> BTreeSet<u64> {
+    pages.iter().map(|p| p.vaddr).collect()
+}
+
+/// The contents of one page of `mem`.
+fn read_page(mem: &ProcMem, vaddr: u64) -> Vec<u8> {
+    mem.read_runs(&[PageRun {
+        start: vaddr,
+        count: 1,
+    }])
+    .unwrap()
+}
+
+/// A round reports the pages written since the previous one: `memory`
+/// rewrites its 1 MiB buffer in every pass and little else (its stack). On
+/// a kernel without soft-dirty tracking every present page is reported
+/// instead (and the code pages prove it). The process, let go after the
+/// rounds, ends as an uninterrupted run does.
+#[test]
+fn precopy_rounds_report_the_pages_written_since_the_last() {
+    require_root();
+    let args = ["1", "60"];
+    let expected = uninterrupted("precopy", "memory", &args, &[]);
+    let mut w = Workload::start("precopy", "memory", &args, &[]);
+    w.wait_for("pass 1 ok\n");
+    let buffer = memory_buffer(w.pid());
+
+    let (precopy, first) = Precopy::start(w.pid()).unwrap();
+    assert!(buffer.is_subset(&addresses(&first)));
+    assert!(first.iter().any(|p| p.kind == PageKind::CleanFile));
+    assert!(first.iter().all(|p| p.dirty && p.pfn != 0));
+    let status = std::fs::read_to_string(format!("/proc/{}/status", w.pid())).unwrap();
+    assert!(
+        !status.contains("TracerPid:\t0\n"),
+        "not seized between rounds"
+    );
+
+    let mut precopy = precopy;
+    for _ in 0..2 {
+        w.wait_for_next_pass();
+        let (next, pages) = precopy.round(false).unwrap();
+        precopy = next;
+        assert!(buffer.is_subset(&addresses(&pages)), "buffer pages missing");
+        assert!(pages.iter().all(|p| p.dirty));
+        let extra: Vec<&PageRef> = pages
+            .iter()
+            .filter(|p| !buffer.contains(&p.vaddr))
+            .collect();
+        if soft_dirty_tracked() {
+            assert!(
+                extra.len() <= 8 && extra.iter().all(|p| p.kind == PageKind::Data),
+                "pages reported beyond the buffer: {extra:x?}"
+            );
+        } else {
+            assert!(extra.iter().any(|p| p.kind == PageKind::CleanFile));
+        }
+    }
+    precopy.release();
+    assert!(w.child.wait().unwrap().success());
+    assert_eq!(w.output(), expected);
+}
+
+/// Pages copied in pre-copy rounds while the process ran, plus those the
+/// checkpoint reports dirty (or that were never copied), restore it to the
+/// same end as an uninterrupted run: the dirty bits miss no write. The
+/// buffer, rewritten since the last round, is dirty; the code is not.
+#[test]
+fn checkpoint_after_precopy_rounds_restores_from_the_copies() {
+    require_root();
+    let args = ["1", "60"];
+    let expected = uninterrupted("precopy-cr", "memory", &args, &[]);
+    let w = Workload::start("precopy-cr", "memory", &args, &[]);
+    w.wait_for("pass 1 ok\n");
+    let pid = w.pid();
+    let mem = ProcMem::open(pid).unwrap();
+    let read = |vaddr| read_page(&mem, vaddr);
+    let mut copies = PageCopies::default();
+
+    let (mut precopy, pages) = Precopy::start(pid).unwrap();
+    copies.round(&pages, read);
+    for _ in 0..2 {
+        w.wait_for_next_pass();
+        let (next, pages) = precopy.round(false).unwrap();
+        precopy = next;
+        copies.round(&pages, read);
+    }
+    w.wait_for_next_pass();
+    let (image, pages) = precopy.capture().unwrap();
+    let buffer = memory_buffer(pid);
+    assert!(pages
+        .iter()
+        .filter(|p| buffer.contains(&p.vaddr))
+        .all(|p| p.dirty));
+    if soft_dirty_tracked() {
+        let mut code = pages.iter().filter(|p| p.kind == PageKind::CleanFile);
+        assert!(code.clone().count() > 0 && code.all(|p| !p.dirty));
+    } else {
+        assert!(pages.iter().all(|p| p.dirty));
+    }
+    let data = copies.finish(&image, &pages, read);
+    kill_original(pid).unwrap();
+    assert_eq!(restore(&w, image, &data, |_| {}), expected);
 }
 
 #[test]

@@ -59,6 +59,17 @@ pub struct Tracee {
     pub pid: Pid,
 }
 
+/// What an interrupted tracee was doing, which decides how it is resumed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interrupted {
+    Running,
+    /// Stopped by job control (SIGSTOP, SIGTSTP, ...): it stays stopped.
+    GroupStopped,
+}
+
+/// `PTRACE_LISTEN`, which nix does not wrap.
+const PTRACE_LISTEN: u32 = 0x4208;
+
 impl Tracee {
     fn err(&self, op: &'static str) -> impl Fn(Errno) -> PtraceError + '_ {
         move |errno| PtraceError::Call {
@@ -70,7 +81,7 @@ impl Tracee {
 
     /// Attaches with `PTRACE_SEIZE` and stops the process with
     /// `PTRACE_INTERRUPT`. A signal being delivered meanwhile is passed on.
-    pub fn seize_and_interrupt(pid: Pid) -> Result<Tracee, PtraceError> {
+    pub fn seize_and_interrupt(pid: Pid) -> Result<(Tracee, Interrupted), PtraceError> {
         let tracee = Tracee { pid };
         // Registered before the first ptrace call: see crate::reaper.
         if let Some(reaper) = reaper::running() {
@@ -80,28 +91,36 @@ impl Tracee {
             untrace(pid);
             return Err(tracee.err("SEIZE")(e));
         }
-        if let Err(e) = ptrace::interrupt(pid).map_err(tracee.err("INTERRUPT")) {
-            let _ = ptrace::detach(pid, None);
-            untrace(pid);
-            return Err(e);
-        }
-        let stopped = tracee.wait_interrupt_stop();
+        let stopped = tracee.interrupt();
         if stopped.is_err() {
             // Gone, or in a state we cannot handle: let it be.
             let _ = ptrace::detach(pid, None);
             untrace(pid);
         }
-        stopped.map(|()| tracee)
+        stopped.map(|how| (tracee, how))
     }
 
-    fn wait_interrupt_stop(&self) -> Result<(), PtraceError> {
+    /// Stops the seized process with `PTRACE_INTERRUPT`. A signal being
+    /// delivered meanwhile is passed on.
+    pub fn interrupt(&self) -> Result<Interrupted, PtraceError> {
+        ptrace::interrupt(self.pid).map_err(self.err("INTERRUPT"))?;
+        self.wait_interrupt_stop()
+    }
+
+    fn wait_interrupt_stop(&self) -> Result<Interrupted, PtraceError> {
         let (tracee, pid) = (self, self.pid);
         loop {
             match tracee.wait()? {
-                WaitStatus::PtraceEvent(_, _, event)
+                WaitStatus::PtraceEvent(_, sig, event)
                     if event == Event::PTRACE_EVENT_STOP as i32 =>
                 {
-                    return Ok(())
+                    // A seized process in group-stop reports its stop
+                    // signal, a running one SIGTRAP.
+                    return Ok(if sig == Signal::SIGTRAP {
+                        Interrupted::Running
+                    } else {
+                        Interrupted::GroupStopped
+                    });
                 }
                 // A signal-delivery stop: deliver it; the interrupt stays pending.
                 WaitStatus::Stopped(_, sig) => {
@@ -129,6 +148,32 @@ impl Tracee {
                 })
             }
             Ok(status) => Ok(status),
+        }
+    }
+
+    /// Lets an interrupted process go on as it was: running, or (with
+    /// `PTRACE_LISTEN`) in its group-stop, still seized.
+    pub fn resume(&self, how: Interrupted) -> Result<(), PtraceError> {
+        match how {
+            Interrupted::Running => ptrace::cont(self.pid, None).map_err(self.err("CONT")),
+            Interrupted::GroupStopped => self
+                .raw("LISTEN", PTRACE_LISTEN, 0, std::ptr::null_mut())
+                .map(drop),
+        }
+    }
+
+    /// Answers a stop of a seized process that runs (see [`Self::resume`]):
+    /// passes a signal on, keeps a job-control stop, resumes from anything
+    /// else.
+    pub fn pass_stop(&self, status: WaitStatus) -> Result<(), PtraceError> {
+        match status {
+            WaitStatus::Stopped(_, sig) => ptrace::cont(self.pid, sig).map_err(self.err("CONT")),
+            WaitStatus::PtraceEvent(_, sig, event)
+                if event == Event::PTRACE_EVENT_STOP as i32 && sig != Signal::SIGTRAP =>
+            {
+                self.resume(Interrupted::GroupStopped)
+            }
+            _ => self.resume(Interrupted::Running),
         }
     }
 
@@ -374,6 +419,24 @@ pub fn wait_status(pid: Pid) -> Result<WaitStatus, Errno> {
         match waitpid(pid, Some(WaitPidFlag::__WALL)) {
             Err(Errno::EINTR) => continue,
             other => return other,
+        }
+    }
+}
+
+/// The next wait status of tracee `pid` if it has one (see
+/// [`wait_status`]).
+pub fn try_wait_status(pid: Pid) -> Result<Option<WaitStatus>, Errno> {
+    if let Some(reaper) = reaper::running() {
+        return reaper
+            .try_wait_traced(pid.as_raw())
+            .map(|raw| WaitStatus::from_raw(pid, raw))
+            .transpose();
+    }
+    loop {
+        match waitpid(pid, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
+            Err(Errno::EINTR) => continue,
+            Ok(WaitStatus::StillAlive) => return Ok(None),
+            other => return other.map(Some),
         }
     }
 }
