@@ -11,7 +11,7 @@ use pmivmm_proto::{ErrorKind, Request, Response, PROTOCOL_VERSION, VERSION};
 use crate::exec::{Exec, ExecError};
 use crate::kill::{send_signal, KillError};
 use crate::load::load;
-use crate::migrate::Migrations;
+use crate::migrate::{Finished, Migrations};
 use crate::ps::list_processes;
 use crate::server::Stream;
 use crate::sink::ResponseSink;
@@ -28,7 +28,8 @@ struct Connection<S: Stream> {
     reader: S,
     sink: ResponseSink<S>,
     actions: Actions,
-    /// The last exec started on this connection.
+    /// The last exec started on this connection (or restored process
+    /// whose stdio it forwards).
     exec: Option<Exec>,
     /// `Poweroff` was accepted: power off once the reply is sent.
     power_off_requested: bool,
@@ -200,7 +201,8 @@ impl<S: Stream> Connection<S> {
             }
             _ if self.exec_running() => Some(error(
                 ErrorKind::Busy,
-                "an exec is running on this connection; only stdin is accepted until it exits",
+                "a process streams its output on this connection (an exec, or a restored \
+                 process with forwarded stdio); only stdin is accepted until it exits",
             )),
             Request::Hello { .. } => {
                 Some(error(ErrorKind::BadRequest, "hello was already exchanged"))
@@ -233,17 +235,28 @@ impl<S: Stream> Connection<S> {
             Request::KillOriginal { pid } => Some(self.migrations.end_freeze(pid, true)),
             Request::PrepareRestore {
                 image,
-                forward_stdio: false,
-            } => Some(self.migrations.prepare(&image)),
-            Request::FinishRestore => Some(self.migrations.finish()),
+                forward_stdio,
+            } => Some(self.migrations.prepare(&image, forward_stdio)),
+            Request::FinishRestore => match self.migrations.finish() {
+                Finished::Reply(reply) => Some(reply),
+                Finished::Forward(streamed) => {
+                    let pid = streamed.pid;
+                    match Exec::forward_restored(streamed, self.sink.clone()) {
+                        Ok(exec) => {
+                            self.exec = Some(exec);
+                            None
+                        }
+                        Err(e) => Some(error(
+                            ErrorKind::Failed,
+                            format!("restored PID {pid} was killed: {e}"),
+                        )),
+                    }
+                }
+            },
             Request::PrecopyRound { pid, first } => {
                 Some(self.migrations.precopy_round(pid, first))
             }
-            Request::PrepareRestore {
-                forward_stdio: true,
-                ..
-            }
-            | Request::BecomeDeputy { .. }
+            Request::BecomeDeputy { .. }
             | Request::DeputyOutput { .. }
             | Request::DeputyExit(_) => Some(error(
                 ErrorKind::UnknownRequest,

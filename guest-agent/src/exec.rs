@@ -1,5 +1,7 @@
 //! One exec session: a spawned process whose output is streamed to the
-//! client as it comes and whose exit status ends the stream.
+//! client as it comes and whose exit status ends the stream. A migrated
+//! process restored with forwarded stdio streams the same way
+//! ([`Exec::forward_restored`]).
 
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -11,7 +13,7 @@ use std::sync::Arc;
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sys::signal::{killpg, Signal};
+use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::{pipe2, Pid};
 use pmivmm_proto::frame::FrameError;
 use pmivmm_proto::{ExecRequest, ExitStatus, Response};
@@ -54,12 +56,26 @@ pub enum ExecError {
     Thread(io::Error),
 }
 
-/// A started exec. Its output thread sends `Started`, the output and
-/// `Exited` on the connection.
+/// A started exec, or a restored process whose stdio is forwarded. Its
+/// output thread sends `Started` (`Restored`), the output and `Exited` on
+/// the connection.
 pub struct Exec {
     pid: i32,
     stdin: Option<File>,
     finished: Arc<AtomicBool>,
+    /// An exec leads its own session: a hangup goes to its process group.
+    /// A restored process gets it alone.
+    session_leader: bool,
+}
+
+/// The output pipes and exit status of a process whose output streams on a
+/// connection.
+pub struct Streamed {
+    pub pid: i32,
+    pub stdout: File,
+    pub stderr: File,
+    /// From the reaper, registered before the process could exit.
+    pub exit: Receiver<ExitStatus>,
 }
 
 impl Exec {
@@ -88,30 +104,61 @@ impl Exec {
         let (pid, exit) = reaper().spawn_registered(|| spawn(&prog))?;
         // The child has its copies; the pipes must see EOF when it exits.
         drop((stdin_child, stdout_child, stderr_child));
-
-        let finished = Arc::new(AtomicBool::new(false));
-        let watch = watch_exit(pid);
-        let output = Output {
+        let streamed = Streamed {
             pid,
             stdout: File::from(stdout),
             stderr: File::from(stderr),
-            watch,
             exit,
         };
-        let thread_finished = Arc::clone(&finished);
-        let started = std::thread::Builder::new()
-            .name(format!("exec-{pid}"))
-            .stack_size(128 << 10)
-            .spawn(move || output.forward(&sink, &thread_finished));
-        if let Err(e) = started {
-            let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
-            return Err(ExecError::Thread(e));
-        }
-        Ok(Exec {
+        let exec = Exec {
             pid,
             stdin,
-            finished,
-        })
+            finished: Arc::new(AtomicBool::new(false)),
+            session_leader: true,
+        };
+        exec.stream(Response::Started { pid: pid as u32 }, streamed, sink)
+    }
+
+    /// Streams the output of a restored process (see
+    /// `Request::PrepareRestore`): `Restored`, its output, `Exited`. It has
+    /// no stdin to forward.
+    pub fn forward_restored<W: Write + Send + 'static>(
+        streamed: Streamed,
+        sink: ResponseSink<W>,
+    ) -> Result<Exec, ExecError> {
+        let pid = streamed.pid;
+        let exec = Exec {
+            pid,
+            stdin: None,
+            finished: Arc::new(AtomicBool::new(false)),
+            session_leader: false,
+        };
+        exec.stream(Response::Restored { pid: pid as u32 }, streamed, sink)
+    }
+
+    /// Starts the output thread, which sends `first`; without it the
+    /// process is killed.
+    fn stream<W: Write + Send + 'static>(
+        self,
+        first: Response,
+        streamed: Streamed,
+        sink: ResponseSink<W>,
+    ) -> Result<Exec, ExecError> {
+        let output = Output {
+            first,
+            watch: watch_exit(self.pid),
+            streamed,
+        };
+        let finished = Arc::clone(&self.finished);
+        let started = std::thread::Builder::new()
+            .name(format!("output-{}", self.pid))
+            .stack_size(128 << 10)
+            .spawn(move || output.forward(&sink, &finished));
+        if let Err(e) = started {
+            self.signal(Signal::SIGKILL);
+            return Err(ExecError::Thread(e));
+        }
+        Ok(self)
     }
 
     /// Whether `Exited` has been (or is being) sent.
@@ -137,8 +184,17 @@ impl Exec {
     /// would.
     pub fn hang_up(&self) {
         if !self.is_finished() {
-            let _ = killpg(Pid::from_raw(self.pid), Signal::SIGHUP);
+            self.signal(Signal::SIGHUP);
         }
+    }
+
+    fn signal(&self, signal: Signal) {
+        let pid = Pid::from_raw(self.pid);
+        let _ = if self.session_leader {
+            killpg(pid, signal)
+        } else {
+            kill(pid, signal)
+        };
     }
 }
 
@@ -167,7 +223,13 @@ fn environment(extra: &[String]) -> Result<Vec<String>, ExecError> {
 }
 
 fn pipe() -> Result<(OwnedFd, OwnedFd), ExecError> {
-    pipe2(OFlag::O_CLOEXEC).map_err(|e| ExecError::Stdio(e.into()))
+    stdio_pipe().map_err(ExecError::Stdio)
+}
+
+/// A pipe for a child's stdio: (read end, write end), both close-on-exec
+/// in the agent.
+pub fn stdio_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    Ok(pipe2(OFlag::O_CLOEXEC)?)
 }
 
 /// How the output thread learns that the process has exited.
@@ -196,27 +258,28 @@ fn watch_exit(pid: i32) -> ExitWatch {
 
 /// What the output thread of an exec holds.
 struct Output {
-    pid: i32,
-    stdout: File,
-    stderr: File,
+    /// `Started` or `Restored`.
+    first: Response,
     watch: ExitWatch,
-    exit: Receiver<ExitStatus>,
+    streamed: Streamed,
 }
 
 impl Output {
-    /// Sends `Started`, the output, then `Exited`. Stops early if the client
+    /// Sends `first`, the output, then `Exited`. Stops early if the client
     /// is gone (dropping the pipes: the process then gets EPIPE / SIGPIPE).
     fn forward<W: Write>(self, sink: &ResponseSink<W>, finished: &AtomicBool) {
         let Output {
-            pid,
-            stdout,
-            stderr,
+            first,
             watch,
-            exit,
+            streamed:
+                Streamed {
+                    stdout,
+                    stderr,
+                    exit,
+                    ..
+                },
         } = self;
-        if sink.send(&Response::Started { pid: pid as u32 }).is_err()
-            || forward_output([stdout, stderr], watch, sink).is_err()
-        {
+        if sink.send(&first).is_err() || forward_output([stdout, stderr], watch, sink).is_err() {
             return;
         }
         // The reaper keeps the sender until the process is reaped.

@@ -17,11 +17,13 @@
 //! Stdio of a restored process: descriptors 0-2 that were regular files in
 //! the image are reopened by the engine like other files (a workload's
 //! redirected output continues in its file); any other stdio (pipes,
-//! terminals) becomes /dev/null here. Forwarding it through the home node's
-//! deputy belongs to migration.
+//! terminals) becomes /dev/null here, or with `forward_stdio` (migration:
+//! the VMM relays it to the process's deputy at home) stdin /dev/null and
+//! stdout/stderr pipes whose output the connection streams like an exec's
+//! (see crate::exec).
 
 use std::fs::File;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
 use nix::sys::eventfd::{EfdFlags, EventFd};
@@ -33,6 +35,7 @@ use crate::checkpoint::{
     capture, finish_restore, kill_original, prepare_restore, resume_original, CheckpointError,
     Precopy, RestoredChild, Tended,
 };
+use crate::exec::{stdio_pipe, Streamed};
 use crate::reaper::{self, Waker};
 
 /// Upper bound of the encoded size of one [`PageRef`] (two varint u64s of
@@ -52,7 +55,23 @@ pub struct Migrations {
     /// PIDs captured on this connection and still frozen.
     frozen: Vec<i32>,
     /// A child prepared on this connection, waiting for `FinishRestore`.
-    restoring: Option<(RestoredChild, ProcessImage)>,
+    restoring: Option<Restoring>,
+}
+
+struct Restoring {
+    child: RestoredChild,
+    image: ProcessImage,
+    /// With forwarded stdio: its output pipes and exit status.
+    forwarded: Option<Streamed>,
+}
+
+/// How `FinishRestore` ends.
+pub enum Finished {
+    /// With this reply (`Restored`, or an error).
+    Reply(Response),
+    /// The process runs and its output must stream on the connection,
+    /// `Restored` first.
+    Forward(Streamed),
 }
 
 fn error(kind: ErrorKind, message: impl Into<String>) -> Response {
@@ -251,8 +270,8 @@ impl Migrations {
         }
     }
 
-    /// `PrepareRestore { image }`.
-    pub fn prepare(&mut self, image: &[u8]) -> Response {
+    /// `PrepareRestore { image, forward_stdio }`.
+    pub fn prepare(&mut self, image: &[u8], forward_stdio: bool) -> Response {
         if self.restoring.is_some() {
             return error(
                 ErrorKind::Busy,
@@ -267,35 +286,85 @@ impl Migrations {
             Ok(f) => f,
             Err(e) => return error(ErrorKind::Failed, format!("cannot open /dev/null: {e}")),
         };
-        let fd = null.as_fd();
-        match prepare_restore(&image, [fd, fd, fd]) {
-            Ok((child, pages)) => {
-                let pid = child.pid() as u32;
-                if !fits_in_frame(0, &pages) {
-                    // Dropping the child kills it.
+        // (read end, write end) of the stdout and stderr pipes.
+        let pipes: Option<[(OwnedFd, OwnedFd); 2]> = if forward_stdio {
+            // The exit status comes from the reaper, registered at the fork.
+            reaper::reaper();
+            match (stdio_pipe(), stdio_pipe()) {
+                (Ok(stdout), Ok(stderr)) => Some([stdout, stderr]),
+                (Err(e), _) | (_, Err(e)) => {
                     return error(
                         ErrorKind::Failed,
-                        format!("{} pages do not fit in one reply", pages.len()),
-                    );
+                        format!("cannot create the stdio pipes: {e}"),
+                    )
                 }
-                self.restoring = Some((child, image));
-                Response::RestorePrepared { pid, pages }
             }
-            Err(e) => error(ErrorKind::Failed, format!("cannot prepare the restore: {e}")),
+        } else {
+            None
+        };
+        let stdio = match &pipes {
+            Some([stdout, stderr]) => [null.as_fd(), stdout.1.as_fd(), stderr.1.as_fd()],
+            None => [null.as_fd(); 3],
+        };
+        let (mut child, pages) = match prepare_restore(&image, stdio) {
+            Ok(prepared) => prepared,
+            Err(e) => return error(ErrorKind::Failed, format!("cannot prepare the restore: {e}")),
+        };
+        // Dropping the child (on an error below) kills it.
+        let pid = child.pid();
+        if !fits_in_frame(0, &pages) {
+            return error(
+                ErrorKind::Failed,
+                format!("{} pages do not fit in one reply", pages.len()),
+            );
+        }
+        // The write ends go with `pipes`: the child has its copies.
+        let forwarded = match (pipes, child.take_exit_status()) {
+            (None, _) => None,
+            (Some([stdout, stderr]), Some(exit)) => Some(Streamed {
+                pid,
+                stdout: File::from(stdout.0),
+                stderr: File::from(stderr.0),
+                exit,
+            }),
+            (Some(_), None) => {
+                return error(
+                    ErrorKind::Failed,
+                    "the reaper does not report the exit of the restored process",
+                )
+            }
+        };
+        self.restoring = Some(Restoring {
+            child,
+            image,
+            forwarded,
+        });
+        Response::RestorePrepared {
+            pid: pid as u32,
+            pages,
         }
     }
 
     /// `FinishRestore`.
-    pub fn finish(&mut self) -> Response {
-        let Some((child, image)) = self.restoring.take() else {
-            return error(
+    pub fn finish(&mut self) -> Finished {
+        let Some(Restoring {
+            child,
+            image,
+            forwarded,
+        }) = self.restoring.take()
+        else {
+            return Finished::Reply(error(
                 ErrorKind::BadRequest,
                 "no restore is prepared on this connection (send PrepareRestore first)",
-            );
+            ));
         };
-        match finish_restore(child, &image) {
-            Ok(pid) => Response::Restored { pid: pid as u32 },
-            Err(e) => error(ErrorKind::Failed, format!("cannot finish the restore: {e}")),
+        match (finish_restore(child, &image), forwarded) {
+            (Ok(_), Some(streamed)) => Finished::Forward(streamed),
+            (Ok(pid), None) => Finished::Reply(Response::Restored { pid: pid as u32 }),
+            (Err(e), _) => Finished::Reply(error(
+                ErrorKind::Failed,
+                format!("cannot finish the restore: {e}"),
+            )),
         }
     }
 }
@@ -316,12 +385,12 @@ impl Drop for Migrations {
                 eprintln!("pmivmm-agent: client left during a checkpoint; PID {pid} resumed");
             }
         }
-        if let Some((child, _)) = self.restoring.take() {
+        if let Some(restoring) = self.restoring.take() {
             eprintln!(
                 "pmivmm-agent: client left during a restore; killing half-restored PID {}",
-                child.pid()
+                restoring.child.pid()
             );
-            drop(child);
+            drop(restoring);
         }
     }
 }

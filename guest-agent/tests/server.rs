@@ -10,9 +10,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use pmivmm_agent::checkpoint::ProcMem;
 use pmivmm_agent::connection::Actions;
 use pmivmm_agent::server::serve;
 use pmivmm_proto::frame::{read_frame, read_payload, write_frame};
+use pmivmm_proto::image::{PageRun, ProcessImage};
 use pmivmm_proto::{
     AgentClient, ClientError, ErrorKind, ExecEvent, ExecRequest, ExitStatus, Migratability,
     MigrationObstacle, Request, Response, PROTOCOL_VERSION, VERSION,
@@ -665,5 +667,82 @@ fn precopied_process_is_let_go_when_its_client_leaves() {
     let rest = session.wait_with_output().unwrap();
     assert_eq!(rest.status, ExitStatus::Code(0));
     out += &String::from_utf8(rest.stdout).unwrap();
+    assert_eq!(out, expected);
+}
+
+/// The contents of one page of `mem`.
+fn read_page(mem: &ProcMem, vaddr: u64) -> Vec<u8> {
+    mem.read_runs(&[PageRun {
+        start: vaddr,
+        count: 1,
+    }])
+    .unwrap()
+}
+
+/// A migration within one agent, as two VMMs run it: pre-copy rounds of
+/// `signals` (pages copied through /proc/PID/mem, like the VMM copies
+/// frames), checkpoint, kill; restore with forwarded stdio. The restored
+/// process's output and exit status stream on the restoring connection,
+/// which refuses other requests meanwhile. What the original printed up to
+/// the checkpoint and what the restored one printed make an uninterrupted
+/// run's output.
+#[test]
+fn restored_process_streams_its_output_on_the_restoring_connection() {
+    let expected = uninterrupted("signals", &["60"]);
+    let mut session = client().exec(workload("signals", &["60"])).unwrap();
+    let pid = session.pid();
+    wait_for_exec(pid, "signals");
+    let mut out = read_until(&mut session, "iter 2 ");
+
+    let mut c = client();
+    let mem = ProcMem::open(pid as i32).unwrap();
+    let read = |vaddr| read_page(&mem, vaddr);
+    let mut copies = common::PageCopies::default();
+    copies.round(&c.precopy_round(pid, true).unwrap(), read);
+    out += &read_until(&mut session, "iter 10 ");
+    copies.round(&c.precopy_round(pid, false).unwrap(), read);
+    let (image_bytes, pages) = c.checkpoint(pid).unwrap();
+    let image = ProcessImage::from_bytes(&image_bytes).unwrap();
+    let data = copies.finish(&image, &pages, read);
+    c.kill_original(pid).unwrap();
+    let end = session.wait_with_output().unwrap();
+    assert_eq!(
+        end.status,
+        ExitStatus::Signal {
+            signal: 9,
+            core_dumped: false
+        }
+    );
+    out += &String::from_utf8(end.stdout).unwrap();
+
+    let stream = UnixStream::connect(agent_socket()).unwrap();
+    let mut probe = stream.try_clone().unwrap();
+    let mut r = AgentClient::over_unix_stream(stream).unwrap();
+    let (restored_pid, frames) = r.prepare_restore(image_bytes, true).unwrap();
+    assert_eq!(frames.len() as u64, image.page_count());
+    ProcMem::open(restored_pid as i32)
+        .unwrap()
+        .write_runs(&image.pages, &data)
+        .unwrap();
+    let mut restored = r.finish_restore_streaming().unwrap();
+    assert_eq!(restored.pid(), restored_pid);
+    write_frame(&mut probe, &Request::Ps).unwrap();
+    let mut busy = false;
+    loop {
+        match restored.next_event() {
+            Ok(ExecEvent::Stdout(data)) => out += &String::from_utf8(data).unwrap(),
+            Ok(ExecEvent::Stderr(data)) => panic!("stderr: {}", String::from_utf8_lossy(&data)),
+            Ok(ExecEvent::Exited(status)) => {
+                assert_eq!(status, ExitStatus::Code(0), "{out}");
+                break;
+            }
+            Err(ClientError::Agent {
+                kind: ErrorKind::Busy,
+                ..
+            }) => busy = true,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(busy, "Ps was not refused while the output streamed");
     assert_eq!(out, expected);
 }

@@ -157,8 +157,11 @@ impl<R: Read, W: Write> AgentClient<R, W> {
 
     /// Builds a stopped process from an encoded image: its PID and the frame
     /// of every saved page, in image order. Complete it with
-    /// [`Self::finish_restore`] on this same client (dropping the client
-    /// kills it).
+    /// [`Self::finish_restore`] (or, with `forward_stdio`,
+    /// [`Self::finish_restore_streaming`]) on this same client (dropping the
+    /// client kills it). `forward_stdio`: the process's stdio that the image
+    /// does not reopen as regular files becomes pipes (stdin: /dev/null)
+    /// whose output the agent streams; otherwise /dev/null.
     pub fn prepare_restore(
         &mut self,
         image: Vec<u8>,
@@ -178,21 +181,36 @@ impl<R: Read, W: Write> AgentClient<R, W> {
         }
     }
 
+    /// Lets a process prepared with `forward_stdio` run; the returned
+    /// session (its [`ExecSession::pid`] is the restored PID) yields its
+    /// output and exit status exactly like an exec's. It has no stdin:
+    /// data written to the session's stdin is discarded.
+    pub fn finish_restore_streaming(mut self) -> Result<ExecSession<R, W>, ClientError> {
+        match self.call(&Request::FinishRestore)? {
+            Response::Restored { pid } => Ok(self.into_session(pid)),
+            other => Err(unexpected("Restored", &other)),
+        }
+    }
+
     /// Starts a process; the returned session yields its output and exit
     /// status and takes its stdin (if `req.stdin`).
     pub fn exec(mut self, req: ExecRequest) -> Result<ExecSession<R, W>, ClientError> {
         match self.call(&Request::Exec(req))? {
-            Response::Started { pid } => Ok(ExecSession {
-                pid,
-                output: ExecOutput {
-                    reader: self.reader,
-                    exited: false,
-                },
-                stdin: ExecStdin {
-                    writer: self.writer,
-                },
-            }),
+            Response::Started { pid } => Ok(self.into_session(pid)),
             other => Err(unexpected("Started", &other)),
+        }
+    }
+
+    fn into_session(self, pid: u32) -> ExecSession<R, W> {
+        ExecSession {
+            pid,
+            output: ExecOutput {
+                reader: self.reader,
+                exited: false,
+            },
+            stdin: ExecStdin {
+                writer: self.writer,
+            },
         }
     }
 
@@ -234,8 +252,8 @@ pub enum ExecEvent {
     Exited(ExitStatus),
 }
 
-/// A running exec: its output events and its stdin, which [`split`] hands
-/// to different threads.
+/// A running exec (or restored process with forwarded stdio): its output
+/// events and its stdin, which [`split`] hands to different threads.
 ///
 /// [`split`]: ExecSession::split
 pub struct ExecSession<R, W> {
@@ -361,6 +379,87 @@ mod tests {
 
     fn expect_request(s: &mut UnixStream) -> Request {
         decode_request(&read_payload(s).unwrap().unwrap()).unwrap()
+    }
+
+    /// A client of a fake agent that answers the hello, then runs `agent`.
+    fn client_of(
+        agent: impl FnOnce(&mut UnixStream) + Send + 'static,
+    ) -> AgentClient<UnixStream, UnixStream> {
+        let stream = fake_agent(|s| {
+            assert!(matches!(expect_request(s), Request::Hello { .. }));
+            let hello = Response::Hello {
+                protocol_version: PROTOCOL_VERSION,
+                software_version: "x".into(),
+            };
+            write_frame(s, &hello).unwrap();
+            agent(s);
+        });
+        AgentClient::over_unix_stream(stream).unwrap()
+    }
+
+    fn page(vaddr: u64) -> PageRef {
+        PageRef {
+            vaddr,
+            pfn: 7,
+            kind: crate::image::PageKind::Data,
+            dirty: true,
+        }
+    }
+
+    #[test]
+    fn precopy_rounds_return_pages_and_refusals() {
+        let mut client = client_of(|s| {
+            let first = Request::PrecopyRound { pid: 5, first: true };
+            assert_eq!(expect_request(s), first);
+            let pages = vec![page(0x1000), page(0x2000)];
+            write_frame(s, &Response::PrecopyPages { pages }).unwrap();
+            let refused = Response::Error {
+                kind: ErrorKind::Refused,
+                message: "PID 6 cannot migrate".into(),
+            };
+            assert_eq!(expect_request(s), Request::PrecopyRound { pid: 6, first: true });
+            write_frame(s, &refused).unwrap();
+        });
+        let pages = client.precopy_round(5, true).unwrap();
+        assert_eq!(pages, [page(0x1000), page(0x2000)]);
+        assert!(matches!(
+            client.precopy_round(6, true),
+            Err(ClientError::Agent {
+                kind: ErrorKind::Refused,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn forwarded_restore_streams_like_an_exec() {
+        let mut client = client_of(|s| {
+            assert_eq!(
+                expect_request(s),
+                Request::PrepareRestore {
+                    image: vec![1],
+                    forward_stdio: true
+                }
+            );
+            let prepared = Response::RestorePrepared {
+                pid: 9,
+                pages: vec![page(0x1000)],
+            };
+            write_frame(s, &prepared).unwrap();
+            assert_eq!(expect_request(s), Request::FinishRestore);
+            write_frame(s, &Response::Restored { pid: 9 }).unwrap();
+            write_frame(s, &Response::Stdout(b"out".to_vec())).unwrap();
+            write_frame(s, &Response::Exited(ExitStatus::Code(3))).unwrap();
+        });
+        assert_eq!(
+            client.prepare_restore(vec![1], true).unwrap(),
+            (9, vec![page(0x1000)])
+        );
+        let session = client.finish_restore_streaming().unwrap();
+        assert_eq!(session.pid(), 9);
+        let out = session.wait_with_output().unwrap();
+        assert_eq!(out.stdout, b"out");
+        assert_eq!(out.status, ExitStatus::Code(3));
     }
 
     #[test]

@@ -18,6 +18,7 @@
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::fs::MetadataExt;
+use std::sync::mpsc::Receiver;
 
 use nix::errno::Errno;
 use nix::sys::ptrace::Options;
@@ -27,6 +28,7 @@ use nix::unistd::Pid;
 use pmivmm_proto::image::{
     FdKind, ImageError, PageRef, ProcessImage, Vma, VmaKind, PAGE_SIZE, PROT_WRITE, USER_SPACE_END,
 };
+use pmivmm_proto::ExitStatus;
 
 use super::capture::{KERNEL_SIGACTION_LEN, SIGSET_LEN};
 use super::inject::{InjectError, Injector};
@@ -93,11 +95,19 @@ pub struct RestoredChild {
     /// VMAs mapped writable to receive contents: (start, end, real prot).
     widened: Vec<(u64, u64, u8)>,
     running: bool,
+    /// Its exit status, from the agent's reaper (when it runs).
+    exit: Option<Receiver<ExitStatus>>,
 }
 
 impl RestoredChild {
     pub fn pid(&self) -> i32 {
         self.tracee.pid.as_raw()
+    }
+
+    /// Where its exit status will arrive, if the agent's reaper runs: it
+    /// was registered with the fork, before the child could exit.
+    pub fn take_exit_status(&mut self) -> Option<Receiver<ExitStatus>> {
+        self.exit.take()
     }
 
     fn data(&self) -> u64 {
@@ -310,11 +320,13 @@ fn fork_child(plan: ChildPlan) -> Result<RestoredChild, RestoreError> {
     };
     // With the agent's reaper running, the child is registered as traced
     // before the reaper can see its first stop (see crate::reaper).
-    let pid = Pid::from_raw(match crate::reaper::running() {
-        Some(reaper) => reaper.spawn_traced(fork)?.0,
-        None => fork()?,
-    });
-    let tracee = Tracee { pid };
+    let (pid, exit) = match crate::reaper::running() {
+        Some(reaper) => reaper.spawn_traced(fork).map(|(pid, exit)| (pid, Some(exit)))?,
+        None => (fork()?, None),
+    };
+    let tracee = Tracee {
+        pid: Pid::from_raw(pid),
+    };
     let injector_template = |regs| Injector::new(tracee, regs, plan.scratch);
     let mut child = RestoredChild {
         tracee,
@@ -322,6 +334,7 @@ fn fork_child(plan: ChildPlan) -> Result<RestoredChild, RestoreError> {
         scratch: plan.scratch,
         widened: Vec::new(),
         running: false,
+        exit,
     };
     match tracee.wait() {
         Ok(WaitStatus::Stopped(_, Signal::SIGSTOP)) => {}
