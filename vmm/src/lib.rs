@@ -15,6 +15,7 @@ pub mod control;
 pub mod devices;
 pub mod guest_ram;
 pub mod node;
+pub mod peer;
 pub mod profile;
 pub mod rundir;
 pub mod vcpu;

@@ -1,0 +1,136 @@
+//! The peer link: an authenticated, integrity-protected TCP connection
+//! between the VMMs of two cluster nodes, over which running processes
+//! migrate.
+//!
+//! Every node of a cluster holds the same secret [`ClusterKey`] ([`key`]).
+//! A link starts with a mutual handshake that proves both ends hold it
+//! ([`auth`]), then carries MAC'd frames ([`frame`]), each a small postcard
+//! message plus optional raw bulk data (guest pages) that never goes
+//! through serde. [`link`] ties these to tokio TCP streams.
+//!
+//! The link authenticates and protects integrity; it does NOT encrypt:
+//! anyone on the path sees the guest pages. Run clusters on a trusted
+//! network (or under a VPN) when their memory is confidential.
+//!
+//! # Wire format
+//!
+//! All integers are little endian. `K` is the 32-byte cluster key,
+//! `H(ctx; ...)` is BLAKE3 in derive-key mode with context string `ctx`,
+//! `MAC(k; ...)` is BLAKE3 keyed with `k`; `...` lists the bytes hashed, in
+//! order.
+//!
+//! 1. Hellos. Each side sends, without waiting for the other,
+//!    `len: u32 | postcard(Hello)` with `len <=` [`auth::MAX_HELLO_LEN`] and
+//!    `Hello { magic: b"PMIVMMPL", version: u32, node: String,
+//!    nonce: [u8; 32] }` (a fresh random nonce per connection). Magic and
+//!    version come first and keep their place in every version, so a
+//!    version mismatch is reported as such on both sides.
+//! 2. Transcript: `T = H("pmivmm peer link v1 transcript"; len(hc): u64 | hc
+//!    | len(ha): u64 | ha)`, where `hc` / `ha` are the exact postcard bytes of
+//!    the connector's / acceptor's hello.
+//! 3. Proofs. Each side sends `MAC(K; "pmivmm peer link v1 proof " | role |
+//!    0u8 | T)` (32 bytes, `role` = `connector` or `acceptor`), then reads
+//!    and checks the other's. Both hellos carry fresh nonces, so a proof is
+//!    good for one connection only, and the role keeps a proof from being
+//!    reflected back. With different keys both sides refuse the link.
+//! 4. Direction keys: `H("pmivmm peer link v1 connector->acceptor"; K | T)`
+//!    and `H("pmivmm peer link v1 acceptor->connector"; K | T)`.
+//! 5. Frames, in each direction independently, numbered by `seq: u64` from 0:
+//!    `header_len: u32 | data_len: u32 | header | data | mac`, where `header`
+//!    is the postcard encoding of the message (`header_len <=`
+//!    [`MAX_HEADER_LEN`]), `data` raw bytes (`data_len <=` [`MAX_DATA_LEN`]),
+//!    and `mac = MAC(direction key; seq: u64 | header_len | data_len | header
+//!    | data)`. The lengths are MAC'd too, so bytes cannot be moved between
+//!    header and data. A frame altered, dropped, reordered, replayed within
+//!    the connection or taken from another connection (other nonces, so
+//!    other keys) fails its MAC.
+//!
+//! A connection that ends exactly between two frames is a clean end of
+//! stream to the reader: whoever can cut a TCP connection can also cut it
+//! there, so protocols on the link must say explicitly when they are done.
+
+pub mod auth;
+pub mod bench;
+pub mod frame;
+pub mod key;
+pub mod link;
+
+use std::io;
+use std::time::Duration;
+
+pub use bench::bench_throughput;
+pub use frame::{FrameError, MAX_DATA_LEN, MAX_HEADER_LEN};
+pub use key::{ClusterKey, KeyError};
+pub use link::{PeerLink, PeerReader, PeerWriter};
+
+/// Errors of the peer link. `peer` names the other end: its address before
+/// the hellos, `<node> at <address>` after.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot resolve peer address {addr}: {source}")]
+    Resolve { addr: String, source: io::Error },
+    #[error("cannot reach peer {addr}: {}", describe_connect_error(.source))]
+    Connect { addr: String, source: io::Error },
+    #[error("timed out after {after:?} connecting to peer {addr}")]
+    ConnectTimeout { addr: String, after: Duration },
+    #[error("peer {peer} did not complete the handshake within {after:?} (is it a pmivmm node?)")]
+    HandshakeTimeout { peer: String, after: Duration },
+    #[error("peer {peer} closed the connection during the handshake (see its log for why)")]
+    HandshakeClosed { peer: String },
+    #[error("handshake with peer {peer} failed: {source}")]
+    Hello { peer: String, source: auth::HelloError },
+    #[error("peer {peer} failed to prove the cluster key (different --cluster-key?)")]
+    Auth { peer: String },
+    #[error("invalid node name {0:?} for the peer link: use 1-{max} printable characters", max = auth::MAX_NODE_NAME_LEN)]
+    BadNodeName(String),
+    #[error("cannot get random bytes for the handshake: {0}")]
+    Random(getrandom::Error),
+    #[error("connection to peer {peer} failed: {source}")]
+    Io { peer: String, source: io::Error },
+    #[error("bad frame from peer {peer}: {source}")]
+    Frame { peer: String, source: FrameError },
+    #[error("cannot encode a message for peer {peer}: {source}")]
+    Encode { peer: String, source: postcard::Error },
+    #[error("cannot send to peer {peer}: the {what} is {len} bytes, the limit is {max}")]
+    TooLarge { peer: String, what: &'static str, len: usize, max: usize },
+    #[error("the link to peer {peer} is unusable after an earlier error")]
+    Broken { peer: String },
+}
+
+fn describe_connect_error(e: &io::Error) -> String {
+    match e.kind() {
+        io::ErrorKind::ConnectionRefused => {
+            "connection refused (is the node running and listening?)".to_owned()
+        }
+        _ => e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod test_util {
+    /// A small seeded PRNG (xorshift64*) for fuzz tests.
+    pub struct Rng(pub u64);
+
+    impl Rng {
+        pub fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+
+        pub fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+
+        pub fn bytes(&mut self, len: usize) -> Vec<u8> {
+            (0..len).map(|_| self.next() as u8).collect()
+        }
+
+        /// Fewer than `max` random bytes.
+        pub fn noise(&mut self, max: usize) -> Vec<u8> {
+            let len = self.below(max);
+            self.bytes(len)
+        }
+    }
+}
