@@ -201,6 +201,31 @@ impl<R: Read, W: Write> AgentClient<R, W> {
         }
     }
 
+    /// Turns process `pid`, frozen by [`Self::checkpoint`] on this client,
+    /// into the deputy of its migrated self, which now runs on `node` (see
+    /// `Request::BecomeDeputy`). From then on the connection carries only
+    /// the deputy's traffic, split in two halves for two threads:
+    /// [`DeputyEvents`] reads the signals sent to the deputy and its end,
+    /// [`DeputyControl`] sends the migrated process's output and end. If
+    /// the connection closes before [`DeputyControl::exit`], the agent
+    /// kills the deputy. If the agent refuses, the client is gone with the
+    /// error (and the agent resumes the frozen process).
+    pub fn become_deputy(
+        mut self,
+        pid: u32,
+        node: String,
+    ) -> Result<(DeputyEvents<R>, DeputyControl<W>), ClientError> {
+        self.call_ok(&Request::BecomeDeputy { pid, node })?;
+        let events = DeputyEvents {
+            reader: self.reader,
+            ended: false,
+        };
+        let control = DeputyControl {
+            writer: self.writer,
+        };
+        Ok((events, control))
+    }
+
     fn into_session(self, pid: u32) -> ExecSession<R, W> {
         ExecSession {
             pid,
@@ -343,6 +368,9 @@ impl<R: Read> ExecOutput<R> {
     }
 }
 
+/// Data is sent in frames of at most this much, well below the frame limit.
+const DATA_CHUNK: usize = 64 << 10;
+
 /// The stdin half of an exec session.
 pub struct ExecStdin<W> {
     writer: W,
@@ -352,8 +380,7 @@ impl<W: Write> ExecStdin<W> {
     /// Sends bytes to the process's stdin. Blocks while the agent has not
     /// taken earlier data (the process reads slowly): that is backpressure.
     pub fn write(&mut self, data: &[u8]) -> Result<(), ClientError> {
-        // Chunks well below the frame limit.
-        for chunk in data.chunks(64 << 10) {
+        for chunk in data.chunks(DATA_CHUNK) {
             write_frame(&mut self.writer, &Request::StdinData(chunk.to_vec()))?;
         }
         Ok(())
@@ -362,6 +389,74 @@ impl<W: Write> ExecStdin<W> {
     /// Closes the process's stdin (it reads end of file).
     pub fn close(&mut self) -> Result<(), ClientError> {
         Ok(write_frame(&mut self.writer, &Request::StdinEof)?)
+    }
+}
+
+/// What happens to a deputy (see [`AgentClient::become_deputy`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeputyEvent {
+    /// This signal was sent to the deputy, which did not take it: the
+    /// migrated process must get it. `Signal(9)` (SIGKILL) killed the
+    /// deputy: no other signal follows, output is dropped and
+    /// [`DeputyControl::exit`] is answered at once.
+    Signal(i32),
+    /// The deputy ended as [`DeputyControl::exit`] asked; the last event.
+    Ended,
+}
+
+/// The reading half of a deputy's connection.
+pub struct DeputyEvents<R> {
+    reader: R,
+    ended: bool,
+}
+
+impl<R: Read> DeputyEvents<R> {
+    /// Blocks for the next event. After `Ended`, further calls fail with
+    /// `Closed`. A request the agent refused (an invalid fd for
+    /// [`DeputyControl::output`], a signal that cannot end a process for
+    /// [`DeputyControl::exit`]) comes back here as `ClientError::Agent`.
+    pub fn next_event(&mut self) -> Result<DeputyEvent, ClientError> {
+        if self.ended {
+            return Err(ClientError::Closed);
+        }
+        match receive(&mut self.reader)? {
+            Response::DeputySignal { signal } => Ok(DeputyEvent::Signal(signal)),
+            Response::Ok => {
+                self.ended = true;
+                Ok(DeputyEvent::Ended)
+            }
+            other => Err(unexpected("DeputySignal or Ok", &other)),
+        }
+    }
+}
+
+/// The writing half of a deputy's connection: it only sends; what comes
+/// back arrives on [`DeputyEvents`].
+pub struct DeputyControl<W> {
+    writer: W,
+}
+
+impl<W: Write> DeputyControl<W> {
+    /// Writes `data`, which the migrated process wrote to its fd `fd` (1 or
+    /// 2), to the deputy's own fd `fd`. Blocks while the agent has not
+    /// taken earlier data (the deputy's reader is slow): that is
+    /// backpressure.
+    pub fn output(&mut self, fd: u8, data: &[u8]) -> Result<(), ClientError> {
+        for chunk in data.chunks(DATA_CHUNK) {
+            let req = Request::DeputyOutput {
+                fd,
+                data: chunk.to_vec(),
+            };
+            write_frame(&mut self.writer, &req)?;
+        }
+        Ok(())
+    }
+
+    /// The migrated process ended this way: the agent ends the deputy the
+    /// same way, so that its parent sees it, and [`DeputyEvents`] then
+    /// reports `Ended`.
+    pub fn exit(&mut self, status: ExitStatus) -> Result<(), ClientError> {
+        Ok(write_frame(&mut self.writer, &Request::DeputyExit(status))?)
     }
 }
 
@@ -426,6 +521,56 @@ mod tests {
             client.precopy_round(6, true),
             Err(ClientError::Agent {
                 kind: ErrorKind::Refused,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn deputy_halves_carry_output_signals_and_the_end() {
+        let client = client_of(|s| {
+            let become_deputy = Request::BecomeDeputy {
+                pid: 4,
+                node: "n2".into(),
+            };
+            assert_eq!(expect_request(s), become_deputy);
+            write_frame(s, &Response::Ok).unwrap();
+            write_frame(s, &Response::DeputySignal { signal: 15 }).unwrap();
+            // Large output arrives in chunks.
+            let mut out = Vec::new();
+            while out.len() < 100_000 {
+                match expect_request(s) {
+                    Request::DeputyOutput { fd: 1, data } => out.extend(data),
+                    other => panic!("{other:?}"),
+                }
+            }
+            assert_eq!(out, vec![7u8; 100_000]);
+            let end = ExitStatus::Code(3);
+            assert_eq!(expect_request(s), Request::DeputyExit(end));
+            write_frame(s, &Response::Ok).unwrap();
+        });
+        let (mut events, mut control) = client.become_deputy(4, "n2".into()).unwrap();
+        assert_eq!(events.next_event().unwrap(), DeputyEvent::Signal(15));
+        control.output(1, &[7u8; 100_000]).unwrap();
+        control.exit(ExitStatus::Code(3)).unwrap();
+        assert_eq!(events.next_event().unwrap(), DeputyEvent::Ended);
+        assert!(matches!(events.next_event(), Err(ClientError::Closed)));
+    }
+
+    #[test]
+    fn refused_deputy_is_an_agent_error() {
+        let client = client_of(|s| {
+            expect_request(s);
+            let refused = Response::Error {
+                kind: ErrorKind::BadRequest,
+                message: "PID 4 was not frozen by a checkpoint on this connection".into(),
+            };
+            write_frame(s, &refused).unwrap();
+        });
+        assert!(matches!(
+            client.become_deputy(4, "n2".into()),
+            Err(ClientError::Agent {
+                kind: ErrorKind::BadRequest,
                 ..
             })
         ));
