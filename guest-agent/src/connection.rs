@@ -2,16 +2,18 @@
 //! client closes.
 
 use std::io;
+use std::time::Instant;
 
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use pmivmm_proto::frame::{decode_request, read_payload, FrameError};
-use pmivmm_proto::{ErrorKind, Request, Response, PROTOCOL_VERSION, VERSION};
+use pmivmm_proto::{ErrorKind, ExitStatus, Request, Response, PROTOCOL_VERSION, VERSION};
 
+use crate::deputy::{Deputy, DeputyError, SIGNAL_POLL};
 use crate::exec::{Exec, ExecError};
 use crate::kill::{send_signal, KillError};
 use crate::load::load;
-use crate::migrate::{Finished, Migrations};
+use crate::migrate::{not_frozen, Finished, Migrations};
 use crate::ps::list_processes;
 use crate::server::Stream;
 use crate::sink::ResponseSink;
@@ -36,6 +38,11 @@ struct Connection<S: Stream> {
     /// Processes this connection seized, froze or half-restored; dropped
     /// (let go, resumed or killed) when the connection ends.
     migrations: Migrations,
+    /// The deputy this connection serves (see `Request::BecomeDeputy`);
+    /// killed if the connection ends first.
+    deputy: Option<Deputy>,
+    /// When the deputy's signals are checked next.
+    deputy_check: Instant,
 }
 
 /// Serves one client until it closes the connection. If it goes away while
@@ -55,6 +62,8 @@ pub fn serve_connection<S: Stream>(stream: S, actions: Actions) {
         exec: None,
         power_off_requested: false,
         migrations: Migrations::default(),
+        deputy: None,
+        deputy_check: Instant::now(),
     };
     if let Err(e) = conn.run() {
         if !is_disconnect(&e) {
@@ -105,30 +114,109 @@ impl<S: Stream> Connection<S> {
         Ok(())
     }
 
-    /// Waits until the next request can be read, answering meanwhile the
-    /// stops of processes in pre-copy on this connection as the reaper
-    /// reports them. Only whole frames are read afterwards: nothing ever
-    /// times out in the middle of one.
+    /// Waits until the next request can be read, tending meanwhile what
+    /// this connection holds: the stops of processes in pre-copy, as the
+    /// reaper reports them, and its deputy (signals every [`SIGNAL_POLL`],
+    /// its death at once). Only whole frames are read afterwards: nothing
+    /// ever times out in the middle of one.
     fn await_request(&mut self) -> Result<(), FrameError> {
         loop {
-            let Some(waker) = self.migrations.waker() else {
+            let waker = self.migrations.waker();
+            let deputy = self.deputy.as_ref().and_then(Deputy::watched);
+            let (tending_precopies, tending_deputy) = (waker.is_some(), deputy.is_some());
+            if !tending_precopies && !tending_deputy {
                 return Ok(());
+            }
+            let timeout = if tending_deputy {
+                let left = self.deputy_check.saturating_duration_since(Instant::now());
+                // Rounded up to whole milliseconds: never early.
+                let ms = left.as_micros().div_ceil(1000);
+                PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)
+            } else {
+                PollTimeout::NONE
             };
-            let mut fds = [
-                PollFd::new(self.reader.as_fd(), PollFlags::POLLIN),
-                PollFd::new(waker, PollFlags::POLLIN),
-            ];
-            match poll(&mut fds, PollTimeout::NONE) {
+            let mut fds = vec![PollFd::new(self.reader.as_fd(), PollFlags::POLLIN)];
+            fds.extend(waker.into_iter().chain(deputy).map(|fd| PollFd::new(fd, PollFlags::POLLIN)));
+            match poll(&mut fds, timeout) {
                 Ok(_) => {}
                 Err(Errno::EINTR) => continue,
                 Err(e) => return Err(io::Error::from(e).into()),
             }
-            let [request, woken] = fds.map(|fd| fd.revents().is_some_and(|r| !r.is_empty()));
-            if woken {
+            let ready: Vec<bool> = fds
+                .iter()
+                .map(|fd| fd.revents().is_some_and(|r| !r.is_empty()))
+                .collect();
+            if tending_precopies && ready[1] {
                 self.migrations.tend();
             }
-            if request {
+            let deputy_died = tending_deputy && ready[ready.len() - 1];
+            if tending_deputy && (deputy_died || Instant::now() >= self.deputy_check) {
+                self.tend_deputy()?;
+            }
+            if ready[0] {
                 return Ok(());
+            }
+        }
+    }
+
+    /// Sends `DeputySignal` for each signal taken from the deputy. One the
+    /// agent can no longer take signals from is killed: better an end its
+    /// host sees than signals lost.
+    fn tend_deputy(&mut self) -> Result<(), FrameError> {
+        self.deputy_check = Instant::now() + SIGNAL_POLL;
+        let Some(deputy) = &mut self.deputy else {
+            return Ok(());
+        };
+        let signals = deputy.take_signals().unwrap_or_else(|e| {
+            deputy.kill(&format!("cannot take its signals: {e}"));
+            vec![libc::SIGKILL]
+        });
+        for signal in signals {
+            self.sink.send(&Response::DeputySignal { signal })?;
+        }
+        Ok(())
+    }
+
+    /// `BecomeDeputy { pid, node }`.
+    fn become_deputy(&mut self, pid: u32, node: String) -> Response {
+        let Some(frozen) = self.migrations.take_frozen(pid) else {
+            return not_frozen(pid);
+        };
+        match Deputy::new(frozen.pid, frozen.carried.clone(), node) {
+            Ok(deputy) => {
+                self.deputy = Some(deputy);
+                // Signals may be pending already.
+                self.deputy_check = Instant::now();
+                Response::Ok
+            }
+            Err(e) => {
+                self.migrations.keep_frozen(frozen);
+                error(
+                    ErrorKind::Failed,
+                    format!("PID {pid} cannot become a deputy (it stays frozen): {e}"),
+                )
+            }
+        }
+    }
+
+    /// `DeputyExit(status)`.
+    fn end_deputy(&mut self, status: ExitStatus) -> Response {
+        let Some(deputy) = &mut self.deputy else {
+            return no_deputy();
+        };
+        match deputy.exit(status) {
+            Ok(()) => {
+                self.deputy = None;
+                Response::Ok
+            }
+            Err(e @ DeputyError::NotFatal(_)) => error(ErrorKind::BadRequest, e.to_string()),
+            Err(e) => {
+                deputy.kill(&format!("it could not end by {status}: {e}"));
+                self.deputy = None;
+                error(
+                    ErrorKind::Failed,
+                    format!("the deputy could not end by {status} ({e}); it was killed"),
+                )
             }
         }
     }
@@ -204,6 +292,18 @@ impl<S: Stream> Connection<S> {
                 "a process streams its output on this connection (an exec, or a restored \
                  process with forwarded stdio); only stdin is accepted until it exits",
             )),
+            Request::DeputyOutput { fd, data } => match &mut self.deputy {
+                Some(deputy) => deputy
+                    .output(fd, &data)
+                    .err()
+                    .map(|e| error(ErrorKind::BadRequest, e.to_string())),
+                None => Some(no_deputy()),
+            },
+            Request::DeputyExit(status) => Some(self.end_deputy(status)),
+            _ if self.deputy.is_some() => Some(error(
+                ErrorKind::Busy,
+                "this connection serves a deputy: only DeputyOutput and DeputyExit are accepted",
+            )),
             Request::Hello { .. } => {
                 Some(error(ErrorKind::BadRequest, "hello was already exchanged"))
             }
@@ -256,14 +356,16 @@ impl<S: Stream> Connection<S> {
             Request::PrecopyRound { pid, first } => {
                 Some(self.migrations.precopy_round(pid, first))
             }
-            Request::BecomeDeputy { .. }
-            | Request::DeputyOutput { .. }
-            | Request::DeputyExit(_) => Some(error(
-                ErrorKind::UnknownRequest,
-                "this agent does not implement migration requests yet",
-            )),
+            Request::BecomeDeputy { pid, node } => Some(self.become_deputy(pid, node)),
         }
     }
+}
+
+fn no_deputy() -> Response {
+    error(
+        ErrorKind::BadRequest,
+        "no deputy on this connection (send BecomeDeputy first)",
+    )
 }
 
 fn exec_error(e: ExecError) -> Response {

@@ -5,7 +5,7 @@
 
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
@@ -18,6 +18,7 @@ use nix::unistd::{pipe2, Pid};
 use pmivmm_proto::frame::FrameError;
 use pmivmm_proto::{ExecRequest, ExitStatus, Response};
 
+use crate::pidfd;
 use crate::reaper::reaper;
 use crate::sink::ResponseSink;
 use crate::spawn::{spawn, Program, SpawnError};
@@ -243,16 +244,10 @@ enum ExitWatch {
 }
 
 fn watch_exit(pid: i32) -> ExitWatch {
-    // SAFETY: pidfd_open takes a PID and flags and returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd >= 0 {
-        // SAFETY: a non-negative return is a new descriptor that nothing
-        // else owns.
-        return ExitWatch::Pidfd(unsafe { OwnedFd::from_raw_fd(fd as i32) });
-    }
-    match Errno::last() {
-        Errno::ESRCH => ExitWatch::AlreadyExited,
-        _ => ExitWatch::PipesOnly,
+    match pidfd::open(pid) {
+        Ok(fd) => ExitWatch::Pidfd(fd),
+        Err(Errno::ESRCH) => ExitWatch::AlreadyExited,
+        Err(_) => ExitWatch::PipesOnly,
     }
 }
 

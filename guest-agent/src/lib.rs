@@ -3,11 +3,13 @@
 
 pub mod checkpoint;
 pub mod connection;
+pub mod deputy;
 pub mod exec;
 pub mod kill;
 pub mod load;
 pub mod mounts;
 pub mod migrate;
+pub mod pidfd;
 pub mod power;
 pub mod procfs;
 pub mod ps;

@@ -52,10 +52,17 @@ pub struct Migrations {
     /// Set by the reaper when a pre-copied process stops or ends; made
     /// with the first pre-copy.
     waker: Option<Waker>,
-    /// PIDs captured on this connection and still frozen.
-    frozen: Vec<i32>,
+    /// Processes captured on this connection and still frozen.
+    frozen: Vec<Frozen>,
     /// A child prepared on this connection, waiting for `FinishRestore`.
     restoring: Option<Restoring>,
+}
+
+/// A process frozen by `Checkpoint`.
+pub struct Frozen {
+    pub pid: i32,
+    /// The signals pending in it at the checkpoint, which its image carries.
+    pub carried: Vec<i32>,
 }
 
 struct Restoring {
@@ -91,6 +98,14 @@ fn fits_in_frame(image_len: usize, pages: &[PageRef]) -> bool {
         .is_some_and(|n| n <= MAX_FRAME_LEN as usize)
 }
 
+/// The reply to a request for a process that `Checkpoint` did not freeze.
+pub fn not_frozen(pid: u32) -> Response {
+    error(
+        ErrorKind::BadRequest,
+        format!("PID {pid} was not frozen by a checkpoint on this connection"),
+    )
+}
+
 fn checkpoint_error(e: CheckpointError) -> Response {
     let kind = match &e {
         CheckpointError::Refused { .. } => ErrorKind::Refused,
@@ -101,12 +116,12 @@ fn checkpoint_error(e: CheckpointError) -> Response {
 
 /// A PID of a request that names a process to checkpoint: positive, not
 /// frozen on this connection already, and existing.
-fn checkpoint_target(pid: u32, frozen: &[i32]) -> Result<i32, Response> {
+fn checkpoint_target(pid: u32, frozen: &[Frozen]) -> Result<i32, Response> {
     let pid = match i32::try_from(pid) {
         Ok(pid) if pid > 0 => pid,
         _ => return Err(error(ErrorKind::BadRequest, format!("invalid PID {pid}"))),
     };
-    if frozen.contains(&pid) {
+    if frozen.iter().any(|f| f.pid == pid) {
         return Err(error(
             ErrorKind::Busy,
             format!("PID {pid} is already frozen by a checkpoint on this connection"),
@@ -206,8 +221,8 @@ impl Migrations {
             let pid = self.precopies[i].pid();
             match self.precopies[i].tend() {
                 Ok(Tended::Running) => i += 1,
-                Ok(Tended::Ended(status)) => {
-                    eprintln!("pmivmm-agent: PID {pid} ended during its pre-copy ({status:?})");
+                Ok(Tended::Ended) => {
+                    eprintln!("pmivmm-agent: PID {pid} ended during its pre-copy");
                     self.precopies.swap_remove(i);
                 }
                 Err(e) => {
@@ -233,6 +248,11 @@ impl Migrations {
             Ok(captured) => captured,
             Err(e) => return checkpoint_error(e),
         };
+        let signals = &image.signals;
+        let carried = (signals.pending_thread.iter())
+            .chain(&signals.pending_process)
+            .map(|info| info.signo as i32)
+            .collect();
         let image = image.to_bytes();
         if !fits_in_frame(image.len(), &pages) {
             let _ = resume_original(pid);
@@ -246,19 +266,15 @@ impl Migrations {
                 ),
             );
         }
-        self.frozen.push(pid);
+        self.frozen.push(Frozen { pid, carried });
         Response::Checkpointed { image, pages }
     }
 
     /// `ResumeOriginal { pid }` and `KillOriginal { pid }`.
     pub fn end_freeze(&mut self, pid: u32, kill: bool) -> Response {
-        let Some(i) = self.frozen.iter().position(|&p| p as u32 == pid) else {
-            return error(
-                ErrorKind::BadRequest,
-                format!("PID {pid} was not frozen by a checkpoint on this connection"),
-            );
+        let Some(Frozen { pid, .. }) = self.take_frozen(pid) else {
+            return not_frozen(pid);
         };
-        let pid = self.frozen.swap_remove(i);
         let r = if kill {
             kill_original(pid)
         } else {
@@ -268,6 +284,18 @@ impl Migrations {
             Ok(()) => Response::Ok,
             Err(e) => error(ErrorKind::Failed, e.to_string()),
         }
+    }
+
+    /// The process frozen by `Checkpoint { pid }` on this connection, which
+    /// the caller now holds (see [`Self::keep_frozen`]).
+    pub fn take_frozen(&mut self, pid: u32) -> Option<Frozen> {
+        let i = self.frozen.iter().position(|f| f.pid as u32 == pid)?;
+        Some(self.frozen.swap_remove(i))
+    }
+
+    /// Takes back a process from [`Self::take_frozen`].
+    pub fn keep_frozen(&mut self, frozen: Frozen) {
+        self.frozen.push(frozen);
     }
 
     /// `PrepareRestore { image, forward_stdio }`.
@@ -378,7 +406,7 @@ impl Drop for Migrations {
             );
             precopy.release();
         }
-        for pid in self.frozen.drain(..) {
+        for Frozen { pid, .. } in self.frozen.drain(..) {
             if let Err(e) = resume_original(pid) {
                 eprintln!("pmivmm-agent: cannot resume PID {pid} after its client left: {e}");
             } else {

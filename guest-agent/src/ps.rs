@@ -3,7 +3,7 @@
 //! (tracer), `maps` (shared memory) and the fd links (sockets, devices).
 //! Every read is an emulated syscall in the guest, so nothing else is read.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use nix::unistd::{getpid, sysconf, SysconfVar};
 use pmivmm_proto::{Migratability, MigrationObstacle, ProcessInfo};
 
+use crate::deputy::deputies;
 use crate::procfs::{field, read_into};
 
 /// PF_KTHREAD in the flags field of /proc/PID/stat.
@@ -33,11 +34,13 @@ const HARMLESS_DEVICES: [&str; 8] = [
 #[error("cannot list /proc: {0}")]
 pub struct PsError(io::Error);
 
-/// Unit conversions of this machine.
+/// What every process of the list is seen against.
 struct Units {
     ms_per_tick: u64,
     page_size: u64,
     agent: u32,
+    /// Deputies, and where their migrated processes run.
+    deputies: BTreeMap<u32, String>,
 }
 
 pub fn list_processes() -> Result<Vec<ProcessInfo>, PsError> {
@@ -46,6 +49,7 @@ pub fn list_processes() -> Result<Vec<ProcessInfo>, PsError> {
         ms_per_tick: 1000 / sysconf_or(SysconfVar::CLK_TCK, 100).max(1),
         page_size: sysconf_or(SysconfVar::PAGE_SIZE, 4096),
         agent: getpid().as_raw() as u32,
+        deputies: deputies(),
     };
     let mut pids: Vec<u32> = fs::read_dir("/proc")
         .map_err(PsError)?
@@ -129,7 +133,7 @@ fn inspect(pid: u32, units: &Units, buf: &mut Vec<u8>) -> Option<ProcessInfo> {
         } else {
             Migratability::NotMigratable(obstacles)
         },
-        remote: None,
+        remote: units.deputies.get(&pid).cloned(),
     })
 }
 

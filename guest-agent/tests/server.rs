@@ -16,8 +16,9 @@ use pmivmm_agent::server::serve;
 use pmivmm_proto::frame::{read_frame, read_payload, write_frame};
 use pmivmm_proto::image::{PageRun, ProcessImage};
 use pmivmm_proto::{
-    AgentClient, ClientError, ErrorKind, ExecEvent, ExecRequest, ExitStatus, Migratability,
-    MigrationObstacle, Request, Response, PROTOCOL_VERSION, VERSION,
+    AgentClient, ClientError, DeputyControl, DeputyEvent, DeputyEvents, ErrorKind, ExecEvent,
+    ExecRequest, ExitStatus, Migratability, MigrationObstacle, Request, Response,
+    PROTOCOL_VERSION, VERSION,
 };
 
 mod common;
@@ -745,4 +746,122 @@ fn restored_process_streams_its_output_on_the_restoring_connection() {
     }
     assert!(busy, "Ps was not refused while the output streamed");
     assert_eq!(out, expected);
+}
+
+/// A bash, exec'd through the agent, whose child `sleep 60` is to become a
+/// deputy: it prints the child's PID, waits for it and prints how it ended
+/// (`status N`, 128 + the signal for a killed child; bash's own report of
+/// a killed child is silenced).
+fn parent_of_a_sleeper() -> (pmivmm_proto::ExecSession<UnixStream, UnixStream>, u32) {
+    let script = "'sleep 60 & echo child $!; wait $! 2>/dev/null; echo status $?'";
+    let mut session = client().exec(migratable(&["bash", "-c", script])).unwrap();
+    let out = read_until(&mut session, "\n");
+    let child = out
+        .strip_prefix("child ")
+        .and_then(|pid| pid.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no child PID in {out:?}"));
+    wait_for_exec(child, "sleep");
+    (session, child)
+}
+
+/// Freezes `pid` by a checkpoint and makes it the deputy of a process on
+/// node "n2".
+fn deputy_of(pid: u32) -> (DeputyEvents<UnixStream>, DeputyControl<UnixStream>) {
+    let mut c = client();
+    c.checkpoint(pid).unwrap();
+    c.become_deputy(pid, "n2".into()).unwrap()
+}
+
+fn send_signal(pid: u32, signal: i32) {
+    // SAFETY: kill takes plain integers.
+    assert_eq!(unsafe { libc::kill(pid as i32, signal) }, 0);
+}
+
+/// A deputy writes the migrated process's output to its own stdout (the
+/// exec's pipe here), reports the signals sent to it without taking them
+/// (it stays frozen, even by SIGSTOP) and ends with the exit code its
+/// migrated process ended with, which its parent sees.
+#[test]
+fn deputy_relays_output_and_signals_and_exits_with_the_code() {
+    let (mut parent, child) = parent_of_a_sleeper();
+    let (mut events, mut control) = deputy_of(child);
+    let ps = client().ps().unwrap();
+    let info = ps.iter().find(|p| p.pid == child).expect("deputy in ps");
+    assert_eq!(info.remote.as_deref(), Some("n2"));
+    assert!(ps.iter().filter(|p| p.pid != child).all(|p| p.remote.is_none()));
+
+    control.output(1, b"from afar\n").unwrap();
+    assert_eq!(read_until(&mut parent, "\n"), "from afar\n");
+    control.output(3, b"x").unwrap();
+    assert!(matches!(
+        events.next_event(),
+        Err(ClientError::Agent { kind: ErrorKind::BadRequest, .. })
+    ));
+
+    let rt = 40;
+    for signal in [libc::SIGTERM, libc::SIGSTOP, libc::SIGCONT, rt, rt] {
+        send_signal(child, signal);
+        assert_eq!(events.next_event().unwrap(), DeputyEvent::Signal(signal));
+    }
+    let state = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap();
+    assert!(state.contains(") t "), "deputy not in its ptrace stop: {state}");
+    assert_ne!(tracer_pid(child), Some(0));
+
+    control.exit(ExitStatus::Code(7)).unwrap();
+    assert_eq!(events.next_event().unwrap(), DeputyEvent::Ended);
+    assert_eq!(read_until(&mut parent, "\n"), "status 7\n");
+    assert_eq!(parent.next_event().unwrap(), ExecEvent::Exited(ExitStatus::Code(0)));
+    assert!(client().ps().unwrap().iter().all(|p| p.remote.is_none()));
+}
+
+/// A deputy ends by the signal its migrated process was killed by, and
+/// a deputy whose host connection closes is killed.
+#[test]
+fn deputy_ends_by_a_signal_or_dies_with_its_connection() {
+    let (mut parent, child) = parent_of_a_sleeper();
+    let (mut events, mut control) = deputy_of(child);
+    let term = ExitStatus::Signal {
+        signal: libc::SIGTERM,
+        core_dumped: false,
+    };
+    let not_fatal = ExitStatus::Signal {
+        signal: libc::SIGCHLD,
+        core_dumped: false,
+    };
+    control.exit(not_fatal).unwrap();
+    assert!(matches!(
+        events.next_event(),
+        Err(ClientError::Agent { kind: ErrorKind::BadRequest, .. })
+    ));
+    control.exit(term).unwrap();
+    assert_eq!(events.next_event().unwrap(), DeputyEvent::Ended);
+    assert_eq!(read_until(&mut parent, "\n"), "status 143\n");
+
+    let (mut parent, child) = parent_of_a_sleeper();
+    drop(deputy_of(child));
+    assert_eq!(read_until(&mut parent, "\n"), "status 137\n");
+}
+
+/// Signals pending in a process when it was checkpointed travel in its
+/// image: its deputy does not forward them again. `signals` keeps SIGUSR2,
+/// three SIGRTMIN+1 and a SIGRTMIN+2 pending all along; only the SIGUSR1
+/// sent to the deputy afterwards is reported. Its parent (the agent, here)
+/// sees the exit code.
+#[test]
+fn deputy_does_not_forward_the_signals_its_image_carried() {
+    let mut session = client().exec(workload("signals", &["200"])).unwrap();
+    let pid = session.pid();
+    wait_for_exec(pid, "signals");
+    read_until(&mut session, "iter 2 ");
+    let (mut events, mut control) = deputy_of(pid);
+    send_signal(pid, libc::SIGUSR1);
+    assert_eq!(events.next_event().unwrap(), DeputyEvent::Signal(libc::SIGUSR1));
+    control.exit(ExitStatus::Code(0)).unwrap();
+    assert_eq!(events.next_event().unwrap(), DeputyEvent::Ended);
+    loop {
+        match session.next_event().unwrap() {
+            ExecEvent::Exited(status) => break assert_eq!(status, ExitStatus::Code(0)),
+            _ => continue,
+        }
+    }
 }

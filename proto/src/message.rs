@@ -87,19 +87,30 @@ pub enum Request {
     /// Turns the process frozen by `Checkpoint { pid }` on this connection
     /// into the deputy of its migrated self, which now runs on `node`: it
     /// keeps its PID, its parent and its stdio, stays frozen and never runs
-    /// its own code again. Replied with `Ok`. From then on the connection
-    /// carries only the deputy's traffic: the agent sends `DeputySignal`
-    /// for each signal sent to the deputy (which the deputy does not take),
-    /// and accepts `DeputyOutput` and `DeputyExit`. If the connection closes
+    /// its own code again. Replied with `Ok` (on `Error` it stays frozen by
+    /// this connection). From then on the connection carries only the
+    /// deputy's traffic (other requests get `Busy`): the agent sends
+    /// `DeputySignal` for each signal sent to the deputy (which the deputy
+    /// does not take; signals already pending at the checkpoint travel in
+    /// the image and are not sent again), and accepts `DeputyOutput` and
+    /// `DeputyExit`. A SIGKILL kills the deputy: the agent sends
+    /// `DeputySignal { signal: 9 }` and nothing more, drops further output
+    /// and answers `DeputyExit` with `Ok` at once. If the connection closes
     /// before `DeputyExit`, the deputy is killed (SIGKILL): its migrated
-    /// process has lost its home.
+    /// process has lost its home. `Ps` shows a deputy's `node` as
+    /// [`ProcessInfo::remote`].
     BecomeDeputy { pid: u32, node: String },
     /// Bytes the migrated process wrote to its fd `fd` (1 or 2): written to
-    /// the deputy's own fd `fd` (its pipe, terminal or file). No reply.
+    /// the deputy's own fd `fd` (its pipe, terminal or file; dropped if the
+    /// reader is gone). No reply, except `Error` (`BadRequest`) for another
+    /// `fd` or without a deputy.
     DeputyOutput { fd: u8, data: Vec<u8> },
     /// The migrated process ended this way: the deputy ends the same way
-    /// (exits with the code or is killed by the signal), so that its parent
-    /// sees it. Replied with `Ok` once the deputy is gone.
+    /// (exits with the code, or is killed by the signal with its default
+    /// action, dumping core only if the migrated process did), so that its
+    /// parent sees it. Replied with `Ok` once the deputy is gone; a signal
+    /// that cannot end a process gets `Error` (`BadRequest`) and the
+    /// deputy stays.
     DeputyExit(ExitStatus),
 }
 

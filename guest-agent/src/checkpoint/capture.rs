@@ -491,6 +491,19 @@ fn fds(
     Ok(out)
 }
 
+/// An injector for a process this thread holds stopped (a deputy): its
+/// registers as they are now as the template, a `syscall` instruction of
+/// its vdso or code.
+pub(crate) fn injector_for(tracee: Tracee) -> Result<Injector, CheckpointError> {
+    let pid = tracee.pid.as_raw();
+    let vmas = vmas(&procfs::maps(pid)?, &mut Vec::new())?;
+    Ok(Injector::new(
+        tracee,
+        tracee.regs()?,
+        syscall_insn(pid, &vmas)?,
+    ))
+}
+
 /// Finds a `syscall` instruction in the process: in its vdso (one read),
 /// else in its executable mappings.
 fn syscall_insn(pid: i32, vmas: &[Vma]) -> Result<u64, CheckpointError> {

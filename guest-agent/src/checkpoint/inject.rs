@@ -14,6 +14,7 @@ use std::io::{IoSlice, IoSliceMut};
 
 use libc::user_regs_struct;
 use nix::errno::Errno;
+use nix::sys::signal::Signal;
 use nix::sys::uio::{process_vm_readv, process_vm_writev, RemoteIoVec};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -69,6 +70,44 @@ impl Injector {
     /// Runs syscall `nr` with up to six arguments and returns its raw result
     /// (`-errno` on failure).
     pub fn syscall(&self, nr: i64, args: &[u64]) -> Result<i64, InjectError> {
+        self.syscall_with(nr, args, None)
+    }
+
+    /// Runs a syscall that does not return (`exit_group`) and collects the
+    /// tracee's end. Signals delivered on the way to it go to `on_signal`.
+    pub fn call_final(
+        &self,
+        nr: i64,
+        args: &[u64],
+        on_signal: &mut dyn FnMut(Signal),
+    ) -> Result<(), InjectError> {
+        self.set_up(nr, args)?;
+        self.tracee.run_to_syscall_stop(Some(on_signal))?;
+        Ok(self.tracee.run_to_end()?)
+    }
+
+    fn syscall_with(
+        &self,
+        nr: i64,
+        args: &[u64],
+        mut on_signal: Option<&mut (dyn FnMut(Signal) + '_)>,
+    ) -> Result<i64, InjectError> {
+        self.set_up(nr, args)?;
+        self.tracee.run_to_syscall_stop(on_signal.as_deref_mut())?;
+        self.tracee.run_to_syscall_stop(on_signal)?;
+        let out = self.tracee.regs()?;
+        if out.rip != self.syscall_at + SYSCALL_INSN.len() as u64 {
+            return Err(InjectError::Strayed {
+                rip: out.rip,
+                syscall_at: self.syscall_at,
+            });
+        }
+        Ok(out.rax as i64)
+    }
+
+    /// Points the tracee at the `syscall` instruction with the registers of
+    /// syscall `nr`.
+    fn set_up(&self, nr: i64, args: &[u64]) -> Result<(), InjectError> {
         let mut regs = self.template;
         regs.rip = self.syscall_at;
         regs.rax = nr as u64;
@@ -87,17 +126,7 @@ impl Injector {
         for slot in slots {
             *slot = args.next().expect("endless");
         }
-        self.tracee.set_regs(&regs)?;
-        self.tracee.to_syscall_stop()?;
-        self.tracee.to_syscall_stop()?;
-        let out = self.tracee.regs()?;
-        if out.rip != self.syscall_at + SYSCALL_INSN.len() as u64 {
-            return Err(InjectError::Strayed {
-                rip: out.rip,
-                syscall_at: self.syscall_at,
-            });
-        }
-        Ok(out.rax as i64)
+        Ok(self.tracee.set_regs(&regs)?)
     }
 
     /// Runs syscall `nr`; a negative result is an error naming `what`.
@@ -107,14 +136,20 @@ impl Injector {
         nr: i64,
         args: &[u64],
     ) -> Result<u64, InjectError> {
-        let r = self.syscall(nr, args)?;
-        if (-4095..0).contains(&r) {
-            return Err(InjectError::Failed {
-                what: what(),
-                errno: Errno::from_raw(-r as i32),
-            });
-        }
-        Ok(r as u64)
+        check(what, self.syscall(nr, args)?)
+    }
+
+    /// Like [`Self::call`], for a tracee that may have signals delivered on
+    /// the way: they go to `on_signal` and are suppressed (see
+    /// `Tracee::run_to_syscall_stop`).
+    pub fn call_passing_signals(
+        &self,
+        what: impl Fn() -> String,
+        nr: i64,
+        args: &[u64],
+        on_signal: &mut dyn FnMut(Signal),
+    ) -> Result<u64, InjectError> {
+        check(what, self.syscall_with(nr, args, Some(on_signal))?)
     }
 
     /// Writes `data` at `addr` in the tracee (which must be writable there).
@@ -154,6 +189,17 @@ impl Injector {
             errno,
         }
     }
+}
+
+/// A raw syscall result; a negative one is an error naming `what`.
+fn check(what: impl Fn() -> String, r: i64) -> Result<u64, InjectError> {
+    if (-4095..0).contains(&r) {
+        return Err(InjectError::Failed {
+            what: what(),
+            errno: Errno::from_raw(-r as i32),
+        });
+    }
+    Ok(r as u64)
 }
 
 /// Set once `process_vm_readv`/`writev` returned ENOSYS: the node kernel is

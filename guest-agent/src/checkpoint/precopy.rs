@@ -25,7 +25,6 @@ use std::fs::File;
 use std::io::Write;
 
 use nix::errno::Errno;
-use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 use pmivmm_proto::image::{PageRef, ProcessImage};
 
@@ -34,7 +33,7 @@ use super::capture::{
 };
 use super::pagemap::{Pagemap, Select};
 use super::procfs;
-use super::tracee::{try_wait_status, untrace, PtraceError, Tracee};
+use super::tracee::{is_end, try_wait_raw_status, untrace, PtraceError, Tracee};
 
 /// A process seized for pre-copy rounds, running between them.
 pub struct Precopy {
@@ -48,7 +47,7 @@ pub struct Precopy {
 pub enum Tended {
     Running,
     /// The process has ended (its tracing with it).
-    Ended(WaitStatus),
+    Ended,
 }
 
 impl Precopy {
@@ -117,21 +116,19 @@ impl Precopy {
             pid: pid.as_raw(),
             errno,
         };
-        while let Some(status) = try_wait_status(pid).map_err(err)? {
-            match status {
-                WaitStatus::Exited(..) | WaitStatus::Signaled(..) => {
-                    untrace(pid);
-                    return Ok(Tended::Ended(status));
-                }
-                stop => match self.tracee.pass_stop(stop) {
-                    // Killed meanwhile: its end follows.
-                    Ok(())
-                    | Err(PtraceError::Call {
-                        errno: Errno::ESRCH,
-                        ..
-                    }) => {}
-                    Err(e) => return Err(e),
-                },
+        while let Some(raw) = try_wait_raw_status(pid).map_err(err)? {
+            if is_end(raw) {
+                untrace(pid);
+                return Ok(Tended::Ended);
+            }
+            match self.tracee.pass_stop(raw) {
+                // Killed meanwhile: its end follows.
+                Ok(())
+                | Err(PtraceError::Call {
+                    errno: Errno::ESRCH,
+                    ..
+                }) => {}
+                Err(e) => return Err(e),
             }
         }
         Ok(Tended::Running)

@@ -69,6 +69,8 @@ pub struct Status {
     pub umask: u32,
     pub sig_ignored: u64,
     pub sig_caught: u64,
+    /// Signals pending for the thread or the process (SigPnd | ShdPnd).
+    pub sig_pending: u64,
 }
 
 pub fn status(pid: i32) -> Result<Status, ProcfsError> {
@@ -79,7 +81,7 @@ pub fn status(pid: i32) -> Result<Status, ProcfsError> {
     })
 }
 
-fn parse_status(text: &str) -> Option<Status> {
+pub fn parse_status(text: &str) -> Option<Status> {
     let hex = |key| u64::from_str_radix(field(text, key)?, 16).ok();
     Some(Status {
         name: field(text, "Name")?.to_string(),
@@ -89,6 +91,7 @@ fn parse_status(text: &str) -> Option<Status> {
         umask: u32::from_str_radix(field(text, "Umask")?, 8).ok()?,
         sig_ignored: hex("SigIgn")?,
         sig_caught: hex("SigCgt")?,
+        sig_pending: hex("SigPnd")? | hex("ShdPnd")?,
     })
 }
 
@@ -290,6 +293,7 @@ mod tests {
     fn parses_status() {
         let text =
             "Name:\tcat (x)\nUmask:\t0027\nState:\tS (sleeping)\nTracerPid:\t0\nThreads:\t1\n\
+                    SigPnd:\t0000000000000100\nShdPnd:\t0000000000004000\n\
                     SigIgn:\t0000000000001000\nSigCgt:\t0000000180000002\n";
         let s = parse_status(text).unwrap();
         assert_eq!(
@@ -297,8 +301,8 @@ mod tests {
             ("cat (x)", 'S', 0, 1)
         );
         assert_eq!(
-            (s.umask, s.sig_ignored, s.sig_caught),
-            (0o027, 0x1000, 0x1_8000_0002)
+            (s.umask, s.sig_ignored, s.sig_caught, s.sig_pending),
+            (0o027, 0x1000, 0x1_8000_0002, 0x4100)
         );
     }
 

@@ -10,7 +10,7 @@ use libc::{c_void, user_regs_struct};
 use nix::errno::Errno;
 use nix::sys::ptrace::{self, Event, Options};
 use nix::sys::signal::Signal;
-use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 use crate::reaper;
 use pmivmm_proto::image::{
@@ -162,32 +162,62 @@ impl Tracee {
         }
     }
 
-    /// Answers a stop of a seized process that runs (see [`Self::resume`]):
-    /// passes a signal on, keeps a job-control stop, resumes from anything
-    /// else.
-    pub fn pass_stop(&self, status: WaitStatus) -> Result<(), PtraceError> {
-        match status {
-            WaitStatus::Stopped(_, sig) => ptrace::cont(self.pid, sig).map_err(self.err("CONT")),
-            WaitStatus::PtraceEvent(_, sig, event)
-                if event == Event::PTRACE_EVENT_STOP as i32 && sig != Signal::SIGTRAP =>
-            {
-                self.resume(Interrupted::GroupStopped)
-            }
-            _ => self.resume(Interrupted::Running),
+    /// Answers a stop (raw wait status) of a seized process that runs (see
+    /// [`Self::resume`]): passes a signal on, keeps a job-control stop,
+    /// resumes from anything else.
+    pub fn pass_stop(&self, raw: i32) -> Result<(), PtraceError> {
+        let (sig, event) = (libc::WSTOPSIG(raw), raw >> 16);
+        if event == 0 && sig != libc::SIGTRAP | 0x80 {
+            // A signal-delivery stop (0x80: a syscall stop).
+            self.cont_with(sig)
+        } else if event == Event::PTRACE_EVENT_STOP as i32 && sig != libc::SIGTRAP {
+            self.resume(Interrupted::GroupStopped)
+        } else {
+            self.resume(Interrupted::Running)
         }
     }
 
-    /// Resumes until the next syscall entry or exit stop.
-    pub fn to_syscall_stop(&self) -> Result<(), PtraceError> {
-        ptrace::syscall(self.pid, None).map_err(self.err("SYSCALL"))?;
-        match self.wait()? {
-            WaitStatus::PtraceSyscall(_) => Ok(()),
-            status => Err(PtraceError::UnexpectedStop {
-                pid: self.pid.as_raw(),
-                status,
-                expected: "a syscall stop",
-            }),
+    /// `PTRACE_CONT` delivering signal `sig` (0: none), real-time signals
+    /// included.
+    pub fn cont_with(&self, sig: i32) -> Result<(), PtraceError> {
+        self.raw("CONT", libc::PTRACE_CONT, 0, sig as usize as *mut c_void)
+            .map(drop)
+    }
+
+    /// Resumes until the next syscall entry or exit stop. With `on_signal`,
+    /// signal-delivery stops on the way are passed to it and the signal is
+    /// suppressed, and ptrace event stops (a `SIGCONT` notification) are
+    /// resumed from; without, they are errors.
+    pub fn run_to_syscall_stop(
+        &self,
+        mut on_signal: Option<&mut (dyn FnMut(Signal) + '_)>,
+    ) -> Result<(), PtraceError> {
+        let resume = || ptrace::syscall(self.pid, None).map_err(self.err("SYSCALL"));
+        resume()?;
+        loop {
+            match (self.wait()?, &mut on_signal) {
+                (WaitStatus::PtraceSyscall(_), _) => return Ok(()),
+                (WaitStatus::Stopped(_, sig), Some(on_signal)) => {
+                    on_signal(sig);
+                    resume()?;
+                }
+                (WaitStatus::PtraceEvent(..), Some(_)) => resume()?,
+                (status, _) => {
+                    return Err(PtraceError::UnexpectedStop {
+                        pid: self.pid.as_raw(),
+                        status,
+                        expected: "a syscall stop",
+                    })
+                }
+            }
         }
+    }
+
+    /// Resumes the tracee in a syscall-entry stop of a syscall that does
+    /// not return (`exit_group`) and collects its end.
+    pub fn run_to_end(&self) -> Result<(), PtraceError> {
+        ptrace::syscall(self.pid, None).map_err(self.err("SYSCALL"))?;
+        wait_for_end(self.pid).map_err(self.err("wait"))
     }
 
     pub fn regs(&self) -> Result<user_regs_struct, PtraceError> {
@@ -412,41 +442,62 @@ impl Tracee {
 /// otherwise take the status first, see crate::reaper), else from
 /// `waitpid(pid, __WALL)`.
 pub fn wait_status(pid: Pid) -> Result<WaitStatus, Errno> {
+    WaitStatus::from_raw(pid, wait_raw_status(pid)?)
+}
+
+/// [`wait_status`] as the raw status word, which unlike nix's `WaitStatus`
+/// also holds stops and ends by real-time signals.
+pub fn wait_raw_status(pid: Pid) -> Result<i32, Errno> {
     if let Some(raw) = reaper::running().and_then(|r| r.wait_traced(pid.as_raw())) {
-        return WaitStatus::from_raw(pid, raw);
+        return Ok(raw);
     }
     loop {
-        match waitpid(pid, Some(WaitPidFlag::__WALL)) {
+        match waitpid_raw(pid, 0) {
+            Ok(Some(raw)) => return Ok(raw),
+            // None: only with WNOHANG.
+            Ok(None) | Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The next raw wait status of tracee `pid` if it has one (see
+/// [`wait_raw_status`]).
+pub fn try_wait_raw_status(pid: Pid) -> Result<Option<i32>, Errno> {
+    if let Some(reaper) = reaper::running() {
+        return Ok(reaper.try_wait_traced(pid.as_raw()));
+    }
+    loop {
+        match waitpid_raw(pid, libc::WNOHANG) {
             Err(Errno::EINTR) => continue,
             other => return other,
         }
     }
 }
 
-/// The next wait status of tracee `pid` if it has one (see
-/// [`wait_status`]).
-pub fn try_wait_status(pid: Pid) -> Result<Option<WaitStatus>, Errno> {
-    if let Some(reaper) = reaper::running() {
-        return reaper
-            .try_wait_traced(pid.as_raw())
-            .map(|raw| WaitStatus::from_raw(pid, raw))
-            .transpose();
-    }
-    loop {
-        match waitpid(pid, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
-            Err(Errno::EINTR) => continue,
-            Ok(WaitStatus::StillAlive) => return Ok(None),
-            other => return other.map(Some),
-        }
+/// `waitpid(pid, __WALL | flags)`; `None` if `WNOHANG` found no status.
+fn waitpid_raw(pid: Pid, flags: i32) -> Result<Option<i32>, Errno> {
+    let mut status = 0;
+    // SAFETY: waitpid with a valid pointer to a local status word.
+    let r = unsafe { libc::waitpid(pid.as_raw(), &mut status, libc::__WALL | flags) };
+    match r {
+        -1 => Err(Errno::last()),
+        0 => Ok(None),
+        _ => Ok(Some(status)),
     }
 }
 
-/// Waits until tracee `pid` (already sent SIGKILL) has ended, then ends its
-/// registration with the reaper.
+/// Whether a raw wait status reports the end of the process.
+pub fn is_end(raw: i32) -> bool {
+    libc::WIFEXITED(raw) || libc::WIFSIGNALED(raw)
+}
+
+/// Waits until tracee `pid` (already sent SIGKILL, or about to end) has
+/// ended, then ends its registration with the reaper.
 pub fn wait_for_end(pid: Pid) -> Result<(), Errno> {
     let r = loop {
-        match wait_status(pid) {
-            Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..)) => break Ok(()),
+        match wait_raw_status(pid) {
+            Ok(raw) if is_end(raw) => break Ok(()),
             Ok(_) => continue,
             Err(e) => break Err(e),
         }
