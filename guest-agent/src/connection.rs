@@ -136,7 +136,12 @@ impl<S: Stream> Connection<S> {
                 PollTimeout::NONE
             };
             let mut fds = vec![PollFd::new(self.reader.as_fd(), PollFlags::POLLIN)];
-            fds.extend(waker.into_iter().chain(deputy).map(|fd| PollFd::new(fd, PollFlags::POLLIN)));
+            fds.extend(
+                waker
+                    .into_iter()
+                    .chain(deputy)
+                    .map(|fd| PollFd::new(fd, PollFlags::POLLIN)),
+            );
             match poll(&mut fds, timeout) {
                 Ok(_) => {}
                 Err(Errno::EINTR) => continue,
@@ -353,9 +358,7 @@ impl<S: Stream> Connection<S> {
                     }
                 }
             },
-            Request::PrecopyRound { pid, first } => {
-                Some(self.migrations.precopy_round(pid, first))
-            }
+            Request::PrecopyRound { pid, first } => Some(self.migrations.precopy_round(pid, first)),
             Request::BecomeDeputy { pid, node } => Some(self.become_deputy(pid, node)),
         }
     }

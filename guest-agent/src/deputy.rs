@@ -357,9 +357,8 @@ impl Deputy {
                 };
                 // SAFETY: prlimit64 reads one valid rlimit64 and writes
                 // nothing.
-                let rc = unsafe {
-                    libc::prlimit64(pid, libc::RLIMIT_CORE, &none, std::ptr::null_mut())
-                };
+                let rc =
+                    unsafe { libc::prlimit64(pid, libc::RLIMIT_CORE, &none, std::ptr::null_mut()) };
                 if rc < 0 {
                     eprintln!(
                         "pmivmm-agent: deputy PID {pid}: cannot forbid a core dump: {}",

@@ -336,7 +336,12 @@ impl Migrations {
         };
         let (mut child, pages) = match prepare_restore(&image, stdio) {
             Ok(prepared) => prepared,
-            Err(e) => return error(ErrorKind::Failed, format!("cannot prepare the restore: {e}")),
+            Err(e) => {
+                return error(
+                    ErrorKind::Failed,
+                    format!("cannot prepare the restore: {e}"),
+                )
+            }
         };
         // Dropping the child (on an error below) kills it.
         let pid = child.pid();

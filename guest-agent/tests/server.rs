@@ -17,8 +17,8 @@ use pmivmm_proto::frame::{read_frame, read_payload, write_frame};
 use pmivmm_proto::image::{PageRun, ProcessImage};
 use pmivmm_proto::{
     AgentClient, ClientError, DeputyControl, DeputyEvent, DeputyEvents, ErrorKind, ExecEvent,
-    ExecRequest, ExitStatus, Migratability, MigrationObstacle, Request, Response,
-    PROTOCOL_VERSION, VERSION,
+    ExecRequest, ExitStatus, Migratability, MigrationObstacle, Request, Response, PROTOCOL_VERSION,
+    VERSION,
 };
 
 mod common;
@@ -86,7 +86,11 @@ fn migratable(argv: &[&str]) -> ExecRequest {
 fn workload(name: &str, args: &[&str]) -> ExecRequest {
     let path = common::workload_built_by(name, |script, dir| {
         let argv = [script.to_str().unwrap(), dir.to_str().unwrap()];
-        let out = client().exec(exec(&argv)).unwrap().wait_with_output().unwrap();
+        let out = client()
+            .exec(exec(&argv))
+            .unwrap()
+            .wait_with_output()
+            .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status, ExitStatus::Code(0), "build.sh failed: {stderr}");
     });
@@ -107,7 +111,10 @@ fn read_until<R: std::io::Read, W: std::io::Write>(
             ExecEvent::Stdout(data) => out.extend_from_slice(&data),
             ExecEvent::Stderr(data) => panic!("stderr: {}", String::from_utf8_lossy(&data)),
             ExecEvent::Exited(status) => {
-                panic!("exited ({status}) before {text:?}: {}", String::from_utf8_lossy(&out))
+                panic!(
+                    "exited ({status}) before {text:?}: {}",
+                    String::from_utf8_lossy(&out)
+                )
             }
         }
     }
@@ -538,7 +545,10 @@ fn checkpoint_requests_and_clients_that_leave_midway() {
     assert_ne!(tracer_pid(pid), Some(0), "not frozen under ptrace");
     assert!(matches!(
         c.checkpoint(pid),
-        Err(ClientError::Agent { kind: ErrorKind::Busy, .. })
+        Err(ClientError::Agent {
+            kind: ErrorKind::Busy,
+            ..
+        })
     ));
     drop(c);
     wait_until("the original is resumed", || tracer_pid(pid) == Some(0));
@@ -557,25 +567,40 @@ fn checkpoint_requests_and_clients_that_leave_midway() {
     let mut c = client();
     assert!(matches!(
         c.finish_restore(),
-        Err(ClientError::Agent { kind: ErrorKind::BadRequest, .. })
+        Err(ClientError::Agent {
+            kind: ErrorKind::BadRequest,
+            ..
+        })
     ));
     assert!(matches!(
         c.kill_original(pid),
-        Err(ClientError::Agent { kind: ErrorKind::BadRequest, .. })
+        Err(ClientError::Agent {
+            kind: ErrorKind::BadRequest,
+            ..
+        })
     ));
     assert!(matches!(
         c.checkpoint(999_999_999),
-        Err(ClientError::Agent { kind: ErrorKind::NoSuchProcess, .. })
+        Err(ClientError::Agent {
+            kind: ErrorKind::NoSuchProcess,
+            ..
+        })
     ));
     match c.checkpoint(1) {
-        Err(ClientError::Agent { kind: ErrorKind::Refused, message }) => {
+        Err(ClientError::Agent {
+            kind: ErrorKind::Refused,
+            message,
+        }) => {
             assert!(message.contains("PID 1 (init)"), "{message}")
         }
         other => panic!("{other:?}"),
     }
     assert!(matches!(
         c.prepare_restore(vec![1, 2, 3], false),
-        Err(ClientError::Agent { kind: ErrorKind::BadRequest, .. })
+        Err(ClientError::Agent {
+            kind: ErrorKind::BadRequest,
+            ..
+        })
     ));
 
     // Checkpoint then kill: the exec session still learns how its process
@@ -635,10 +660,16 @@ fn precopy_rounds_pass_the_running_process_its_signals() {
     assert_ne!(tracer_pid(pid), Some(0), "not seized");
     out += &read_until(&mut session, "iter 12 ");
     let second = c.precopy_round(pid, false).unwrap();
-    assert!(!second.is_empty(), "the process ran: its stack at least is dirty");
+    assert!(
+        !second.is_empty(),
+        "the process ran: its stack at least is dirty"
+    );
     assert!(matches!(
         c.precopy_round(pid + 1_000_000, false),
-        Err(ClientError::Agent { kind: ErrorKind::NoSuchProcess, .. })
+        Err(ClientError::Agent {
+            kind: ErrorKind::NoSuchProcess,
+            ..
+        })
     ));
     out += &read_until(&mut session, "iter 20 ");
 
@@ -788,14 +819,20 @@ fn deputy_relays_output_and_signals_and_exits_with_the_code() {
     let ps = client().ps().unwrap();
     let info = ps.iter().find(|p| p.pid == child).expect("deputy in ps");
     assert_eq!(info.remote.as_deref(), Some("n2"));
-    assert!(ps.iter().filter(|p| p.pid != child).all(|p| p.remote.is_none()));
+    assert!(ps
+        .iter()
+        .filter(|p| p.pid != child)
+        .all(|p| p.remote.is_none()));
 
     control.output(1, b"from afar\n").unwrap();
     assert_eq!(read_until(&mut parent, "\n"), "from afar\n");
     control.output(3, b"x").unwrap();
     assert!(matches!(
         events.next_event(),
-        Err(ClientError::Agent { kind: ErrorKind::BadRequest, .. })
+        Err(ClientError::Agent {
+            kind: ErrorKind::BadRequest,
+            ..
+        })
     ));
 
     let rt = 40;
@@ -804,13 +841,19 @@ fn deputy_relays_output_and_signals_and_exits_with_the_code() {
         assert_eq!(events.next_event().unwrap(), DeputyEvent::Signal(signal));
     }
     let state = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap();
-    assert!(state.contains(") t "), "deputy not in its ptrace stop: {state}");
+    assert!(
+        state.contains(") t "),
+        "deputy not in its ptrace stop: {state}"
+    );
     assert_ne!(tracer_pid(child), Some(0));
 
     control.exit(ExitStatus::Code(7)).unwrap();
     assert_eq!(events.next_event().unwrap(), DeputyEvent::Ended);
     assert_eq!(read_until(&mut parent, "\n"), "status 7\n");
-    assert_eq!(parent.next_event().unwrap(), ExecEvent::Exited(ExitStatus::Code(0)));
+    assert_eq!(
+        parent.next_event().unwrap(),
+        ExecEvent::Exited(ExitStatus::Code(0))
+    );
     assert!(client().ps().unwrap().iter().all(|p| p.remote.is_none()));
 }
 
@@ -831,7 +874,10 @@ fn deputy_ends_by_a_signal_or_dies_with_its_connection() {
     control.exit(not_fatal).unwrap();
     assert!(matches!(
         events.next_event(),
-        Err(ClientError::Agent { kind: ErrorKind::BadRequest, .. })
+        Err(ClientError::Agent {
+            kind: ErrorKind::BadRequest,
+            ..
+        })
     ));
     control.exit(term).unwrap();
     assert_eq!(events.next_event().unwrap(), DeputyEvent::Ended);
@@ -855,7 +901,10 @@ fn deputy_does_not_forward_the_signals_its_image_carried() {
     read_until(&mut session, "iter 2 ");
     let (mut events, mut control) = deputy_of(pid);
     send_signal(pid, libc::SIGUSR1);
-    assert_eq!(events.next_event().unwrap(), DeputyEvent::Signal(libc::SIGUSR1));
+    assert_eq!(
+        events.next_event().unwrap(),
+        DeputyEvent::Signal(libc::SIGUSR1)
+    );
     control.exit(ExitStatus::Code(0)).unwrap();
     assert_eq!(events.next_event().unwrap(), DeputyEvent::Ended);
     loop {

@@ -167,7 +167,10 @@ impl<R: Read, W: Write> AgentClient<R, W> {
         image: Vec<u8>,
         forward_stdio: bool,
     ) -> Result<(u32, Vec<PageRef>), ClientError> {
-        match self.call(&Request::PrepareRestore { image, forward_stdio })? {
+        match self.call(&Request::PrepareRestore {
+            image,
+            forward_stdio,
+        })? {
             Response::RestorePrepared { pid, pages } => Ok((pid, pages)),
             other => Err(unexpected("RestorePrepared", &other)),
         }
@@ -504,7 +507,10 @@ mod tests {
     #[test]
     fn precopy_rounds_return_pages_and_refusals() {
         let mut client = client_of(|s| {
-            let first = Request::PrecopyRound { pid: 5, first: true };
+            let first = Request::PrecopyRound {
+                pid: 5,
+                first: true,
+            };
             assert_eq!(expect_request(s), first);
             let pages = vec![page(0x1000), page(0x2000)];
             write_frame(s, &Response::PrecopyPages { pages }).unwrap();
@@ -512,7 +518,13 @@ mod tests {
                 kind: ErrorKind::Refused,
                 message: "PID 6 cannot migrate".into(),
             };
-            assert_eq!(expect_request(s), Request::PrecopyRound { pid: 6, first: true });
+            assert_eq!(
+                expect_request(s),
+                Request::PrecopyRound {
+                    pid: 6,
+                    first: true
+                }
+            );
             write_frame(s, &refused).unwrap();
         });
         let pages = client.precopy_round(5, true).unwrap();

@@ -18,8 +18,8 @@ pub mod image;
 pub mod message;
 
 pub use client::{
-    AgentClient, ClientError, CollectedOutput, DeputyControl, DeputyEvent, DeputyEvents,
-    ExecEvent, ExecOutput, ExecSession, ExecStdin,
+    AgentClient, ClientError, CollectedOutput, DeputyControl, DeputyEvent, DeputyEvents, ExecEvent,
+    ExecOutput, ExecSession, ExecStdin,
 };
 pub use frame::{FrameError, MAX_FRAME_LEN};
 pub use message::{

@@ -16,9 +16,9 @@ use libc::user_regs_struct;
 use nix::errno::Errno;
 use nix::sys::signal::Signal;
 use nix::sys::uio::{process_vm_readv, process_vm_writev, RemoteIoVec};
+use nix::unistd::Pid;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use nix::unistd::Pid;
 
 use super::tracee::{PtraceError, Tracee};
 
@@ -159,7 +159,9 @@ impl Injector {
             len: data.len(),
         }];
         if NO_CROSS_MEMORY_ATTACH.load(Ordering::Relaxed) {
-            return proc_mem(self.tracee.pid, addr, data.len(), |f| f.write_all_at(data, addr));
+            return proc_mem(self.tracee.pid, addr, data.len(), |f| {
+                f.write_all_at(data, addr)
+            });
         }
         let n = match process_vm_writev(self.tracee.pid, &[IoSlice::new(data)], &remote) {
             Err(Errno::ENOSYS) => {

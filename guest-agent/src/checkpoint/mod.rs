@@ -29,11 +29,11 @@ mod tests;
 pub use capture::{capture, kill_original, resume_original, CheckpointError};
 pub(crate) use capture::{injector_for, SIGSET_LEN};
 pub(crate) use inject::{InjectError, Injector};
-pub(crate) use procfs::parse_status;
-pub(crate) use tracee::{is_end, untrace, wait_for_end, wait_raw_status, PtraceError, Tracee};
 pub use pagemap::soft_dirty_tracked;
 pub use precopy::{Precopy, Tended};
+pub(crate) use procfs::parse_status;
 pub use procmem::{ProcMem, ProcMemError};
 pub use restore::{finish_restore, prepare_restore, RestoreError, RestoredChild};
+pub(crate) use tracee::{is_end, untrace, wait_for_end, wait_raw_status, PtraceError, Tracee};
 
 pub use pmivmm_proto::image::ProcessImage;

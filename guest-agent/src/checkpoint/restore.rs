@@ -321,7 +321,9 @@ fn fork_child(plan: ChildPlan) -> Result<RestoredChild, RestoreError> {
     // With the agent's reaper running, the child is registered as traced
     // before the reaper can see its first stop (see crate::reaper).
     let (pid, exit) = match crate::reaper::running() {
-        Some(reaper) => reaper.spawn_traced(fork).map(|(pid, exit)| (pid, Some(exit)))?,
+        Some(reaper) => reaper
+            .spawn_traced(fork)
+            .map(|(pid, exit)| (pid, Some(exit)))?,
         None => (fork()?, None),
     };
     let tracee = Tracee {

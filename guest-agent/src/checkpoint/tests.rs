@@ -280,7 +280,10 @@ fn refused(mode: &str, expected: impl Fn(&MigrationObstacle) -> bool) {
         other => panic!("{what} of hold {mode} was not refused: {other:?}"),
     };
     check("capture", capture(w.pid()).map(drop));
-    check("pre-copy", Precopy::start(w.pid()).map(|(p, _)| p.release()));
+    check(
+        "pre-copy",
+        Precopy::start(w.pid()).map(|(p, _)| p.release()),
+    );
     let status = std::fs::read_to_string(format!("/proc/{}/status", w.pid())).unwrap();
     assert!(status.contains("TracerPid:\t0\n"), "still traced: {status}");
     assert!(w.child.wait().unwrap().success());
@@ -362,7 +365,9 @@ fn memory_buffer(pid: i32) -> BTreeSet<u64> {
         .iter()
         .find(|m| m.name.is_empty() && m.end - m.start > 1 << 20)
         .expect("memory has no 1 MiB buffer");
-    (buffer.start..buffer.end).step_by(PAGE_SIZE as usize).collect()
+    (buffer.start..buffer.end)
+        .step_by(PAGE_SIZE as usize)
+        .collect()
 }
 
 fn addresses(pages: &[PageRef]) -> BTreeSet<u64> {

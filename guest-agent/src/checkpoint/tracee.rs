@@ -6,13 +6,13 @@
 
 use std::mem::size_of;
 
+use crate::reaper;
 use libc::{c_void, user_regs_struct};
 use nix::errno::Errno;
 use nix::sys::ptrace::{self, Event, Options};
 use nix::sys::signal::Signal;
 use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
-use crate::reaper;
 use pmivmm_proto::image::{
     FpuKind, FpuState, InterruptedSyscall, Regs, Rseq, SigInfo, SyscallRestart, FXSAVE_AREA_LEN,
     SIGINFO_LEN,
