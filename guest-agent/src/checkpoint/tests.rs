@@ -553,3 +553,26 @@ fn syscall_counts() {
     let pid = count_syscalls("finish_restore", || finish_restore(child, &image).unwrap());
     assert_eq!(wait_exit(pid), WaitStatus::Exited(Pid::from_raw(pid), 0));
 }
+
+#[test]
+#[ignore = "needs strace; prints syscall counts"]
+fn precopy_syscall_counts() {
+    require_root();
+    let w = Workload::start("precopy-counts", "memory", &["1", "100"], &[]);
+    w.wait_for("pass 1 ok\n");
+    let (precopy, pages) = count_syscalls("first pre-copy round", || {
+        Precopy::start(w.pid()).unwrap()
+    });
+    println!("first round: {} pages", pages.len());
+    w.wait_for_next_pass();
+    let (precopy, pages) = count_syscalls("pre-copy round", || precopy.round(false).unwrap());
+    println!("later round: {} pages", pages.len());
+    let (image, pages) = count_syscalls("checkpoint after rounds", || precopy.capture().unwrap());
+    println!(
+        "checkpoint: {} pages, {} dirty, {} VMAs",
+        pages.len(),
+        pages.iter().filter(|p| p.dirty).count(),
+        image.vmas.len()
+    );
+    kill_original(w.pid()).unwrap();
+}
