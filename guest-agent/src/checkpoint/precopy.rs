@@ -18,8 +18,13 @@
 //!
 //! Cost per round in the guest: the stop and the resume, /proc/PID/maps,
 //! one pagemap read per VMA and the clear_refs write (the pagemap and
-//! clear_refs files stay open between rounds); afterwards every first write
-//! to a page costs the process a write-protection fault.
+//! clear_refs files stay open between rounds): ~20 syscalls. Measured on a
+//! node of the development hosts (`memory 1`: 11 VMAs, 480 present pages,
+//! 258 dirty per round): a round takes ~0.4-0.5 s in the agent, of which
+//! the pagemap reads ~0.3 s (the kernel walks every page of every VMA,
+//! present or not: their cost grows with the VMAs' size), /proc/PID/maps
+//! ~70 ms, clear_refs ~50 ms, the stop ~25 ms. Afterwards every first
+//! write to a page costs the process a write-protection fault.
 
 use std::fs::File;
 use std::io::Write;
