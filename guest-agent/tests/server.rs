@@ -671,6 +671,20 @@ fn precopy_rounds_pass_the_running_process_its_signals() {
             ..
         })
     ));
+    match c.precopy_round(1, true) {
+        Err(ClientError::Agent {
+            kind: ErrorKind::Refused,
+            message,
+        }) => assert!(message.contains("PID 1 (init)"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        c.precopy_round(std::process::id(), false),
+        Err(ClientError::Agent {
+            kind: ErrorKind::BadRequest,
+            ..
+        })
+    ));
     out += &read_until(&mut session, "iter 20 ");
 
     let (_, pages) = c.checkpoint(pid).unwrap();
