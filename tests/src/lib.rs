@@ -11,7 +11,8 @@ use std::io::Write;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::{mpsc, OnceLock};
+use std::collections::BTreeMap;
+use std::sync::{mpsc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// Time a node gets to boot to agent-ready on the development hosts (~45 s
@@ -180,14 +181,27 @@ impl Drop for Node {
 /// killed when the test process exits (it is started from a thread that
 /// lives as long as the process, with PR_SET_PDEATHSIG). Returns its name.
 pub fn shared_node(tag: &str) -> &'static str {
-    static NODE: OnceLock<Result<String, String>> = OnceLock::new();
-    let r = NODE.get_or_init(|| {
+    shared_node_with(tag, &[])
+}
+
+/// Like [`shared_node`], one node per `tag`, started with `extra` arguments.
+pub fn shared_node_with(tag: &str, extra: &[&str]) -> &'static str {
+    static NODES: Mutex<BTreeMap<String, &'static OnceLock<Result<String, String>>>> = Mutex::new(BTreeMap::new());
+    let cell: &'static OnceLock<Result<String, String>> = *NODES
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry(tag.to_owned())
+        .or_insert_with(|| Box::leak(Box::new(OnceLock::new())));
+    let r = cell.get_or_init(|| {
         let (tx, rx) = mpsc::channel();
         let tag = tag.to_owned();
+        let mut args: Vec<String> = vec!["--timeout".into(), "1800".into()];
+        args.extend(extra.iter().map(|s| s.to_string()));
         std::thread::Builder::new()
             .name("shared-node".into())
             .spawn(move || {
-                let mut node = Node::start(&tag, &["--timeout", "1800"]);
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                let mut node = Node::start(&tag, &args);
                 let name = node.name.clone();
                 let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     node.wait_console("pmivmm-agent ready", BOOT_TIMEOUT)

@@ -64,6 +64,17 @@ pub struct VmConfig {
     pub vsock: Option<VsockConfig>,
     /// A host directory shared into the guest over virtio-9p; None: no share.
     pub share: Option<ShareConfig>,
+    /// Where the node listens for other nodes' VMMs.
+    pub peer: PeerConfig,
+}
+
+/// The node's peer listener (migrations in, deputy links).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerConfig {
+    /// `host:port` to listen on (port 0: any free port).
+    pub listen: String,
+    /// The cluster key file (created, mode 0600, if missing).
+    pub cluster_key: PathBuf,
 }
 
 /// A host directory the guest mounts (virtio-9p, 9P2000.L) at the same path.

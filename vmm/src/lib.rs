@@ -14,6 +14,7 @@ pub mod config;
 pub mod control;
 pub mod devices;
 pub mod guest_ram;
+pub mod migration;
 pub mod node;
 pub mod peer;
 pub mod profile;

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use pmivmm::commands;
-use pmivmm::config::{self, ConsoleConfig, HostCompat, ProfileConfig, ShareConfig, VmConfig, VsockConfig};
+use pmivmm::config::{
+    self, ConsoleConfig, HostCompat, PeerConfig, ProfileConfig, ShareConfig, VmConfig, VsockConfig,
+};
 
 #[derive(Parser)]
 #[command(
@@ -96,6 +98,22 @@ enum Command {
         node: NodeRef,
         /// Directory written by `pmivmm checkpoint`.
         dir: PathBuf,
+    },
+    /// Move a running process to another node, live (openMosix's migrate). Its
+    /// home keeps a deputy with its PID: output, exit status and signals go
+    /// through it. If anything fails, the process runs on where it was.
+    Migrate {
+        #[command(flatten)]
+        node: NodeRef,
+        /// PID of the process in the node.
+        pid: u32,
+        /// Where to: a node name on this host, HOST:PORT of a node's peer
+        /// listener, or `home`.
+        target: String,
+        /// Freeze the process for the whole copy instead of pre-copying its
+        /// memory while it runs.
+        #[arg(long)]
+        no_precopy: bool,
     },
     /// Benchmarks that print tables.
     #[command(subcommand)]
@@ -192,6 +210,15 @@ struct NodeArgs {
     /// pmivmm, and it cannot reach anything outside DIR. [default: no share]
     #[arg(long, value_name = "DIR")]
     share: Option<PathBuf>,
+    /// Address other nodes' VMMs reach this node at for migrations (port 0: any
+    /// free port; the chosen address is in the node's run directory).
+    #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:0")]
+    listen: String,
+    /// The cluster key: a file of 64 hex digits that every node of the cluster
+    /// shares; peers without it are refused. Created if missing.
+    /// [default: cluster.key in the run directory base, shared by this host's nodes]
+    #[arg(long, value_name = "FILE")]
+    cluster_key: Option<PathBuf>,
 }
 
 /// Parses `256`, `256M`, `256MiB`, `2G`, `2GiB` into MiB.
@@ -248,6 +275,10 @@ impl NodeArgs {
             },
             vsock: Some(VsockConfig::new(paths.vsock())),
             share: self.share.map(ShareConfig::new),
+            peer: PeerConfig {
+                listen: self.listen,
+                cluster_key: self.cluster_key.unwrap_or_else(pmivmm::rundir::default_cluster_key),
+            },
         })
     }
 }
@@ -289,6 +320,12 @@ fn main() -> ExitCode {
             println!("{}", commands::checkpoint::describe_restore(&r));
             0
         }),
+        Command::Migrate { node, pid, target, no_precopy } => {
+            commands::migrate::migrate(&node.name, pid, &target, !no_precopy).map(|r| {
+                println!("{}", commands::migrate::describe(&r));
+                0
+            })
+        }
         Command::Bench(BenchCommand::Boot { runs, mem, node_args }) => {
             pmivmm::bench::boot::run(&pmivmm::bench::boot::BootBench { runs, mem, node_args }).map(|()| 0)
         }

@@ -20,6 +20,8 @@ use crate::rundir::NodePaths;
 use crate::devices::lock;
 use crate::devices::serial::{ConsoleEvents, ConsoleSink, SerialDevice};
 use crate::vcpu::{self, StopCause, StopRequest, Vcpu, VmExit};
+use crate::migration::{self, MigrationNode};
+use crate::peer::ClusterKey;
 use crate::vm;
 
 /// Ctrl-A, the console escape key; Ctrl-A x stops the node.
@@ -46,6 +48,7 @@ pub fn run(config: &VmConfig) -> anyhow::Result<VmExit> {
     let control_listener = UnixListener::bind(paths.control())
         .with_context(|| format!("cannot create the control socket {}", paths.control().display()))?;
     let vm = vm::build(config, ConsoleSink::new(out, events.clone()))?;
+    let (runtime, migration) = start_peer_listener(config, &paths, &vm.memory)?;
     tracing::info!(
         node = %config.name,
         mem_mib = config.mem_mib,
@@ -73,6 +76,7 @@ pub fn run(config: &VmConfig) -> anyhow::Result<VmExit> {
             events.clone(),
             stop.clone(),
             vm.memory.clone(),
+            migration,
         ),
     )
     .context("cannot start the control server")?;
@@ -145,6 +149,7 @@ pub fn run(config: &VmConfig) -> anyhow::Result<VmExit> {
     if let Some(pv) = &vm.pv {
         tracing::info!(node = %config.name, "the VMM cleared {} guest pages (paravirtual clear_page)", lock(pv).cleared);
     }
+    runtime.shutdown_background();
     let exit = result?;
     tracing::info!(
         node = %config.name,
@@ -157,6 +162,44 @@ pub fn run(config: &VmConfig) -> anyhow::Result<VmExit> {
         stats.fwait_steps
     );
     Ok(exit)
+}
+
+/// Binds the node's peer listener, publishes its address in the run
+/// directory and serves migrations on a tokio runtime of its own.
+fn start_peer_listener(
+    config: &VmConfig,
+    paths: &NodePaths,
+    memory: &vm_memory::GuestMemoryMmap,
+) -> anyhow::Result<(tokio::runtime::Runtime, Arc<MigrationNode>)> {
+    let key = ClusterKey::load_or_create(&config.peer.cluster_key)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("peer")
+        .enable_all()
+        .build()
+        .context("cannot start the peer runtime")?;
+    let listener = std::net::TcpListener::bind(&config.peer.listen)
+        .with_context(|| format!("cannot listen for peers on {}", config.peer.listen))?;
+    listener.set_nonblocking(true).context("peer listener")?;
+    let addr = listener.local_addr().context("peer listener")?.to_string();
+    std::fs::write(paths.peer_addr(), format!("{addr}\n"))
+        .with_context(|| format!("cannot write {}", paths.peer_addr().display()))?;
+    let migration = MigrationNode::new(
+        config.name.clone(),
+        addr.clone(),
+        key,
+        memory.clone(),
+        config.vsock.as_ref().map(|v| v.socket_path.clone()),
+        runtime.handle().clone(),
+        Some(paths.dir.join("fault")),
+    );
+    let listener = {
+        let _guard = runtime.enter();
+        tokio::net::TcpListener::from_std(listener).context("peer listener")?
+    };
+    runtime.spawn(migration::server::serve(listener, migration.clone()));
+    tracing::info!(node = %config.name, "listening for peers on {addr}");
+    Ok((runtime, migration))
 }
 
 /// Puts the terminal in raw mode (restored when the guard drops) and feeds

@@ -41,6 +41,11 @@ pub fn base() -> PathBuf {
     }
 }
 
+/// The cluster key nodes of this host use unless told otherwise.
+pub fn default_cluster_key() -> PathBuf {
+    base().join("cluster.key")
+}
+
 /// Checks that `name` is safe as a path component.
 pub fn validate_name(name: &str) -> Result<(), Error> {
     let ok = !name.is_empty()
@@ -79,6 +84,12 @@ impl NodePaths {
     /// The hybrid-vsock socket (`CONNECT <port>` to reach a guest port).
     pub fn vsock(&self) -> PathBuf {
         self.dir.join("vsock.sock")
+    }
+
+    /// The address (`host:port`) the node's peer listener accepts
+    /// migrations on, one line.
+    pub fn peer_addr(&self) -> PathBuf {
+        self.dir.join("peer.addr")
     }
 
     /// Fails unless the node's run directory exists.

@@ -3,6 +3,7 @@
 //! control socket to the VMM (stop, nodes).
 
 pub mod checkpoint;
+pub mod migrate;
 mod exec;
 pub mod tables;
 

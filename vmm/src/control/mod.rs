@@ -13,9 +13,10 @@ use pmivmm_proto::frame::{read_frame, write_frame, FrameError};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{CheckpointReport, RestoreReport};
+use crate::migration::MigrationReport;
 
 /// Bump on any change to the messages below.
-pub const CONTROL_VERSION: u32 = 2;
+pub const CONTROL_VERSION: u32 = 3;
 
 /// How long a control request may take before the client gives up.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -35,6 +36,9 @@ pub enum ControlRequest {
     Checkpoint { version: u32, pid: u32, dir: String, leave_running: bool },
     /// Restore the checkpoint in host directory `dir` as a new process.
     Restore { version: u32, dir: String },
+    /// Migrate guest process `pid` to `target` (node name, `host:port` or
+    /// `home`).
+    Migrate { version: u32, pid: u32, target: String, precopy: bool },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -80,6 +84,7 @@ pub enum ControlResponse {
     Error(String),
     Checkpointed(CheckpointReport),
     Restored(RestoreReport),
+    Migrated(MigrationReport),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -150,6 +155,15 @@ pub fn restore(path: &Path, dir: &Path) -> Result<RestoreReport, Error> {
     let req = ControlRequest::Restore { version: CONTROL_VERSION, dir: dir.display().to_string() };
     match request_within(path, &req, CHECKPOINT_TIMEOUT)? {
         ControlResponse::Restored(r) => Ok(r),
+        other => Err(Error::Unexpected(Box::new(other))),
+    }
+}
+
+/// Asks the node to migrate guest process `pid` to `target`.
+pub fn migrate(path: &Path, pid: u32, target: &str, precopy: bool) -> Result<MigrationReport, Error> {
+    let req = ControlRequest::Migrate { version: CONTROL_VERSION, pid, target: target.to_owned(), precopy };
+    match request_within(path, &req, CHECKPOINT_TIMEOUT)? {
+        ControlResponse::Migrated(r) => Ok(r),
         other => Err(Error::Unexpected(Box::new(other))),
     }
 }

@@ -13,6 +13,7 @@ use vm_memory::GuestMemoryMmap;
 
 use super::{ControlRequest, ControlResponse, NodeState, NodeStatus, CONTROL_VERSION};
 use crate::checkpoint;
+use crate::migration::{self, MigrationNode};
 use crate::devices::serial::ConsoleEvents;
 use crate::vcpu::{StopCause, StopRequest};
 
@@ -34,6 +35,8 @@ pub struct NodeHandle {
     /// Guest RAM (a cheap clone of the VM's mapping), for checkpoint and
     /// restore to copy pages by frame number.
     pub memory: GuestMemoryMmap,
+    /// Migration state and peers.
+    pub migration: Arc<MigrationNode>,
     stopping: AtomicBool,
 }
 
@@ -47,6 +50,7 @@ impl NodeHandle {
         console: Arc<ConsoleEvents>,
         stop: Arc<StopRequest>,
         memory: GuestMemoryMmap,
+        migration: Arc<MigrationNode>,
     ) -> Arc<Self> {
         Arc::new(NodeHandle {
             name,
@@ -57,6 +61,7 @@ impl NodeHandle {
             console,
             stop,
             memory,
+            migration,
             stopping: AtomicBool::new(false),
         })
     }
@@ -156,7 +161,8 @@ fn handle(req: ControlRequest, node: &Arc<NodeHandle>) -> ControlResponse {
         ControlRequest::Status { version }
         | ControlRequest::Stop { version, .. }
         | ControlRequest::Checkpoint { version, .. }
-        | ControlRequest::Restore { version, .. } => version,
+        | ControlRequest::Restore { version, .. }
+        | ControlRequest::Migrate { version, .. } => version,
     };
     if version != CONTROL_VERSION {
         return ControlResponse::Error(format!(
@@ -186,5 +192,16 @@ fn handle(req: ControlRequest, node: &Arc<NodeHandle>) -> ControlResponse {
             }
             Err(e) => ControlResponse::Error(format!("restore of {dir} failed: {e}")),
         },
+        ControlRequest::Migrate { pid, target, precopy, .. } => {
+            let opts = migration::source::Options { precopy };
+            let result = migration::source::resolve(&node.migration, pid, &target)
+                .and_then(|addr| migration::source::migrate(&node.migration, pid, &addr, opts));
+            match result {
+                Ok(report) => ControlResponse::Migrated(report),
+                Err(e) => ControlResponse::Error(format!(
+                    "migration of PID {pid} to {target} failed, it runs on here: {e}"
+                )),
+            }
+        }
     }
 }

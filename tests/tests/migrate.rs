@@ -1,0 +1,310 @@
+//! Live migration between real node VMs.
+//!
+//! Nodes A (home) and B share a host directory; C exists to be killed by a
+//! fault. Workloads run with `pmivmm exec` on A, so their stdout and exit
+//! status reach the test through A's agent: after a migration they come
+//! through the deputy at A, relayed from where the process runs. Each
+//! migrated run must give exactly the output and exit status of an
+//! uninterrupted run. One migration at a time (guest kernel work is
+//! emulated and slow here; parallel migrations only add noise).
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use pmivmm_proto::AgentClient;
+use pmivmm_tests::{pmivmm_bin, run_pmivmm, scratch_dir, shared_node_with};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn share() -> &'static str {
+    static SHARE: OnceLock<String> = OnceLock::new();
+    SHARE.get_or_init(|| scratch_dir("mig-share").to_str().unwrap().to_owned())
+}
+
+/// Boots A, B and C together (their boots overlap) and returns their names.
+fn nodes() -> (&'static str, &'static str, &'static str) {
+    let boot = |tag: &'static str| std::thread::spawn(move || shared_node_with(tag, &["--share", share()]));
+    let (a, b, c) = (boot("mig-a"), boot("mig-b"), boot("mig-c"));
+    (a.join().unwrap(), b.join().unwrap(), c.join().unwrap())
+}
+
+fn agent(node: &str) -> AgentClient<std::os::unix::net::UnixStream, std::os::unix::net::UnixStream> {
+    let paths = pmivmm::rundir::NodePaths::existing(node).expect("node run directory");
+    AgentClient::connect(&paths.vsock()).expect("connect to the agent")
+}
+
+fn process(node: &str, pid: u32) -> Option<pmivmm_proto::ProcessInfo> {
+    agent(node).ps().unwrap().into_iter().find(|p| p.pid == pid && p.state != 'Z')
+}
+
+/// A delay between `lo` and `hi` ms (xorshift of the clock).
+fn random_delay(lo: u64, hi: u64) -> Duration {
+    let mut x = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    Duration::from_millis(lo + x % (hi - lo))
+}
+
+/// A workload run with `pmivmm exec` on a node; its stdout collected as it
+/// comes.
+struct Job {
+    child: Child,
+    pid: u32,
+    stdout: Arc<Mutex<String>>,
+    reader: JoinHandle<()>,
+}
+
+impl Job {
+    fn start(node: &str, cmd: &str) -> Job {
+        // sh prints its PID and execs the workload, which keeps that PID.
+        let script = format!("echo PID $$ >&2; exec {cmd}");
+        let mut child = Command::new(pmivmm_bin())
+            .args(["exec", "--node", node, "-n", "--cwd", "/tmp", "--", "sh", "-c", &script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run pmivmm exec");
+        let mut err = BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        err.read_line(&mut line).unwrap();
+        let pid = line.trim().strip_prefix("PID ").and_then(|p| p.parse().ok());
+        let pid = pid.unwrap_or_else(|| panic!("no PID line from the job: {line:?}"));
+        let stdout = Arc::new(Mutex::new(String::new()));
+        let mut out = child.stdout.take().unwrap();
+        let collected = stdout.clone();
+        let reader = std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = out.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                collected.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        std::thread::spawn(move || {
+            let mut rest = String::new();
+            let _ = err.read_to_string(&mut rest);
+            if !rest.is_empty() {
+                eprintln!("job stderr: {rest}");
+            }
+        });
+        Job { child, pid, stdout, reader }
+    }
+
+    /// Waits until the job has written something (startup done).
+    fn wait_output(&self) {
+        let start = Instant::now();
+        while self.stdout.lock().unwrap().is_empty() {
+            assert!(start.elapsed() < Duration::from_secs(120), "the job wrote nothing in 120 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits for the end: (exit code of `pmivmm exec`, stdout).
+    fn finish(mut self) -> (i32, String) {
+        let start = Instant::now();
+        let status = loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                break st;
+            }
+            assert!(start.elapsed() < Duration::from_secs(600), "job still running after 600 s");
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        self.reader.join().unwrap();
+        let out = self.stdout.lock().unwrap().clone();
+        (status.code().unwrap_or(-1), out)
+    }
+}
+
+/// Output and exit code of an uninterrupted run.
+fn reference(node: &str, cmd: &str) -> (i32, String) {
+    Job::start(node, cmd).finish()
+}
+
+fn migrate(node: &str, pid: u32, target: &str, extra: &[&str]) -> (bool, String, String) {
+    let pid = pid.to_string();
+    let mut args = vec!["migrate", "--node", node, &pid, target];
+    args.extend_from_slice(extra);
+    let (st, out, err) = run_pmivmm(&args);
+    (st.success(), out, err)
+}
+
+fn migrated_pid(report: &str) -> u32 {
+    let after = report.split(" as PID ").nth(1).unwrap_or_else(|| panic!("no PID in {report:?}"));
+    after.split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap()
+}
+
+/// Runs `cmd` on A uninterrupted, then again, migrated to B mid-run; the
+/// outputs and exit codes must match.
+fn migrated_run(name: &str, cmd: &str) {
+    let (a, b, _) = nodes();
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let expected = reference(a, &cmd.replace('@', "ref"));
+    assert!(expected.1.contains("RESULT"), "{name}: uninterrupted run: {expected:?}");
+    let job = Job::start(a, &cmd.replace('@', "mig"));
+    job.wait_output();
+    std::thread::sleep(random_delay(0, 250));
+    let (ok, report, err) = migrate(a, job.pid, b, &[]);
+    assert!(ok, "{name}: migration of PID {} failed: {err}", job.pid);
+    eprintln!("{name}: {}", report.trim());
+    let deputy = process(a, job.pid).expect("the deputy is gone");
+    assert_eq!(deputy.remote.as_deref(), Some(b), "{name}: ps at home does not show where it runs");
+    let remote = migrated_pid(&report);
+    assert!(process(b, remote).is_some(), "{name}: PID {remote} does not run on {b}");
+    let got = job.finish();
+    assert_eq!(got, expected, "{name}: the migrated run differs from the uninterrupted one");
+}
+
+#[test]
+fn counter_migrates() {
+    migrated_run("counter", "counter 120");
+}
+
+#[test]
+fn patterned_memory_migrates() {
+    migrated_run("memory", "memory 2 80");
+}
+
+#[test]
+fn brk_growth_migrates() {
+    migrated_run("brk", "brk");
+}
+
+#[test]
+fn signal_state_migrates() {
+    migrated_run("signals", "signals 120");
+}
+
+#[test]
+fn fpu_and_sse_state_migrates() {
+    migrated_run("fpu", "fpu 150");
+}
+
+#[test]
+fn page_protections_migrate() {
+    migrated_run("mprotect", "mprotect 120");
+}
+
+#[test]
+fn open_files_in_the_share_migrate() {
+    let out = PathBuf::from(share()).join("files.@.dat");
+    migrated_run("files", &format!("files {} 120", out.display()));
+    let read = |tag: &str| std::fs::read(share().to_owned() + &format!("/files.{tag}.dat")).unwrap();
+    assert_eq!(read("mig"), read("ref"), "the migrated run's file differs");
+}
+
+#[test]
+fn a_process_moves_on_and_comes_home() {
+    let (a, b, _) = nodes();
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let expected = reference(a, "counter 300");
+    let job = Job::start(a, "counter 300");
+    job.wait_output();
+    let (ok, report, err) = migrate(a, job.pid, b, &[]);
+    assert!(ok, "A -> B: {err}");
+    let on_b = migrated_pid(&report);
+    std::thread::sleep(random_delay(100, 400));
+    let (ok, report, err) = migrate(b, on_b, "home", &["--no-precopy"]);
+    assert!(ok, "B -> home: {err}");
+    eprintln!("{}", report.trim());
+    assert!(process(b, on_b).is_none(), "the copy on B still runs after it went home");
+    let back = migrated_pid(&report);
+    assert!(process(a, back).is_some(), "PID {back} does not run at home");
+    assert_eq!(job.finish(), expected, "A -> B -> A changed the output");
+}
+
+#[test]
+fn signals_to_the_deputy_reach_the_process() {
+    let (a, b, _) = nodes();
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let job = Job::start(a, "counter 100000");
+    job.wait_output();
+    let (ok, report, err) = migrate(a, job.pid, b, &[]);
+    assert!(ok, "{err}");
+    let remote = migrated_pid(&report);
+    let (st, _, err) = run_pmivmm(&["kill", "--node", a, "-s", "15", &job.pid.to_string()]);
+    assert!(st.success(), "kill: {err}");
+    let (code, out) = job.finish();
+    assert_eq!(code, 128 + 15, "exit status of a process killed by SIGTERM on {b}: {code}; output {out}");
+    assert!(process(b, remote).is_none(), "the process still runs on {b}");
+    assert!(process(a, job.pid).is_none(), "the deputy still exists");
+}
+
+/// Arms a fault in `node`'s next incoming migration.
+fn arm_fault(node: &str, fault: &str) {
+    let dir = pmivmm::rundir::NodePaths::existing(node).unwrap().dir;
+    std::fs::write(dir.join("fault"), fault).unwrap();
+}
+
+#[test]
+fn failed_migrations_leave_the_process_running_at_home() {
+    let (a, b, _) = nodes();
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let expected = reference(a, "counter 250");
+    let job = Job::start(a, "counter 250");
+    job.wait_output();
+    for point in ["offer", "image", "commit"] {
+        arm_fault(b, &format!("{point} drop"));
+        let (ok, _, err) = migrate(a, job.pid, b, &[]);
+        assert!(!ok, "the migration with a fault at {point} succeeded");
+        assert!(err.contains("runs on here"), "{point}: {err}");
+        let p = process(a, job.pid).unwrap_or_else(|| panic!("{point}: the process is gone"));
+        assert!(p.remote.is_none() && matches!(p.state, 'R' | 'S'), "{point}: state {} at home", p.state);
+    }
+    // The link drops after the process started on B: the source asks B and
+    // learns that it runs there.
+    arm_fault(b, "running drop");
+    let (ok, report, err) = migrate(a, job.pid, b, &[]);
+    assert!(ok, "in-doubt migration: {err}");
+    eprintln!("{}", report.trim());
+    assert_eq!(job.finish(), expected, "a failed migration disturbed the process");
+}
+
+#[test]
+fn a_target_vmm_that_dies_mid_migration_loses_nothing() {
+    let (a, _, c) = nodes();
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let expected = reference(a, "counter 150");
+    let job = Job::start(a, "counter 150");
+    job.wait_output();
+    // C's VMM exits once the process runs there, before it says so.
+    arm_fault(c, "running exit");
+    let (ok, _, err) = migrate(a, job.pid, c, &[]);
+    assert!(!ok, "migration to a dying node succeeded");
+    assert!(err.contains("runs on here"), "{err}");
+    assert_eq!(job.finish(), expected, "the process did not finish correctly at home");
+}
+
+#[test]
+fn bad_targets_fail_cleanly() {
+    let (a, _, _) = nodes();
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let job = Job::start(a, "counter 40");
+    job.wait_output();
+    let (ok, _, err) = migrate(a, job.pid, "127.0.0.1:1", &[]);
+    assert!(!ok && err.contains("cannot reach") && err.contains("runs on here"), "{err}");
+    let (ok, _, err) = migrate(a, job.pid, "no-such-node", &[]);
+    assert!(!ok && err.contains("no-such-node"), "{err}");
+    let (ok, _, err) = migrate(a, 999_999, "127.0.0.1:1", &[]);
+    assert!(!ok && err.contains("999999"), "{err}");
+    assert_eq!(job.finish().0, 0);
+}
+
+#[test]
+fn a_peer_without_the_cluster_key_is_refused() {
+    let (a, _, _) = nodes();
+    let addr = std::fs::read_to_string(pmivmm::rundir::NodePaths::existing(a).unwrap().peer_addr()).unwrap();
+    let key_file = scratch_dir("mig-key").join("other.key");
+    std::fs::write(&key_file, "ab".repeat(32)).unwrap();
+    let key = pmivmm::peer::ClusterKey::load(&key_file).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let r = rt.block_on(pmivmm::peer::PeerLink::connect(addr.trim(), &key, "intruder", Duration::from_secs(10)));
+    let e = r.err().expect("a peer with another key was accepted").to_string();
+    assert!(e.contains("cluster key"), "{e}");
+}

@@ -1,0 +1,227 @@
+//! The home side of a migrated process: its deputy.
+//!
+//! The deputy is the frozen original, held by the guest agent (see
+//! `Request::BecomeDeputy`). This module feeds it what the process's host
+//! relays (output, exit status) and sends the signals it receives to that
+//! host. Hosts attach and leave as the process moves on: a process moving
+//! from n2 to n3 has both links for a moment (n3 attaches before n2 hands
+//! off). When no host is attached for [`REATTACH_GRACE`], the process is
+//! lost (its host died) and the deputy is killed, so that its parent learns
+//! of it instead of waiting forever.
+
+use std::os::unix::net::UnixStream;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use pmivmm_proto::{DeputyControl, DeputyEvent, DeputyEvents, ExitStatus};
+
+use super::link::{SyncReader, SyncWriter};
+use super::protocol::{check_output_fd, PeerMsg};
+use super::{Error, MigrationNode};
+use crate::devices::lock;
+
+/// How long a deputy waits for a host to (re-)attach.
+const REATTACH_GRACE: Duration = Duration::from_secs(45);
+/// A relay link may be silent this long (a process printing nothing).
+const LINK_IDLE: Duration = Duration::from_secs(3600);
+
+/// What the process's hosts report.
+pub enum RelayEvent {
+    /// A host attached.
+    Attached,
+    Output { fd: u8, data: Vec<u8> },
+    Exited(ExitStatus),
+    /// A host's copy moved on (a new host has attached).
+    Handoff,
+    /// A host's link broke.
+    LinkLost,
+}
+
+/// A deputy, as the rest of the node sees it.
+pub struct DeputyHandle {
+    /// The process's PID at home (the deputy's).
+    pub pid: u32,
+    events: Mutex<Sender<RelayEvent>>,
+    /// Where signals go: one route per attached host, newest last.
+    routes: Mutex<Vec<Sender<i32>>>,
+}
+
+impl DeputyHandle {
+    pub fn deliver(&self, event: RelayEvent) {
+        let _ = lock(&self.events).send(event);
+    }
+
+    /// The process runs at home again (as another local process).
+    pub fn attach_local(&self, signals: Sender<i32>) {
+        lock(&self.routes).push(signals);
+        self.deliver(RelayEvent::Attached);
+    }
+
+    /// A host attached over a peer link.
+    pub fn attach_remote(self: &Arc<Self>, mut rx: SyncReader, mut tx: SyncWriter) -> Result<(), Error> {
+        let (signals, pending) = mpsc::channel::<i32>();
+        let pid = self.pid;
+        thread::Builder::new()
+            .name(format!("deputy-sig-{pid}"))
+            .spawn(move || {
+                for signal in pending.iter() {
+                    if let Err(e) = tx.send(&PeerMsg::Signal { signal }) {
+                        tracing::warn!("deputy {pid}: signal {signal} not sent: {e}");
+                        return;
+                    }
+                }
+            })
+            .map_err(Error::Thread)?;
+        let me = self.clone();
+        thread::Builder::new()
+            .name(format!("deputy-link-{pid}"))
+            .spawn(move || loop {
+                let event = match rx.recv(LINK_IDLE) {
+                    Ok(Some((PeerMsg::Output { fd }, data))) if check_output_fd(fd).is_ok() => {
+                        RelayEvent::Output { fd, data }
+                    }
+                    Ok(Some((PeerMsg::Exited(status), _))) => {
+                        me.deliver(RelayEvent::Exited(status));
+                        return;
+                    }
+                    Ok(Some((PeerMsg::Handoff, _))) => {
+                        me.deliver(RelayEvent::Handoff);
+                        return;
+                    }
+                    Ok(Some((other, _))) => {
+                        tracing::warn!("deputy {pid}: unexpected {} on its relay link; ignored", other.name());
+                        continue;
+                    }
+                    Err(Error::PeerTimeout(_)) => continue,
+                    Ok(None) | Err(_) => {
+                        me.deliver(RelayEvent::LinkLost);
+                        return;
+                    }
+                };
+                me.deliver(event);
+            })
+            .map_err(Error::Thread)?;
+        lock(&self.routes).push(signals);
+        self.deliver(RelayEvent::Attached);
+        Ok(())
+    }
+
+    /// Sends `signal` to the newest host still reachable.
+    fn signal(&self, signal: i32) {
+        let mut routes = lock(&self.routes);
+        while let Some(route) = routes.last() {
+            if route.send(signal).is_ok() {
+                return;
+            }
+            routes.pop();
+        }
+        tracing::warn!("deputy {}: signal {signal} has no host to go to", self.pid);
+    }
+}
+
+impl MigrationNode {
+    /// The deputy with this token.
+    pub fn deputy(&self, token: u64) -> Result<Arc<DeputyHandle>, Error> {
+        lock(&self.deputies).get(&token).cloned().ok_or(Error::NoDeputy(token))
+    }
+
+    /// PIDs of this node's deputies.
+    pub fn deputy_pids(&self) -> Vec<u32> {
+        lock(&self.deputies).values().map(|d| d.pid).collect()
+    }
+}
+
+type Events = DeputyEvents<UnixStream>;
+type Control = DeputyControl<UnixStream>;
+
+/// Starts the deputy of `pid` (token `token`), whose process now runs on the
+/// host at the other end of `link` (`None`: the host attaches later).
+pub fn start(
+    node: &Arc<MigrationNode>,
+    token: u64,
+    pid: u32,
+    events: Events,
+    control: Control,
+    link: Option<(SyncReader, SyncWriter)>,
+) -> Result<(), Error> {
+    let (tx, rx) = mpsc::channel();
+    let handle = Arc::new(DeputyHandle { pid, events: Mutex::new(tx), routes: Mutex::default() });
+    lock(&node.deputies).insert(token, handle.clone());
+    if let Some((r, w)) = link {
+        handle.attach_remote(r, w)?;
+    }
+    let signals = handle.clone();
+    thread::Builder::new()
+        .name(format!("deputy-ev-{pid}"))
+        .spawn(move || forward_signals(events, &signals))
+        .map_err(Error::Thread)?;
+    let node = node.clone();
+    thread::Builder::new()
+        .name(format!("deputy-{pid}"))
+        .spawn(move || {
+            run(pid, rx, control);
+            lock(&node.deputies).remove(&token);
+        })
+        .map_err(Error::Thread)?;
+    Ok(())
+}
+
+fn forward_signals(mut events: Events, handle: &DeputyHandle) {
+    loop {
+        match events.next_event() {
+            Ok(DeputyEvent::Signal(signal)) => handle.signal(signal),
+            Ok(DeputyEvent::Ended) => return,
+            Err(e) => {
+                tracing::debug!("deputy {}: agent stream ended: {e}", handle.pid);
+                return;
+            }
+        }
+    }
+}
+
+fn run(pid: u32, rx: Receiver<RelayEvent>, mut control: Control) {
+    let mut hosts = 0usize;
+    let mut alone_since = Some(Instant::now());
+    loop {
+        let event = match alone_since {
+            None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+            Some(t) => rx.recv_timeout(REATTACH_GRACE.saturating_sub(t.elapsed())),
+        };
+        let result = match event {
+            Ok(RelayEvent::Attached) => {
+                hosts += 1;
+                Ok(())
+            }
+            Ok(RelayEvent::Output { fd, data }) => control.output(fd, &data),
+            Ok(RelayEvent::Exited(status)) => {
+                tracing::info!("migrated PID {pid} ended ({status}); its deputy ends the same way");
+                if let Err(e) = control.exit(status) {
+                    tracing::error!("deputy {pid}: cannot end it: {e}");
+                }
+                return;
+            }
+            Ok(RelayEvent::Handoff | RelayEvent::LinkLost) => {
+                hosts = hosts.saturating_sub(1);
+                Ok(())
+            }
+            Err(_) => {
+                tracing::error!(
+                    "migrated PID {pid}: no host has been attached for {REATTACH_GRACE:?}, the process is lost; \
+                     killing its deputy"
+                );
+                let _ = control.exit(ExitStatus::Signal { signal: libc::SIGKILL, core_dumped: false });
+                return;
+            }
+        };
+        if let Err(e) = result {
+            tracing::warn!("deputy {pid}: {e}");
+        }
+        alone_since = match (hosts, alone_since) {
+            (0, None) => Some(Instant::now()),
+            (0, since) => since,
+            _ => None,
+        };
+    }
+}

@@ -1,0 +1,226 @@
+//! The source side of a migration: pre-copy while the process runs, freeze,
+//! send the rest, commit, and make the original the deputy (or, for a
+//! process that only visits this node, hand it over and drop it).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pmivmm_proto::image::{PageKind, PageRef, ProcessImage, PAGE_SIZE};
+
+use vm_memory::GuestMemoryMmap;
+
+use super::link::{self, SyncReader, SyncWriter};
+use super::protocol::{HomeRef, Offer, PeerMsg, PAGES_PER_BATCH};
+use super::{deputy, random_id, us, Agent, Error, MigrationNode, MigrationReport};
+use crate::checkpoint::frames;
+
+/// Pre-copy stops when a round dirtied at most this many pages ...
+const FINAL_ROUND_PAGES: usize = 64;
+/// ... or after this many rounds (a process that dirties memory faster than
+/// it can be sent would never converge).
+const MAX_ROUNDS: usize = 5;
+/// How long the target may take to restore the process (its guest kernel
+/// faults every page in, ~2.5 ms a page on emulated hosts).
+const RESTORE_TIMEOUT: Duration = Duration::from_secs(900);
+/// How long the source tries to learn the outcome of a migration whose link
+/// broke after `Commit`.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How to migrate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Options {
+    /// Send memory while the process runs; freeze only for the last round.
+    pub precopy: bool,
+}
+
+/// Where `target` (a node name, `host:port`, or `home`) is reachable.
+pub fn resolve(node: &MigrationNode, pid: u32, target: &str) -> Result<String, Error> {
+    let addr = if target == "home" {
+        match node.relay_home(pid) {
+            Some(home) => home.addr,
+            None => return Err(Error::AlreadyHome(pid)),
+        }
+    } else if target.contains(':') {
+        target.to_owned()
+    } else {
+        let paths = crate::rundir::NodePaths::new(target).map_err(|_| Error::UnknownTarget(target.into()))?;
+        std::fs::read_to_string(paths.peer_addr())
+            .map_err(|_| Error::UnknownTarget(target.into()))?
+            .trim()
+            .to_owned()
+    };
+    if addr == node.addr || target == node.name {
+        return Err(Error::SelfTarget);
+    }
+    Ok(addr)
+}
+
+/// Migrates process `pid` of this node to the node at `addr`.
+pub fn migrate(node: &Arc<MigrationNode>, pid: u32, addr: &str, opts: Options) -> Result<MigrationReport, Error> {
+    let start = Instant::now();
+    // A process that migrated here keeps its home; one that started here
+    // gets a deputy here.
+    let visiting = node.relay_home(pid);
+    let home = visiting.clone().unwrap_or_else(|| HomeRef {
+        node: node.name.clone(),
+        addr: node.addr.clone(),
+        token: random_id(),
+        pid,
+    });
+    let mut agent = node.agent()?;
+    // The first round also checks that the process exists and can move.
+    let first_round = match opts.precopy {
+        true => Some(agent.precopy_round(pid, true).map_err(Error::Agent)?),
+        false => None,
+    };
+    let (peer, mut rx, mut tx) = link::connect(&node.rt, addr, &node.key, &node.name)?;
+    let id = random_id();
+    let mut m = Migration { node, agent: &mut agent, tx: &mut tx, sent: HashMap::new(), bytes: 0 };
+
+    let mut rounds = Vec::new();
+    let mut comm = String::new();
+    if let Some(mut pages) = first_round {
+        m.tx.send(&PeerMsg::Offer(Offer { id, comm: comm.clone(), home: home.clone() }))?;
+        loop {
+            let n = m.send_pages(pages.iter().filter(|p| p.kind == PageKind::Data))?;
+            rounds.push(n);
+            if n <= FINAL_ROUND_PAGES as u64 || rounds.len() >= MAX_ROUNDS {
+                break;
+            }
+            pages = m.agent.precopy_round(pid, false).map_err(Error::Agent)?;
+        }
+    }
+    let precopy = start.elapsed();
+
+    // Freeze. From here on an error drops `agent`, which resumes the original.
+    let frozen_at = Instant::now();
+    let (image_bytes, pages) = m.agent.checkpoint(pid).map_err(Error::Agent)?;
+    let image = ProcessImage::from_bytes(&image_bytes).map_err(Error::BadImage)?;
+    comm.clone_from(&image.comm);
+    if !opts.precopy {
+        m.tx.send(&PeerMsg::Offer(Offer { id, comm: comm.clone(), home: home.clone() }))?;
+    }
+    let data = frames::data_pages(&pages, &image.pages)?;
+    m.tx.send(&PeerMsg::Image { image: image_bytes })?;
+    // Pages not sent yet, written since, or whose frame changed.
+    let final_pages: Vec<&PageRef> =
+        data.iter().filter(|p| p.dirty || m.sent.get(&p.vaddr) != Some(&p.pfn)).collect();
+    let frozen_pages = m.send_pages(final_pages.into_iter())?;
+    m.tx.send(&PeerMsg::Commit)?;
+    let bytes_sent = m.bytes;
+    let committed = Instant::now();
+
+    let remote_pid = match rx.expect(RESTORE_TIMEOUT) {
+        Ok((PeerMsg::Running { pid }, _)) => pid,
+        Ok((PeerMsg::Refused { reason }, _)) => return Err(Error::Refused(reason)),
+        Ok((other, _)) => return Err(Error::unexpected("Running", &other)),
+        Err(e) => {
+            tracing::warn!("migration {id:#x} of PID {pid}: link to {peer} broke after commit ({e}); asking for the outcome");
+            if !query_outcome(node, addr, id) {
+                return Err(e);
+            }
+            0
+        }
+    };
+    let target_restore = committed.elapsed();
+    let frozen = frozen_at.elapsed();
+
+    if visiting.is_some() {
+        // The target attached itself to the home before it answered; this
+        // node's copy and its relay go.
+        node.relay_moving_away(pid);
+        agent.kill_original(pid).map_err(Error::Agent)?;
+    } else {
+        let (events, control) = agent.become_deputy(pid, peer.clone()).map_err(Error::Agent)?;
+        deputy::start(node, home.token, pid, events, control, (remote_pid != 0).then_some((rx, tx)))?;
+    }
+    tracing::info!(
+        "migrated PID {pid} ({comm}) to {peer} as PID {remote_pid}: {} pre-copy rounds, frozen {:?}",
+        rounds.len(),
+        frozen
+    );
+    Ok(MigrationReport {
+        pid,
+        comm,
+        target: peer,
+        remote_pid,
+        precopy_rounds: rounds,
+        frozen_pages,
+        bytes_sent,
+        precopy_us: us(precopy),
+        frozen_us: us(frozen),
+        target_restore_us: us(target_restore),
+        total_us: us(start.elapsed()),
+    })
+}
+
+struct Migration<'a> {
+    node: &'a MigrationNode,
+    agent: &'a mut Agent,
+    tx: &'a mut SyncWriter,
+    /// Pages sent so far, with the frame they were read from.
+    sent: HashMap<u64, u64>,
+    bytes: u64,
+}
+
+impl Migration<'_> {
+    /// Sends the contents of `pages`; returns how many.
+    fn send_pages<'p>(&mut self, pages: impl Iterator<Item = &'p PageRef>) -> Result<u64, Error> {
+        let pages: Vec<PageRef> = pages.copied().collect();
+        self.bytes += stream_pages(&self.node.memory, self.tx, &pages)?;
+        self.sent.extend(pages.iter().map(|p| (p.vaddr, p.pfn)));
+        Ok(pages.len() as u64)
+    }
+}
+
+/// Reads the frames of `pages` out of guest RAM and sends them in
+/// [`PAGES_PER_BATCH`] batches; returns the bytes sent.
+pub fn stream_pages(memory: &GuestMemoryMmap, tx: &mut SyncWriter, pages: &[PageRef]) -> Result<u64, Error> {
+    let mut buf = vec![0u8; PAGES_PER_BATCH.min(pages.len()) * PAGE_SIZE as usize];
+    let mut bytes = 0;
+    for batch in pages.chunks(PAGES_PER_BATCH) {
+        let data = &mut buf[..batch.len() * PAGE_SIZE as usize];
+        frames::read_pages(memory, batch, data)?;
+        let vaddrs = batch.iter().map(|p| p.vaddr).collect();
+        tx.send_data(&PeerMsg::Pages { vaddrs }, data)?;
+        bytes += data.len() as u64;
+    }
+    Ok(bytes)
+}
+
+/// Whether the process of migration `id` runs on the target at `addr`,
+/// asked on fresh links until the target answers. A target VMM that cannot
+/// be reached at all is gone with its VM, so the process does not run there.
+fn query_outcome(node: &MigrationNode, addr: &str, id: u64) -> bool {
+    let deadline = Instant::now() + QUERY_TIMEOUT;
+    loop {
+        match ask(node, addr, id) {
+            Ok(running) => return running,
+            Err(Error::Link(e)) if e.is_unreachable() => {
+                tracing::warn!("migration {id:#x}: the target {addr} is gone ({e}); the original resumes");
+                return false;
+            }
+            Err(e) if Instant::now() >= deadline => {
+                tracing::error!(
+                    "migration {id:#x}: no answer from the target {addr} for {QUERY_TIMEOUT:?} ({e}); \
+                     the original resumes"
+                );
+                return false;
+            }
+            Err(e) => {
+                tracing::warn!("migration {id:#x}: asking {addr} for the outcome: {e}; retrying");
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+fn ask(node: &MigrationNode, addr: &str, id: u64) -> Result<bool, Error> {
+    let (_, mut rx, mut tx): (String, SyncReader, SyncWriter) = link::connect(&node.rt, addr, &node.key, &node.name)?;
+    tx.send(&PeerMsg::Query { id })?;
+    match rx.expect(QUERY_TIMEOUT)? {
+        (PeerMsg::Outcome { running }, _) => Ok(running),
+        (other, _) => Err(Error::unexpected("Outcome", &other)),
+    }
+}

@@ -1,0 +1,205 @@
+//! The target side of a migration: keep the pages, rebuild the process from
+//! the image, write the pages into its frames, start it on `Commit`.
+//!
+//! The outcome of every received migration is recorded so that a source
+//! whose link broke after `Commit` can ask (`Query`). The decision is
+//! atomic: a `Query` for a migration that has not started its process yet
+//! aborts it, so the answer is final.
+
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use pmivmm_proto::image::{PageRef, ProcessImage, PAGE_SIZE};
+use vm_memory::GuestMemoryMmap;
+
+use super::link::{SyncReader, SyncWriter};
+use super::pages::PageStore;
+use super::protocol::{check_pages, Offer, PeerMsg};
+use super::{relay, Error, MigrationNode};
+use crate::checkpoint::frames;
+
+/// Longest silence of a source between two messages (a pre-copy round waits
+/// for the source's guest kernel to report dirty pages).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long a `Query` waits for a migration that is starting its process.
+const COMMIT_WAIT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Receiving,
+    /// The agent is letting the process run.
+    Committing,
+    Running,
+    Aborted,
+}
+
+impl MigrationNode {
+    fn set_outcome(&self, id: u64, outcome: Outcome) {
+        crate::devices::lock(&self.outcomes).insert(id, outcome);
+    }
+
+    /// Moves migration `id` from `Receiving` to `Committing`; false if a
+    /// `Query` aborted it.
+    fn begin_commit(&self, id: u64) -> bool {
+        let mut outcomes = crate::devices::lock(&self.outcomes);
+        match outcomes.get(&id) {
+            Some(Outcome::Receiving) => {
+                outcomes.insert(id, Outcome::Committing);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The answer to a `Query`: whether the process of migration `id` runs
+    /// here. A migration that has not committed is aborted by the question.
+    pub fn outcome(&self, id: u64) -> bool {
+        for _ in 0..COMMIT_WAIT.as_millis() / 100 {
+            {
+                let mut outcomes = crate::devices::lock(&self.outcomes);
+                match outcomes.get(&id).copied() {
+                    Some(Outcome::Running) => return true,
+                    Some(Outcome::Committing) => {}
+                    _ => {
+                        outcomes.insert(id, Outcome::Aborted);
+                        return false;
+                    }
+                }
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        false
+    }
+}
+
+/// Fault injection for the failure-safety tests: a file `fault` in the
+/// node's run directory holding `<point> <action>` arms one fault for the
+/// next incoming migration (the file is removed when it fires). Points:
+/// `offer` (offer received), `image` (process prepared), `commit` (pages
+/// written, not started), `running` (started, `Running` not sent yet).
+/// Actions: `drop` (close the link) or `exit` (the VMM dies at once, with
+/// its VM). Only root can write the run directory of a root node.
+fn fault_point(node: &MigrationNode, point: &str) -> Result<(), Error> {
+    let Some(path) = node.fault_file.as_deref() else { return Ok(()) };
+    let Ok(armed) = std::fs::read_to_string(path) else { return Ok(()) };
+    let mut words = armed.split_whitespace();
+    if words.next() != Some(point) {
+        return Ok(());
+    }
+    let _ = std::fs::remove_file(path);
+    match words.next() {
+        Some("exit") => {
+            tracing::error!("fault injection: the VMM exits at migration point {point}");
+            std::process::exit(1);
+        }
+        _ => {
+            tracing::warn!("fault injection: dropping the migration link at point {point}");
+            Err(Error::PeerClosed)
+        }
+    }
+}
+
+/// Receives the migration `offer` on this link (run on its own thread).
+pub fn receive(node: &Arc<MigrationNode>, source: String, offer: Offer, mut rx: SyncReader, mut tx: SyncWriter) {
+    let id = offer.id;
+    node.set_outcome(id, Outcome::Receiving);
+    match run(node, &source, &offer, &mut rx, &mut tx) {
+        Ok(Started { pid, session, home_link }) => {
+            node.set_outcome(id, Outcome::Running);
+            tracing::info!(
+                "migration {id:#x} from {source}: {} runs here as PID {pid} (home {} PID {})",
+                offer.comm,
+                offer.home.node,
+                offer.home.pid
+            );
+            let home_link = match fault_point(node, "running") {
+                // The source is left in doubt and asks (`Query`); the relay
+                // attaches to the home by itself.
+                Err(_) => home_link,
+                Ok(()) => {
+                    if tx.send(&PeerMsg::Running { pid }).is_err() {
+                        tracing::warn!("migration {id:#x}: the source left before it heard that PID {pid} runs");
+                    }
+                    // When the source is the home, this link is the home link.
+                    home_link.or(Some(relay::HomeLink::Remote(rx, tx)))
+                }
+            };
+            relay::start(node, pid, offer.home, session, home_link);
+        }
+        Err(e) => {
+            node.set_outcome(id, Outcome::Aborted);
+            tracing::warn!("migration {id:#x} from {source} failed: {e}");
+            let _ = tx.send(&PeerMsg::Refused { reason: e.to_string() });
+        }
+    }
+}
+
+struct Started {
+    pid: u32,
+    session: relay::Session,
+    /// The link to the home made for this process, unless the source is the
+    /// home (then the migration link becomes the home link).
+    home_link: Option<relay::HomeLink>,
+}
+
+fn run(
+    node: &Arc<MigrationNode>,
+    source: &str,
+    offer: &Offer,
+    rx: &mut SyncReader,
+    _tx: &mut SyncWriter,
+) -> Result<Started, Error> {
+    offer.validate()?;
+    fault_point(node, "offer")?;
+    let limit = (node.memory_bytes() / PAGE_SIZE) as usize;
+    let mut store = PageStore::new(limit);
+    let mut prepared = None;
+    loop {
+        let (msg, data) = rx.expect(IDLE_TIMEOUT)?;
+        match msg {
+            PeerMsg::Pages { vaddrs } => receive_pages(&mut store, &vaddrs, &data)?,
+            PeerMsg::Image { image } if prepared.is_none() => {
+                let parsed = ProcessImage::from_bytes(&image).map_err(Error::BadImage)?;
+                let mut agent = node.agent()?;
+                let (_, targets) = agent.prepare_restore(image, true).map_err(Error::Agent)?;
+                // From here on an error drops `agent`: the agent kills the
+                // half-built process.
+                frames::check_order(&targets, &parsed.pages)?;
+                frames::check_frames(&node.memory, &targets)?;
+                prepared = Some((agent, targets));
+                fault_point(node, "image")?;
+            }
+            PeerMsg::Commit => {
+                let Some((agent, targets)) = prepared else {
+                    return Err(Error::unexpected("Image", &PeerMsg::Commit));
+                };
+                write_received(&node.memory, &store, &targets)?;
+                let home_link = if source == offer.home.node {
+                    None
+                } else {
+                    Some(relay::attach_home(node, &offer.home)?)
+                };
+                fault_point(node, "commit")?;
+                if !node.begin_commit(offer.id) {
+                    return Err(Error::Refused("the source gave the migration up".into()));
+                }
+                let session = agent.finish_restore_streaming().map_err(Error::Agent)?;
+                return Ok(Started { pid: session.pid(), session, home_link });
+            }
+            other => return Err(Error::unexpected("Pages, Image or Commit", &other)),
+        }
+    }
+}
+
+/// Checks and keeps one `Pages` message.
+pub fn receive_pages(store: &mut PageStore, vaddrs: &[u64], data: &[u8]) -> Result<(), Error> {
+    check_pages(vaddrs, data)?;
+    Ok(store.insert(vaddrs, data)?)
+}
+
+/// Writes the received pages into the frames the agent reported.
+pub fn write_received(memory: &GuestMemoryMmap, store: &PageStore, targets: &[PageRef]) -> Result<(), Error> {
+    let data = store.gather(targets)?;
+    Ok(frames::write_pages(memory, targets, &data)?)
+}
