@@ -143,6 +143,23 @@ enum BenchCommand {
         #[arg(long = "mib", default_values_t = [1u64, 16])]
         sizes: Vec<u64>,
     },
+    /// Migration: the data path (guest RAM -> authenticated link -> guest RAM)
+    /// beside memcpy and plain loopback TCP; with --from/--to, real migrations
+    /// of a running process with and without pre-copy (freeze time).
+    Migrate {
+        /// MiB moved through the data path (a power of two).
+        #[arg(long, default_value_t = 1024)]
+        mib: u64,
+        /// Source node for real migrations (needs --to).
+        #[arg(long, requires = "to")]
+        from: Option<String>,
+        /// Target node for real migrations.
+        #[arg(long, requires = "from")]
+        to: Option<String>,
+        /// Real migrations per mode.
+        #[arg(short = 'n', long, default_value_t = 2)]
+        runs: usize,
+    },
     /// Throughput and latency of a running node's vsock channel beside a Unix socket.
     Channel {
         #[command(flatten)]
@@ -332,6 +349,10 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Checkpoint { node, sizes }) => {
             pmivmm::bench::checkpoint::run(&pmivmm::bench::checkpoint::CheckpointBench { node: node.name, sizes_mib: sizes })
                 .map(|()| 0)
+        }
+        Command::Bench(BenchCommand::Migrate { mib, from, to, runs }) => {
+            let nodes = from.zip(to);
+            pmivmm::bench::migrate::run(&pmivmm::bench::migrate::MigrateBench { mib, nodes, runs }).map(|()| 0)
         }
         Command::Bench(BenchCommand::Channel { node, mib, rounds }) => {
             pmivmm::bench::channel::run(&pmivmm::bench::channel::ChannelBench { node: node.name, mib, rounds })

@@ -4,6 +4,7 @@
 pub mod boot;
 pub mod channel;
 pub mod checkpoint;
+pub mod migrate;
 
 /// Minimum and median of a sample (None when empty).
 pub fn min_median(mut v: Vec<f64>) -> Option<(f64, f64)> {

@@ -107,6 +107,15 @@ pub fn write_pages(mem: &GuestMemoryMmap, pages: &[PageRef], data: &[u8]) -> Res
     Ok(())
 }
 
+/// Writes one page of contents into the (checked) frame of `page`.
+pub fn write_page(mem: &GuestMemoryMmap, page: &PageRef, data: &[u8]) -> Result<(), FrameError> {
+    let addr = frame_addr(mem, page.pfn).ok_or(FrameError::NotRam { pfn: page.pfn, vaddr: page.vaddr })?;
+    if data.len() as u64 != PAGE_SIZE {
+        return Err(FrameError::DataLength { got: data.len(), pages: 1 });
+    }
+    mem.write_slice(data, addr).map_err(|e| FrameError::Access { pfn: page.pfn, reason: e.to_string() })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 
-use pmivmm_proto::image::{PageRef, PAGE_SIZE};
+use pmivmm_proto::image::PAGE_SIZE;
 
 const PS: usize = PAGE_SIZE as usize;
 
@@ -63,29 +63,19 @@ impl PageStore {
         Ok(())
     }
 
-    /// The contents of `pages`, in order, ready for
-    /// [`crate::checkpoint::frames::write_pages`].
-    pub fn gather(&self, pages: &[PageRef]) -> Result<Vec<u8>, StoreError> {
-        let mut out = Vec::with_capacity(pages.len() * PS);
-        for p in pages {
-            let slot = *self.index.get(&p.vaddr).ok_or(StoreError::Missing(p.vaddr))?;
-            out.extend_from_slice(&self.data[slot * PS..(slot + 1) * PS]);
-        }
-        Ok(out)
+    /// The contents of page `vaddr`.
+    pub fn page(&self, vaddr: u64) -> Result<&[u8], StoreError> {
+        let slot = *self.index.get(&vaddr).ok_or(StoreError::Missing(vaddr))?;
+        Ok(&self.data[slot * PS..(slot + 1) * PS])
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pmivmm_proto::image::PageKind;
 
     fn page(fill: u8) -> Vec<u8> {
         vec![fill; PS]
-    }
-
-    fn target(vaddr: u64) -> PageRef {
-        PageRef { vaddr, pfn: 0, kind: PageKind::Data, dirty: false }
     }
 
     #[test]
@@ -94,8 +84,8 @@ mod tests {
         s.insert(&[0x1000, 0x2000], &[page(1), page(2)].concat()).unwrap();
         s.insert(&[0x1000], &page(3)).unwrap();
         assert_eq!(s.len(), 2);
-        let out = s.gather(&[target(0x2000), target(0x1000)]).unwrap();
-        assert_eq!(out, [page(2), page(3)].concat());
+        assert_eq!(s.page(0x2000).unwrap(), page(2));
+        assert_eq!(s.page(0x1000).unwrap(), page(3));
     }
 
     #[test]
@@ -105,6 +95,6 @@ mod tests {
         assert_eq!(s.insert(&[0x2000], &page(2)), Err(StoreError::Full { limit_mib: 0 }));
         // Replacing a held page is always possible.
         s.insert(&[0x1000], &page(5)).unwrap();
-        assert_eq!(s.gather(&[target(0x3000)]), Err(StoreError::Missing(0x3000)));
+        assert_eq!(s.page(0x3000), Err(StoreError::Missing(0x3000)));
     }
 }

@@ -198,8 +198,12 @@ pub fn receive_pages(store: &mut PageStore, vaddrs: &[u64], data: &[u8]) -> Resu
     Ok(store.insert(vaddrs, data)?)
 }
 
-/// Writes the received pages into the frames the agent reported.
+/// Writes the received pages into the frames the agent reported (all
+/// frames checked before anything is written).
 pub fn write_received(memory: &GuestMemoryMmap, store: &PageStore, targets: &[PageRef]) -> Result<(), Error> {
-    let data = store.gather(targets)?;
-    Ok(frames::write_pages(memory, targets, &data)?)
+    frames::check_frames(memory, targets)?;
+    for p in targets {
+        frames::write_page(memory, p, store.page(p.vaddr)?)?;
+    }
+    Ok(())
 }

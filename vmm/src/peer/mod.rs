@@ -97,6 +97,13 @@ pub enum Error {
     Broken { peer: String },
 }
 
+impl Error {
+    /// Whether nothing listens at the peer's address: its VMM is not running.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, Error::Connect { source, .. } if source.kind() == io::ErrorKind::ConnectionRefused)
+    }
+}
+
 fn describe_connect_error(e: &io::Error) -> String {
     match e.kind() {
         io::ErrorKind::ConnectionRefused => {

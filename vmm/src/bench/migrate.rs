@@ -1,0 +1,228 @@
+//! `pmivmm bench migrate`: the migration data path and real migrations.
+//!
+//! Data path (no VM needed): `MIB` MiB of pages are read by frame out of
+//! one guest-RAM mapping, streamed over an authenticated peer link on
+//! loopback, checked and kept by the receiver, and written by frame into a
+//! second guest-RAM mapping, with the very functions a migration uses
+//! (`source::stream_pages`, `target::receive_pages` / `write_received`).
+//! Frames are scattered (a permutation), as in a long-running guest. The
+//! same run measures a memcpy of the same bytes, plain loopback TCP and the
+//! bare peer link, the baselines the ratios refer to.
+//!
+//! Real migrations (with `--from A --to B`, two running nodes): a small
+//! process migrated with and without pre-copy: end-to-end time, the time it
+//! stays frozen, and the part of that spent by the target's guest kernel.
+
+use std::time::Instant;
+
+use anyhow::Context;
+use pmivmm_proto::image::{PageKind, PageRef, PAGE_SIZE};
+use pmivmm_proto::{AgentClient, ExecEvent, ExecRequest};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::commands::tables;
+use crate::control;
+use crate::migration::link;
+use crate::migration::pages::PageStore;
+use crate::migration::protocol::PeerMsg;
+use crate::migration::{source, target};
+use crate::peer::{ClusterKey, PeerLink};
+use crate::rundir::NodePaths;
+
+pub struct MigrateBench {
+    /// Size of the data-path transfer.
+    pub mib: u64,
+    /// Two running nodes for real migrations.
+    pub nodes: Option<(String, String)>,
+    /// Real migrations per mode.
+    pub runs: usize,
+}
+
+const BASE_VADDR: u64 = 0x7f00_0000_0000;
+
+fn mbps(bytes: u64, secs: f64) -> String {
+    format!("{:.0}", bytes as f64 / secs / 1e6)
+}
+
+/// The `i`th of `n` pages: its frame is a fixed permutation of `0..n`
+/// (an odd multiplier modulo a power of two).
+fn page(i: u64, n: u64) -> PageRef {
+    let pfn = (i.wrapping_mul(0x9e37_79b9) & (n - 1)) + 1;
+    PageRef { vaddr: BASE_VADDR + i * PAGE_SIZE, pfn, kind: PageKind::Data, dirty: true }
+}
+
+fn guest_ram(bytes: u64) -> anyhow::Result<GuestMemoryMmap> {
+    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), bytes as usize)]).context("cannot map the benchmark's guest RAM")
+}
+
+fn data_path(mib: u64) -> anyhow::Result<()> {
+    let n = (mib << 20) / PAGE_SIZE;
+    anyhow::ensure!(n.is_power_of_two(), "--mib must be a power of two");
+    let bytes = n * PAGE_SIZE;
+    let ram = bytes + 2 * PAGE_SIZE;
+    eprintln!("bench migrate: preparing 2 x {} MiB of guest RAM...", ram >> 20);
+    let src = guest_ram(ram)?;
+    let dst = guest_ram(ram)?;
+    let pattern: Vec<u8> = (0..(1u64 << 20)).map(|i| (i * 31 + i / 4096) as u8).collect();
+    for off in (0..ram).step_by(pattern.len()) {
+        let len = pattern.len().min((ram - off) as usize);
+        src.write_slice(&pattern[..len], GuestAddress(off))?;
+        dst.write_slice(&vec![0u8; len], GuestAddress(off))?;
+    }
+    let pages: Vec<PageRef> = (0..n).map(|i| page(i, n)).collect();
+
+    // Baseline: a memcpy of the same bytes.
+    let mut a = vec![1u8; bytes as usize];
+    let b = vec![2u8; bytes as usize];
+    let t = Instant::now();
+    a.copy_from_slice(&b);
+    let memcpy = t.elapsed().as_secs_f64();
+    std::hint::black_box(&a);
+    drop((a, b));
+
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    eprintln!("bench migrate: plain loopback TCP and the bare peer link, {mib} MiB each...");
+    let (plain, bare) = rt.block_on(crate::peer::bench_throughput(bytes))?;
+
+    eprintln!("bench migrate: the migration data path, {mib} MiB...");
+    let key = ClusterKey::generate()?;
+    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+    let addr = listener.local_addr()?.to_string();
+    let handle = rt.handle().clone();
+    let receiver_key = key.clone();
+    let receiver_pages = pages.clone();
+    let receiver = std::thread::spawn(move || -> anyhow::Result<GuestMemoryMmap> {
+        let (stream, _) = handle.block_on(listener.accept())?;
+        let link = handle.block_on(PeerLink::accept(stream, &receiver_key, "bench-target", link::CONNECT_TIMEOUT))?;
+        let (_, mut rx, _tx) = link::split(&handle, link);
+        let mut store = PageStore::new(n as usize);
+        loop {
+            match rx.expect(std::time::Duration::from_secs(60))? {
+                (PeerMsg::Pages { vaddrs }, data) => target::receive_pages(&mut store, &vaddrs, &data)?,
+                (PeerMsg::Commit, _) => break,
+                (other, _) => anyhow::bail!("unexpected {}", other.name()),
+            }
+        }
+        target::write_received(&dst, &store, &receiver_pages)?;
+        Ok(dst)
+    });
+    let (_, _rx, mut tx) = link::connect(rt.handle(), &addr, &key, "bench-source")?;
+    let t = Instant::now();
+    source::stream_pages(&src, &mut tx, &pages)?;
+    tx.send(&PeerMsg::Commit)?;
+    let dst = receiver.join().map_err(|_| anyhow::anyhow!("the receiver panicked"))??;
+    let path = t.elapsed().as_secs_f64();
+    verify(&src, &dst, &pages)?;
+
+    let rate = |bps: f64| format!("{:.0}", bps / 1e6);
+    let rows = vec![
+        vec!["memcpy of the same bytes".into(), format!("{:.3}", memcpy), mbps(bytes, memcpy), "-".into()],
+        vec![
+            "plain TCP, loopback".into(),
+            format!("{:.3}", bytes as f64 / plain),
+            rate(plain),
+            "100%".into(),
+        ],
+        vec![
+            "peer link (authenticated frames)".into(),
+            format!("{:.3}", bytes as f64 / bare),
+            rate(bare),
+            format!("{:.0}%", bare / plain * 100.0),
+        ],
+        vec![
+            "migration data path (guest RAM -> link -> guest RAM)".into(),
+            format!("{path:.3}"),
+            mbps(bytes, path),
+            format!("{:.0}%", bytes as f64 / path / plain * 100.0),
+        ],
+    ];
+    println!("moving {mib} MiB ({n} pages, scattered frames) on this host; rates in MB/s, ratios against plain TCP of the same run");
+    print!("{}", tables::render(&["TRANSFER", "SECONDS", "MB/s", "VS TCP"], rows));
+    Ok(())
+}
+
+/// The destination frames hold exactly the source frames.
+fn verify(src: &GuestMemoryMmap, dst: &GuestMemoryMmap, pages: &[PageRef]) -> anyhow::Result<()> {
+    let (mut a, mut b) = ([0u8; 4096], [0u8; 4096]);
+    for p in pages {
+        src.read_slice(&mut a, GuestAddress(p.pfn * PAGE_SIZE))?;
+        dst.read_slice(&mut b, GuestAddress(p.pfn * PAGE_SIZE))?;
+        anyhow::ensure!(a == b, "frame {:#x} differs after the transfer", p.pfn);
+    }
+    Ok(())
+}
+
+type Client = AgentClient<std::os::unix::net::UnixStream, std::os::unix::net::UnixStream>;
+
+/// Starts a long `counter` on `node` and returns its PID once it printed.
+fn start_counter(paths: &NodePaths) -> anyhow::Result<(u32, std::thread::JoinHandle<()>)> {
+    let client: Client = AgentClient::connect(&paths.vsock())?;
+    let mut s = client.exec(ExecRequest {
+        argv: vec!["counter".into(), "1000000".into()],
+        env: vec![],
+        cwd: Some("/tmp".into()),
+        stdin: false,
+    })?;
+    let pid = s.pid();
+    // The first output: the workload is up.
+    loop {
+        match s.next_event()? {
+            ExecEvent::Stdout(_) => break,
+            ExecEvent::Stderr(_) => {}
+            ExecEvent::Exited(st) => anyhow::bail!("the counter exited early ({st})"),
+        }
+    }
+    // Drain the rest (through the deputy after the migration) until it ends.
+    let drain = std::thread::spawn(move || while let Ok(ExecEvent::Stdout(_) | ExecEvent::Stderr(_)) = s.next_event() {});
+    Ok((pid, drain))
+}
+
+fn real_migrations(from: &str, to: &str, runs: usize) -> anyhow::Result<()> {
+    let paths = NodePaths::existing(from)?;
+    NodePaths::existing(to)?;
+    let ms = |us: u64| format!("{:.1}", us as f64 / 1000.0);
+    let mut rows = Vec::new();
+    for precopy in [true, false] {
+        for _ in 0..runs {
+            let (pid, drain) = start_counter(&paths)?;
+            let r = control::migrate(&paths.control(), pid, to, precopy)
+                .with_context(|| format!("migrating PID {pid} from {from} to {to}"))?;
+            rows.push(vec![
+                if precopy { "pre-copy" } else { "stop-and-copy" }.into(),
+                r.comm.clone(),
+                r.precopy_rounds.iter().map(u64::to_string).collect::<Vec<_>>().join("+"),
+                r.frozen_pages.to_string(),
+                ms(r.precopy_us),
+                ms(r.frozen_us),
+                ms(r.target_restore_us),
+                ms(r.frozen_us.saturating_sub(r.target_restore_us)),
+                ms(r.total_us),
+            ]);
+            // Ends the remote process through its deputy.
+            let mut a: Client = AgentClient::connect(&paths.vsock())?;
+            a.kill(pid, 9)?;
+            let _ = drain.join();
+        }
+    }
+    println!("migrating a running `counter` from {from} to {to}; times in ms");
+    print!(
+        "{}",
+        tables::render(
+            &["MODE", "PROCESS", "PRE-COPY PAGES", "FROZEN PAGES", "PRE-COPY", "FROZEN", "TARGET RESTORE", "FROZEN - RESTORE", "TOTAL"],
+            rows
+        )
+    );
+    println!(
+        "FROZEN: from the freeze until the target reported the process running; TARGET RESTORE: of that, the target's \
+         guest kernel rebuilding the address space and faulting the pages in (emulated, ~ms a page, on these hosts)."
+    );
+    Ok(())
+}
+
+pub fn run(b: &MigrateBench) -> anyhow::Result<()> {
+    data_path(b.mib)?;
+    if let Some((from, to)) = &b.nodes {
+        real_migrations(from, to, b.runs)?;
+    }
+    Ok(())
+}
