@@ -195,10 +195,15 @@ impl<S: Stream> Connection<S> {
                 Response::Ok
             }
             Err(e) => {
-                self.migrations.keep_frozen(frozen);
+                // The host asks only once the migrated process runs
+                // elsewhere: resuming this copy would run it twice.
+                let killed = match crate::checkpoint::kill_original(frozen.pid) {
+                    Ok(()) => "it was killed".to_owned(),
+                    Err(k) => format!("killing it failed too: {k}"),
+                };
                 error(
                     ErrorKind::Failed,
-                    format!("PID {pid} cannot become a deputy (it stays frozen): {e}"),
+                    format!("PID {pid} cannot become a deputy ({e}); {killed}"),
                 )
             }
         }

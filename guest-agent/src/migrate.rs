@@ -287,15 +287,10 @@ impl Migrations {
     }
 
     /// The process frozen by `Checkpoint { pid }` on this connection, which
-    /// the caller now holds (see [`Self::keep_frozen`]).
+    /// the caller now holds.
     pub fn take_frozen(&mut self, pid: u32) -> Option<Frozen> {
         let i = self.frozen.iter().position(|f| f.pid as u32 == pid)?;
         Some(self.frozen.swap_remove(i))
-    }
-
-    /// Takes back a process from [`Self::take_frozen`].
-    pub fn keep_frozen(&mut self, frozen: Frozen) {
-        self.frozen.push(frozen);
     }
 
     /// `PrepareRestore { image, forward_stdio }`.

@@ -87,8 +87,9 @@ pub enum Request {
     /// Turns the process frozen by `Checkpoint { pid }` on this connection
     /// into the deputy of its migrated self, which now runs on `node`: it
     /// keeps its PID, its parent and its stdio, stays frozen and never runs
-    /// its own code again. Replied with `Ok` (on `Error` it stays frozen by
-    /// this connection). From then on the connection carries only the
+    /// its own code again. Replied with `Ok`; on `Error` it has been killed
+    /// (the host asks once the migrated process runs elsewhere, so resuming
+    /// it would run the process twice). From then on the connection carries only the
     /// deputy's traffic (other requests get `Busy`): the agent sends
     /// `DeputySignal` for each signal sent to the deputy (which the deputy
     /// does not take; signals already pending at the checkpoint travel in

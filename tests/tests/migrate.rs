@@ -159,6 +159,9 @@ fn migrated_run_with(name: &str, cmd: &str, migrate_args: &[&str]) {
     eprintln!("{name}: {}", report.trim());
     let deputy = process(a, job.pid).expect("the deputy is gone");
     assert_eq!(deputy.remote.as_deref(), Some(b), "{name}: ps at home does not show where it runs");
+    let (_, ps, _) = run_pmivmm(&["ps", "--node", a]);
+    let line = ps.lines().find(|l| l.split_whitespace().next() == Some(&job.pid.to_string()));
+    assert!(line.is_some_and(|l| l.contains(b)), "{name}: `pmivmm ps` at home: {ps}");
     assert!(report.contains(&format!(" to {b} as PID ")), "{name}: {report}");
     let got = job.finish();
     assert_eq!(got, expected, "{name}: the migrated run differs from the uninterrupted one");
@@ -269,7 +272,7 @@ fn failed_migrations_leave_the_process_running_at_home() {
         arm_fault(b, &format!("{point} drop"));
         let (ok, _, err) = migrate(a, job.pid, b, &[]);
         assert!(!ok, "the migration with a fault at {point} succeeded");
-        assert!(err.contains("runs on here"), "{point}: {err}");
+        assert!(err.contains("not moved"), "{point}: {err}");
         let p = process(a, job.pid).unwrap_or_else(|| panic!("{point}: the process is gone"));
         assert!(p.remote.is_none() && matches!(p.state, 'R' | 'S'), "{point}: state {} at home", p.state);
     }
@@ -293,7 +296,7 @@ fn a_target_vmm_that_dies_mid_migration_loses_nothing() {
     arm_fault(c, "running exit");
     let (ok, _, err) = migrate(a, job.pid, c, &[]);
     assert!(!ok, "migration to a dying node succeeded");
-    assert!(err.contains("runs on here"), "{err}");
+    assert!(err.contains("not moved"), "{err}");
     assert_eq!(job.finish(), expected, "the process did not finish correctly at home");
 }
 
@@ -304,7 +307,7 @@ fn bad_targets_fail_cleanly() {
     let job = Job::start(a, "counter 40");
     job.wait_output();
     let (ok, _, err) = migrate(a, job.pid, "127.0.0.1:1", &[]);
-    assert!(!ok && err.contains("cannot reach") && err.contains("runs on here"), "{err}");
+    assert!(!ok && err.contains("cannot reach") && err.contains("not moved"), "{err}");
     let (ok, _, err) = migrate(a, job.pid, "no-such-node", &[]);
     assert!(!ok && err.contains("no-such-node"), "{err}");
     let (ok, _, err) = migrate(a, 999_999, "127.0.0.1:1", &[]);

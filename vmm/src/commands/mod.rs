@@ -26,8 +26,9 @@ fn agent(name: &str) -> anyhow::Result<Client> {
         .with_context(|| format!("cannot reach the guest agent of node {name} (is it still booting? see `pmivmm nodes`)"))
 }
 
-/// `pmivmm ps`: the node's processes and whether they could migrate;
-/// kernel threads only with `all`.
+/// `pmivmm ps`: the node's processes, where each runs (a deputy's process
+/// runs on another node) and whether they could migrate; kernel threads
+/// only with `all`.
 pub fn ps(name: &str, all: bool) -> anyhow::Result<()> {
     let procs = agent(name)?.ps()?;
     let is_kernel_thread = |p: &&pmivmm_proto::ProcessInfo| {
@@ -46,6 +47,7 @@ pub fn ps(name: &str, all: bool) -> anyhow::Result<()> {
             p.pid.to_string(),
             p.ppid.to_string(),
             p.state.to_string(),
+            p.remote.clone().unwrap_or_else(|| name.to_owned()),
             tables::cpu_time(p.cpu_time_ms),
             tables::bytes(p.rss_bytes),
             migrate,
@@ -53,7 +55,7 @@ pub fn ps(name: &str, all: bool) -> anyhow::Result<()> {
             why,
         ]
     });
-    print!("{}", tables::render(&["PID", "PPID", "S", "TIME", "RSS", "MIGRATE", "COMMAND", "WHY NOT"], rows));
+    print!("{}", tables::render(&["PID", "PPID", "S", "RUNS ON", "TIME", "RSS", "MIGRATE", "COMMAND", "WHY NOT"], rows));
     Ok(())
 }
 

@@ -198,9 +198,7 @@ fn handle(req: ControlRequest, node: &Arc<NodeHandle>) -> ControlResponse {
                 .and_then(|addr| migration::source::migrate(&node.migration, pid, &addr, opts));
             match result {
                 Ok(report) => ControlResponse::Migrated(report),
-                Err(e) => ControlResponse::Error(format!(
-                    "migration of PID {pid} to {target} failed, it runs on here: {e}"
-                )),
+                Err(e) => ControlResponse::Error(format!("migration of PID {pid} to {target} failed: {e}")),
             }
         }
     }

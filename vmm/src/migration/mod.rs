@@ -83,6 +83,10 @@ pub enum Error {
     NoDeputy(u64),
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
+    #[error("{0} (the process was not moved)")]
+    NotMoved(Box<Error>),
+    #[error("the process runs on the target, but its home could not take over: {0}")]
+    AfterCommit(Box<Error>),
 }
 
 impl Error {

@@ -56,7 +56,9 @@ pub fn resolve(node: &MigrationNode, pid: u32, target: &str) -> Result<String, E
     Ok(addr)
 }
 
-/// Migrates process `pid` of this node to the node at `addr`.
+/// Migrates process `pid` of this node to the node at `addr`. An error
+/// before the target runs the process is [`Error::NotMoved`]: the process
+/// runs on here.
 pub fn migrate(node: &Arc<MigrationNode>, pid: u32, addr: &str, opts: Options) -> Result<MigrationReport, Error> {
     let start = Instant::now();
     // A process that migrated here keeps its home; one that started here
@@ -68,7 +70,73 @@ pub fn migrate(node: &Arc<MigrationNode>, pid: u32, addr: &str, opts: Options) -
         token: random_id(),
         pid,
     });
-    let mut agent = node.agent()?;
+    let mut agent = node.agent().map_err(|e| Error::NotMoved(Box::new(e)))?;
+    // On an error, dropping `agent` resumes the original.
+    let t = transfer(node, &mut agent, pid, addr, &home, opts).map_err(|e| Error::NotMoved(Box::new(e)))?;
+    let report = MigrationReport {
+        pid,
+        comm: t.comm,
+        target: t.peer.clone(),
+        remote_pid: t.remote_pid,
+        precopy_rounds: t.rounds,
+        frozen_pages: t.frozen_pages,
+        bytes_sent: t.bytes_sent,
+        precopy_us: us(t.precopy),
+        frozen_us: us(t.frozen),
+        target_restore_us: us(t.target_restore),
+        total_us: us(start.elapsed()),
+    };
+    // The process runs on the target: this copy must never run again.
+    if visiting.is_some() {
+        // The target attached itself to the home before it answered; this
+        // node's copy and its relay go.
+        node.relay_moving_away(pid);
+        agent.kill_original(pid).map_err(|e| Error::AfterCommit(Box::new(Error::Agent(e))))?;
+    } else {
+        let (events, control) =
+            agent.become_deputy(pid, t.peer.clone()).map_err(|e| Error::AfterCommit(Box::new(Error::Agent(e))))?;
+        deputy::start(node, home.token, pid, events, control, t.link).map_err(|e| Error::AfterCommit(Box::new(e)))?;
+    }
+    tracing::info!(
+        "migrated PID {pid} ({}) to {} as PID {}: {} pre-copy rounds, frozen {:?}",
+        report.comm,
+        report.target,
+        report.remote_pid,
+        report.precopy_rounds.len(),
+        t.frozen
+    );
+    Ok(report)
+}
+
+/// What a transfer that ended with the process running on the target
+/// leaves.
+struct Transferred {
+    peer: String,
+    comm: String,
+    /// 0 when the link broke after `Commit` and a `Query` said it runs.
+    remote_pid: u32,
+    rounds: Vec<u64>,
+    frozen_pages: u64,
+    bytes_sent: u64,
+    precopy: Duration,
+    frozen: Duration,
+    target_restore: Duration,
+    /// The migration link, now the relay link of the deputy (none after a
+    /// `Query`: the target attaches again).
+    link: Option<(SyncReader, SyncWriter)>,
+}
+
+/// Pre-copy, freeze, send the rest, commit; `Ok` once the process runs on
+/// the target. The original stays frozen by `agent` afterwards.
+fn transfer(
+    node: &MigrationNode,
+    agent: &mut Agent,
+    pid: u32,
+    addr: &str,
+    home: &HomeRef,
+    opts: Options,
+) -> Result<Transferred, Error> {
+    let start = Instant::now();
     // The first round also checks that the process exists and can move.
     let first_round = match opts.precopy {
         true => Some(agent.precopy_round(pid, true).map_err(Error::Agent)?),
@@ -76,30 +144,28 @@ pub fn migrate(node: &Arc<MigrationNode>, pid: u32, addr: &str, opts: Options) -
     };
     let (peer, mut rx, mut tx) = link::connect(&node.rt, addr, &node.key, &node.name)?;
     let id = random_id();
-    let mut m = Migration { node, agent: &mut agent, tx: &mut tx, sent: HashMap::new(), bytes: 0 };
+    let offer = |comm: &str| PeerMsg::Offer(Offer { id, comm: comm.to_owned(), home: home.clone() });
+    let mut m = Migration { node, tx: &mut tx, sent: HashMap::new(), bytes: 0 };
 
     let mut rounds = Vec::new();
-    let mut comm = String::new();
     if let Some(mut pages) = first_round {
-        m.tx.send(&PeerMsg::Offer(Offer { id, comm: comm.clone(), home: home.clone() }))?;
+        m.tx.send(&offer(""))?;
         loop {
             let n = m.send_pages(pages.iter().filter(|p| p.kind == PageKind::Data))?;
             rounds.push(n);
             if n <= FINAL_ROUND_PAGES as u64 || rounds.len() >= MAX_ROUNDS {
                 break;
             }
-            pages = m.agent.precopy_round(pid, false).map_err(Error::Agent)?;
+            pages = agent.precopy_round(pid, false).map_err(Error::Agent)?;
         }
     }
     let precopy = start.elapsed();
 
-    // Freeze. From here on an error drops `agent`, which resumes the original.
     let frozen_at = Instant::now();
-    let (image_bytes, pages) = m.agent.checkpoint(pid).map_err(Error::Agent)?;
+    let (image_bytes, pages) = agent.checkpoint(pid).map_err(Error::Agent)?;
     let image = ProcessImage::from_bytes(&image_bytes).map_err(Error::BadImage)?;
-    comm.clone_from(&image.comm);
     if !opts.precopy {
-        m.tx.send(&PeerMsg::Offer(Offer { id, comm: comm.clone(), home: home.clone() }))?;
+        m.tx.send(&offer(&image.comm))?;
     }
     let data = frames::data_pages(&pages, &image.pages)?;
     m.tx.send(&PeerMsg::Image { image: image_bytes })?;
@@ -111,53 +177,36 @@ pub fn migrate(node: &Arc<MigrationNode>, pid: u32, addr: &str, opts: Options) -
     let bytes_sent = m.bytes;
     let committed = Instant::now();
 
-    let remote_pid = match rx.expect(RESTORE_TIMEOUT) {
-        Ok((PeerMsg::Running { pid }, _)) => pid,
+    let (remote_pid, link) = match rx.expect(RESTORE_TIMEOUT) {
+        Ok((PeerMsg::Running { pid }, _)) => (pid, Some((rx, tx))),
         Ok((PeerMsg::Refused { reason }, _)) => return Err(Error::Refused(reason)),
         Ok((other, _)) => return Err(Error::unexpected("Running", &other)),
         Err(e) => {
-            tracing::warn!("migration {id:#x} of PID {pid}: link to {peer} broke after commit ({e}); asking for the outcome");
+            tracing::warn!(
+                "migration {id:#x} of PID {pid}: link to {peer} broke after commit ({e}); asking for the outcome"
+            );
             if !query_outcome(node, addr, id) {
                 return Err(e);
             }
-            0
+            (0, None)
         }
     };
-    let target_restore = committed.elapsed();
-    let frozen = frozen_at.elapsed();
-
-    if visiting.is_some() {
-        // The target attached itself to the home before it answered; this
-        // node's copy and its relay go.
-        node.relay_moving_away(pid);
-        agent.kill_original(pid).map_err(Error::Agent)?;
-    } else {
-        let (events, control) = agent.become_deputy(pid, peer.clone()).map_err(Error::Agent)?;
-        deputy::start(node, home.token, pid, events, control, (remote_pid != 0).then_some((rx, tx)))?;
-    }
-    tracing::info!(
-        "migrated PID {pid} ({comm}) to {peer} as PID {remote_pid}: {} pre-copy rounds, frozen {:?}",
-        rounds.len(),
-        frozen
-    );
-    Ok(MigrationReport {
-        pid,
-        comm,
-        target: peer,
+    Ok(Transferred {
+        peer,
+        comm: image.comm,
         remote_pid,
-        precopy_rounds: rounds,
+        rounds,
         frozen_pages,
         bytes_sent,
-        precopy_us: us(precopy),
-        frozen_us: us(frozen),
-        target_restore_us: us(target_restore),
-        total_us: us(start.elapsed()),
+        precopy,
+        frozen: frozen_at.elapsed(),
+        target_restore: committed.elapsed(),
+        link,
     })
 }
 
 struct Migration<'a> {
     node: &'a MigrationNode,
-    agent: &'a mut Agent,
     tx: &'a mut SyncWriter,
     /// Pages sent so far, with the frame they were read from.
     sent: HashMap<u64, u64>,
