@@ -184,6 +184,7 @@ fn start_peer_listener(
     let addr = listener.local_addr().context("peer listener")?.to_string();
     std::fs::write(paths.peer_addr(), format!("{addr}\n"))
         .with_context(|| format!("cannot write {}", paths.peer_addr().display()))?;
+    let fingerprint = key.fingerprint();
     let migration = MigrationNode::new(
         config.name.clone(),
         addr.clone(),
@@ -198,7 +199,7 @@ fn start_peer_listener(
         tokio::net::TcpListener::from_std(listener).context("peer listener")?
     };
     runtime.spawn(migration::server::serve(listener, migration.clone()));
-    tracing::info!(node = %config.name, "listening for peers on {addr}");
+    tracing::info!(node = %config.name, "listening for peers on {addr} (cluster key {fingerprint})");
     Ok((runtime, migration))
 }
 
