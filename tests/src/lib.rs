@@ -12,7 +12,9 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::collections::BTreeMap;
-use std::sync::{mpsc, Mutex, OnceLock};
+use std::io::{BufRead, BufReader, Read};
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// Time a node gets to boot to agent-ready on the development hosts (~45 s
@@ -223,3 +225,108 @@ pub fn shared_node_with(tag: &str, extra: &[&str]) -> &'static str {
         Err(e) => panic!("the shared test node did not boot: {e}"),
     }
 }
+
+type AgentClient = pmivmm_proto::AgentClient<std::os::unix::net::UnixStream, std::os::unix::net::UnixStream>;
+
+/// A connection to the agent of running node `node`.
+pub fn agent(node: &str) -> AgentClient {
+    let paths = pmivmm::rundir::NodePaths::existing(node).expect("node run directory");
+    AgentClient::connect(&paths.vsock()).expect("connect to the agent")
+}
+
+/// Process `pid` of `node`, unless it does not exist or is a zombie.
+pub fn process(node: &str, pid: u32) -> Option<pmivmm_proto::ProcessInfo> {
+    agent(node).ps().unwrap().into_iter().find(|p| p.pid == pid && p.state != 'Z')
+}
+
+/// The peer address of running node `node`, once its VMM has published it.
+pub fn peer_addr(node: &str) -> String {
+    let start = Instant::now();
+    loop {
+        if let Ok(p) = pmivmm::rundir::NodePaths::existing(node) {
+            if let Ok(a) = fs::read_to_string(p.peer_addr()) {
+                return a.trim().to_owned();
+            }
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "node {node} published no peer address");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Output and exit code of an uninterrupted run of `cmd` on `node`.
+pub fn reference(node: &str, cmd: &str) -> (i32, String) {
+    Job::start(node, cmd).finish()
+}
+
+/// A workload run with `pmivmm exec` on a node; its stdout collected as it
+/// comes.
+pub struct Job {
+    child: Child,
+    pub pid: u32,
+    stdout: Arc<Mutex<String>>,
+    reader: JoinHandle<()>,
+}
+
+impl Job {
+    pub fn start(node: &str, cmd: &str) -> Job {
+        // sh prints its PID and execs the workload, which keeps that PID.
+        let script = format!("echo PID $$ >&2; exec {cmd}");
+        let mut child = Command::new(pmivmm_bin())
+            .args(["exec", "--node", node, "-n", "--cwd", "/tmp", "--", "sh", "-c", &script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run pmivmm exec");
+        let mut err = BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        err.read_line(&mut line).unwrap();
+        let pid = line.trim().strip_prefix("PID ").and_then(|p| p.parse().ok());
+        let pid = pid.unwrap_or_else(|| panic!("no PID line from the job: {line:?}"));
+        let stdout = Arc::new(Mutex::new(String::new()));
+        let mut out = child.stdout.take().unwrap();
+        let collected = stdout.clone();
+        let reader = std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = out.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                collected.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        std::thread::spawn(move || {
+            let mut rest = String::new();
+            let _ = err.read_to_string(&mut rest);
+            if !rest.is_empty() {
+                eprintln!("job stderr: {rest}");
+            }
+        });
+        Job { child, pid, stdout, reader }
+    }
+
+    /// Waits until the job has written something (startup done).
+    pub fn wait_output(&self) {
+        let start = Instant::now();
+        while self.stdout.lock().unwrap().is_empty() {
+            assert!(start.elapsed() < Duration::from_secs(120), "the job wrote nothing in 120 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits for the end: (exit code of `pmivmm exec`, stdout).
+    pub fn finish(mut self) -> (i32, String) {
+        let start = Instant::now();
+        let status = loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                break st;
+            }
+            assert!(start.elapsed() < Duration::from_secs(600), "job still running after 600 s");
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        self.reader.join().unwrap();
+        let out = self.stdout.lock().unwrap().clone();
+        (status.code().unwrap_or(-1), out)
+    }
+}
+

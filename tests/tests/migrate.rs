@@ -8,15 +8,11 @@
 //! uninterrupted run. One migration at a time (guest kernel work is
 //! emulated and slow here; parallel migrations only add noise).
 
-use std::io::{BufRead, BufReader, Read};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use pmivmm_proto::AgentClient;
-use pmivmm_tests::{pmivmm_bin, run_pmivmm, scratch_dir, shared_node_with};
+use pmivmm_tests::{process, reference, run_pmivmm, scratch_dir, shared_node_with, Job};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -32,15 +28,6 @@ fn nodes() -> (&'static str, &'static str, &'static str) {
     (a.join().unwrap(), b.join().unwrap(), c.join().unwrap())
 }
 
-fn agent(node: &str) -> AgentClient<std::os::unix::net::UnixStream, std::os::unix::net::UnixStream> {
-    let paths = pmivmm::rundir::NodePaths::existing(node).expect("node run directory");
-    AgentClient::connect(&paths.vsock()).expect("connect to the agent")
-}
-
-fn process(node: &str, pid: u32) -> Option<pmivmm_proto::ProcessInfo> {
-    agent(node).ps().unwrap().into_iter().find(|p| p.pid == pid && p.state != 'Z')
-}
-
 /// A delay between `lo` and `hi` ms (xorshift of the clock).
 fn random_delay(lo: u64, hi: u64) -> Duration {
     let mut x = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
@@ -48,83 +35,6 @@ fn random_delay(lo: u64, hi: u64) -> Duration {
     x ^= x >> 7;
     x ^= x << 17;
     Duration::from_millis(lo + x % (hi - lo))
-}
-
-/// A workload run with `pmivmm exec` on a node; its stdout collected as it
-/// comes.
-struct Job {
-    child: Child,
-    pid: u32,
-    stdout: Arc<Mutex<String>>,
-    reader: JoinHandle<()>,
-}
-
-impl Job {
-    fn start(node: &str, cmd: &str) -> Job {
-        // sh prints its PID and execs the workload, which keeps that PID.
-        let script = format!("echo PID $$ >&2; exec {cmd}");
-        let mut child = Command::new(pmivmm_bin())
-            .args(["exec", "--node", node, "-n", "--cwd", "/tmp", "--", "sh", "-c", &script])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("run pmivmm exec");
-        let mut err = BufReader::new(child.stderr.take().unwrap());
-        let mut line = String::new();
-        err.read_line(&mut line).unwrap();
-        let pid = line.trim().strip_prefix("PID ").and_then(|p| p.parse().ok());
-        let pid = pid.unwrap_or_else(|| panic!("no PID line from the job: {line:?}"));
-        let stdout = Arc::new(Mutex::new(String::new()));
-        let mut out = child.stdout.take().unwrap();
-        let collected = stdout.clone();
-        let reader = std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = out.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                collected.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        });
-        std::thread::spawn(move || {
-            let mut rest = String::new();
-            let _ = err.read_to_string(&mut rest);
-            if !rest.is_empty() {
-                eprintln!("job stderr: {rest}");
-            }
-        });
-        Job { child, pid, stdout, reader }
-    }
-
-    /// Waits until the job has written something (startup done).
-    fn wait_output(&self) {
-        let start = Instant::now();
-        while self.stdout.lock().unwrap().is_empty() {
-            assert!(start.elapsed() < Duration::from_secs(120), "the job wrote nothing in 120 s");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// Waits for the end: (exit code of `pmivmm exec`, stdout).
-    fn finish(mut self) -> (i32, String) {
-        let start = Instant::now();
-        let status = loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                break st;
-            }
-            assert!(start.elapsed() < Duration::from_secs(600), "job still running after 600 s");
-            std::thread::sleep(Duration::from_millis(100));
-        };
-        self.reader.join().unwrap();
-        let out = self.stdout.lock().unwrap().clone();
-        (status.code().unwrap_or(-1), out)
-    }
-}
-
-/// Output and exit code of an uninterrupted run.
-fn reference(node: &str, cmd: &str) -> (i32, String) {
-    Job::start(node, cmd).finish()
 }
 
 fn migrate(node: &str, pid: u32, target: &str, extra: &[&str]) -> (bool, String, String) {
@@ -160,7 +70,7 @@ fn migrated_run_with(name: &str, cmd: &str, migrate_args: &[&str]) {
     let deputy = process(a, job.pid).expect("the deputy is gone");
     assert_eq!(deputy.remote.as_deref(), Some(b), "{name}: ps at home does not show where it runs");
     let (_, ps, _) = run_pmivmm(&["ps", "--node", a]);
-    let line = ps.lines().find(|l| l.split_whitespace().next() == Some(&job.pid.to_string()));
+    let line = ps.lines().find(|l| l.split_whitespace().nth(1) == Some(&job.pid.to_string()));
     assert!(line.is_some_and(|l| l.contains(b)), "{name}: `pmivmm ps` at home: {ps}");
     assert!(report.contains(&format!(" to {b} as PID ")), "{name}: {report}");
     let got = job.finish();

@@ -75,6 +75,10 @@ pub struct PeerConfig {
     pub listen: String,
     /// The cluster key file (created, mode 0600, if missing).
     pub cluster_key: PathBuf,
+    /// Peer addresses of cluster members to join through.
+    pub join: Vec<String>,
+    /// Send processes to less-loaded nodes automatically.
+    pub balance: bool,
 }
 
 /// A host directory the guest mounts (virtio-9p, 9P2000.L) at the same path.

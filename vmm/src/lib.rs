@@ -8,6 +8,7 @@
 pub mod arch;
 pub mod bench;
 pub mod checkpoint;
+pub mod cluster;
 pub mod cmdline;
 pub mod commands;
 pub mod config;

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use pmivmm::commands;
+use pmivmm::control::ClusterAction;
 use pmivmm::config::{
     self, ConsoleConfig, HostCompat, PeerConfig, ProfileConfig, ShareConfig, VmConfig, VsockConfig,
 };
@@ -46,10 +47,12 @@ enum Command {
         #[arg(last = true, required = true)]
         argv: Vec<String>,
     },
-    /// List the processes of a node and whether each could migrate.
+    /// List the processes of a node (or of every node on this host), where
+    /// each runs, and whether each could migrate.
     Ps {
-        #[command(flatten)]
-        node: NodeRef,
+        /// Name of the node [default: every node running on this host].
+        #[arg(long = "node", value_name = "NAME")]
+        node: Option<String>,
         /// Include kernel threads.
         #[arg(short = 'a', long)]
         all: bool,
@@ -114,6 +117,48 @@ enum Command {
         /// memory while it runs.
         #[arg(long)]
         no_precopy: bool,
+    },
+    /// The cluster as a node sees it: members, their load and state, the
+    /// balancer, migrations in flight.
+    Cluster {
+        #[command(flatten)]
+        node: NodeRef,
+    },
+    /// Keep a process on its node: the balancer will not move it.
+    Pin {
+        #[command(flatten)]
+        node: NodeRef,
+        pid: u32,
+    },
+    /// Let a pinned process move again.
+    Unpin {
+        #[command(flatten)]
+        node: NodeRef,
+        pid: u32,
+    },
+    /// Refuse processes from other nodes (`--off` accepts them again).
+    Block {
+        #[command(flatten)]
+        node: NodeRef,
+        #[arg(long)]
+        off: bool,
+    },
+    /// Switch the node's automatic balancing on or off.
+    Balance {
+        #[command(flatten)]
+        node: NodeRef,
+        #[arg(value_parser = ["on", "off"])]
+        state: String,
+    },
+    /// Send every process that migrated to this node back to its home.
+    Expel {
+        #[command(flatten)]
+        node: NodeRef,
+    },
+    /// Bring every process that started on this node (and runs elsewhere) home.
+    BringHome {
+        #[command(flatten)]
+        node: NodeRef,
     },
     /// Benchmarks that print tables.
     #[command(subcommand)]
@@ -236,6 +281,14 @@ struct NodeArgs {
     /// [default: cluster.key in the run directory base, shared by this host's nodes]
     #[arg(long, value_name = "FILE")]
     cluster_key: Option<PathBuf>,
+    /// Join the cluster of the node listening at HOST:PORT (repeatable); the
+    /// node learns all other members from it.
+    #[arg(long, value_name = "HOST:PORT")]
+    join: Vec<String>,
+    /// Do not send processes to less-loaded nodes automatically (they can
+    /// still be migrated by hand, and arrive from other nodes).
+    #[arg(long)]
+    no_balance: bool,
 }
 
 /// Parses `256`, `256M`, `256MiB`, `2G`, `2GiB` into MiB.
@@ -295,6 +348,8 @@ impl NodeArgs {
             peer: PeerConfig {
                 listen: self.listen,
                 cluster_key: self.cluster_key.unwrap_or_else(pmivmm::rundir::default_cluster_key),
+                join: self.join,
+                balance: !self.no_balance,
             },
         })
     }
@@ -320,7 +375,7 @@ fn main() -> ExitCode {
         Command::Exec { node, cwd, env, no_stdin, argv } => {
             commands::exec(&node.name, argv, env, cwd, !no_stdin)
         }
-        Command::Ps { node, all } => commands::ps(&node.name, all).map(|()| 0),
+        Command::Ps { node, all } => commands::ps(node.as_deref(), all).map(|()| 0),
         Command::Load { node } => commands::load(&node.name).map(|()| 0),
         Command::Kill { node, signal, pid } => commands::kill(&node.name, pid, signal).map(|()| 0),
         Command::Stop { node, timeout } => {
@@ -343,6 +398,21 @@ fn main() -> ExitCode {
                 0
             })
         }
+        Command::Cluster { node } => commands::cluster::show(&node.name).map(|()| 0),
+        Command::Pin { node, pid } => {
+            commands::cluster::apply(&node.name, ClusterAction::Pin { pid, pinned: true }).map(|()| 0)
+        }
+        Command::Unpin { node, pid } => {
+            commands::cluster::apply(&node.name, ClusterAction::Pin { pid, pinned: false }).map(|()| 0)
+        }
+        Command::Block { node, off } => {
+            commands::cluster::apply(&node.name, ClusterAction::Block { blocked: !off }).map(|()| 0)
+        }
+        Command::Balance { node, state } => {
+            commands::cluster::apply(&node.name, ClusterAction::Balance { on: state == "on" }).map(|()| 0)
+        }
+        Command::Expel { node } => commands::cluster::apply(&node.name, ClusterAction::Expel).map(|()| 0),
+        Command::BringHome { node } => commands::cluster::apply(&node.name, ClusterAction::BringHome).map(|()| 0),
         Command::Bench(BenchCommand::Boot { runs, mem, node_args }) => {
             pmivmm::bench::boot::run(&pmivmm::bench::boot::BootBench { runs, mem, node_args }).map(|()| 0)
         }

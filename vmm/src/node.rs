@@ -20,6 +20,7 @@ use crate::rundir::NodePaths;
 use crate::devices::lock;
 use crate::devices::serial::{ConsoleEvents, ConsoleSink, SerialDevice};
 use crate::vcpu::{self, StopCause, StopRequest, Vcpu, VmExit};
+use crate::cluster::{self, ClusterState};
 use crate::migration::{self, MigrationNode};
 use crate::peer::ClusterKey;
 use crate::vm;
@@ -193,12 +194,14 @@ fn start_peer_listener(
         config.vsock.as_ref().map(|v| v.socket_path.clone()),
         runtime.handle().clone(),
         Some(paths.dir.join("fault")),
+        ClusterState::new(&config.name, &addr, config.peer.join.clone(), config.peer.balance),
     );
     let listener = {
         let _guard = runtime.enter();
         tokio::net::TcpListener::from_std(listener).context("peer listener")?
     };
     runtime.spawn(migration::server::serve(listener, migration.clone()));
+    cluster::gossip::start(migration.clone()).context("cannot start the cluster loop")?;
     tracing::info!(node = %config.name, "listening for peers on {addr} (cluster key {fingerprint})");
     Ok((runtime, migration))
 }

@@ -3,6 +3,7 @@
 //! control socket to the VMM (stop, nodes).
 
 pub mod checkpoint;
+pub mod cluster;
 pub mod migrate;
 mod exec;
 pub mod tables;
@@ -26,36 +27,52 @@ fn agent(name: &str) -> anyhow::Result<Client> {
         .with_context(|| format!("cannot reach the guest agent of node {name} (is it still booting? see `pmivmm nodes`)"))
 }
 
-/// `pmivmm ps`: the node's processes, where each runs (a deputy's process
-/// runs on another node) and whether they could migrate; kernel threads
-/// only with `all`.
-pub fn ps(name: &str, all: bool) -> anyhow::Result<()> {
-    let procs = agent(name)?.ps()?;
-    let is_kernel_thread = |p: &&pmivmm_proto::ProcessInfo| {
-        matches!(&p.migratable, Migratability::NotMigratable(o) if o.contains(&MigrationObstacle::KernelThread))
+/// `pmivmm ps`: the processes of node `name` (or of every node running on
+/// this host), where each runs (a deputy's process runs on another node)
+/// and whether they could migrate; kernel threads only with `all`.
+pub fn ps(name: Option<&str>, all: bool) -> anyhow::Result<()> {
+    let names = match name {
+        Some(n) => vec![n.to_owned()],
+        None => crate::rundir::list(&crate::rundir::base()),
     };
-    let rows = procs.iter().filter(|p| all || !is_kernel_thread(p)).map(|p| {
-        let (migrate, why) = match &p.migratable {
-            Migratability::Migratable => ("yes".to_owned(), String::new()),
-            Migratability::NotMigratable(obstacles) => (
-                "no".to_owned(),
-                obstacles.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "),
-            ),
+    let mut rows = Vec::new();
+    for node in &names {
+        let procs = match agent(node).and_then(|mut a| Ok(a.ps()?)) {
+            Ok(p) => p,
+            Err(e) if name.is_none() => {
+                eprintln!("pmivmm: {node}: {e:#}");
+                continue;
+            }
+            Err(e) => return Err(e),
         };
-        let cmd = if p.argv.is_empty() { format!("[{}]", p.comm) } else { p.argv.join(" ") };
-        vec![
-            p.pid.to_string(),
-            p.ppid.to_string(),
-            p.state.to_string(),
-            p.remote.clone().unwrap_or_else(|| name.to_owned()),
-            tables::cpu_time(p.cpu_time_ms),
-            tables::bytes(p.rss_bytes),
-            migrate,
-            cmd,
-            why,
-        ]
-    });
-    print!("{}", tables::render(&["PID", "PPID", "S", "RUNS ON", "TIME", "RSS", "MIGRATE", "COMMAND", "WHY NOT"], rows));
+        let is_kernel_thread = |p: &&pmivmm_proto::ProcessInfo| {
+            matches!(&p.migratable, Migratability::NotMigratable(o) if o.contains(&MigrationObstacle::KernelThread))
+        };
+        rows.extend(procs.iter().filter(|p| all || !is_kernel_thread(p)).map(|p| {
+            let (migrate, why) = match &p.migratable {
+                Migratability::Migratable => ("yes".to_owned(), String::new()),
+                Migratability::NotMigratable(obstacles) => (
+                    "no".to_owned(),
+                    obstacles.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "),
+                ),
+            };
+            let cmd = if p.argv.is_empty() { format!("[{}]", p.comm) } else { p.argv.join(" ") };
+            vec![
+                node.clone(),
+                p.pid.to_string(),
+                p.ppid.to_string(),
+                p.state.to_string(),
+                p.remote.clone().unwrap_or_else(|| node.clone()),
+                tables::cpu_time(p.cpu_time_ms),
+                tables::bytes(p.rss_bytes),
+                migrate,
+                cmd,
+                why,
+            ]
+        }));
+    }
+    let header = ["NODE", "PID", "PPID", "S", "RUNS ON", "TIME", "RSS", "MIGRATE", "COMMAND", "WHY NOT"];
+    print!("{}", tables::render(&header, rows));
     Ok(())
 }
 

@@ -13,10 +13,11 @@ use pmivmm_proto::frame::{read_frame, write_frame, FrameError};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{CheckpointReport, RestoreReport};
+use crate::cluster::ClusterView;
 use crate::migration::MigrationReport;
 
 /// Bump on any change to the messages below.
-pub const CONTROL_VERSION: u32 = 3;
+pub const CONTROL_VERSION: u32 = 4;
 
 /// How long a control request may take before the client gives up.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -39,6 +40,25 @@ pub enum ControlRequest {
     /// Migrate guest process `pid` to `target` (node name, `host:port` or
     /// `home`).
     Migrate { version: u32, pid: u32, target: String, precopy: bool },
+    /// The cluster as this node sees it.
+    Cluster { version: u32 },
+    /// One of the cluster controls (openMosix's mosctl).
+    Control { version: u32, action: ClusterAction },
+}
+
+/// Cluster controls of one node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClusterAction {
+    /// Keep `pid` on this node (the balancer leaves it) or let it move.
+    Pin { pid: u32, pinned: bool },
+    /// Refuse (or accept again) processes from other nodes.
+    Block { blocked: bool },
+    /// Switch the balancer on or off.
+    Balance { on: bool },
+    /// Send every process that migrated here back to its home.
+    Expel,
+    /// Ask the hosts of this node's migrated processes to send them home.
+    BringHome,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,6 +105,9 @@ pub enum ControlResponse {
     Checkpointed(CheckpointReport),
     Restored(RestoreReport),
     Migrated(MigrationReport),
+    Cluster(ClusterView),
+    /// A control was applied; what it did.
+    Done(String),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -164,6 +187,22 @@ pub fn migrate(path: &Path, pid: u32, target: &str, precopy: bool) -> Result<Mig
     let req = ControlRequest::Migrate { version: CONTROL_VERSION, pid, target: target.to_owned(), precopy };
     match request_within(path, &req, CHECKPOINT_TIMEOUT)? {
         ControlResponse::Migrated(r) => Ok(r),
+        other => Err(Error::Unexpected(Box::new(other))),
+    }
+}
+
+/// The cluster as the node at `path` sees it.
+pub fn cluster(path: &Path) -> Result<ClusterView, Error> {
+    match request(path, &ControlRequest::Cluster { version: CONTROL_VERSION })? {
+        ControlResponse::Cluster(v) => Ok(v),
+        other => Err(Error::Unexpected(Box::new(other))),
+    }
+}
+
+/// Applies a cluster control; returns what the node did.
+pub fn control(path: &Path, action: ClusterAction) -> Result<String, Error> {
+    match request(path, &ControlRequest::Control { version: CONTROL_VERSION, action })? {
+        ControlResponse::Done(what) => Ok(what),
         other => Err(Error::Unexpected(Box::new(other))),
     }
 }

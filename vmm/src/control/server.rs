@@ -11,7 +11,8 @@ use pmivmm_proto::frame::{read_frame, write_frame};
 use pmivmm_proto::AgentClient;
 use vm_memory::GuestMemoryMmap;
 
-use super::{ControlRequest, ControlResponse, NodeState, NodeStatus, CONTROL_VERSION};
+use super::{ClusterAction, ControlRequest, ControlResponse, NodeState, NodeStatus, CONTROL_VERSION};
+use crate::cluster::InFlight;
 use crate::checkpoint;
 use crate::migration::{self, MigrationNode};
 use crate::devices::serial::ConsoleEvents;
@@ -162,7 +163,9 @@ fn handle(req: ControlRequest, node: &Arc<NodeHandle>) -> ControlResponse {
         | ControlRequest::Stop { version, .. }
         | ControlRequest::Checkpoint { version, .. }
         | ControlRequest::Restore { version, .. }
-        | ControlRequest::Migrate { version, .. } => version,
+        | ControlRequest::Migrate { version, .. }
+        | ControlRequest::Cluster { version }
+        | ControlRequest::Control { version, .. } => version,
     };
     if version != CONTROL_VERSION {
         return ControlResponse::Error(format!(
@@ -192,7 +195,15 @@ fn handle(req: ControlRequest, node: &Arc<NodeHandle>) -> ControlResponse {
             }
             Err(e) => ControlResponse::Error(format!("restore of {dir} failed: {e}")),
         },
+        ControlRequest::Cluster { .. } => ControlResponse::Cluster(node.migration.cluster.view()),
+        ControlRequest::Control { action, .. } => ControlResponse::Done(apply(&node.migration, action)),
         ControlRequest::Migrate { pid, target, precopy, .. } => {
+            let _flight = node.migration.cluster.start_migration(InFlight {
+                pid,
+                comm: String::new(),
+                target: target.clone(),
+                automatic: false,
+            });
             let opts = migration::source::Options { precopy };
             let result = migration::source::resolve(&node.migration, pid, &target)
                 .and_then(|addr| migration::source::migrate(&node.migration, pid, &addr, opts));
@@ -201,5 +212,43 @@ fn handle(req: ControlRequest, node: &Arc<NodeHandle>) -> ControlResponse {
                 Err(e) => ControlResponse::Error(format!("migration of PID {pid} to {target} failed: {e}")),
             }
         }
+    }
+}
+
+fn apply(node: &Arc<MigrationNode>, action: ClusterAction) -> String {
+    let cluster = &node.cluster;
+    match action {
+        ClusterAction::Pin { pid, pinned } => {
+            cluster.pin(pid, pinned);
+            format!("PID {pid} {}", if pinned { "stays on this node" } else { "may move" })
+        }
+        ClusterAction::Block { blocked } => {
+            cluster.blocked.store(blocked, Ordering::SeqCst);
+            format!("node {} {} processes from other nodes", node.name, if blocked { "refuses" } else { "accepts" })
+        }
+        ClusterAction::Balance { on } => {
+            cluster.auto_balance.store(on, Ordering::SeqCst);
+            format!("automatic balancing {}", if on { "on" } else { "off" })
+        }
+        ClusterAction::Expel => {
+            let visitors = node.visitors();
+            let n = visitors.len();
+            let node = node.clone();
+            let spawned = thread::Builder::new().name("expel".into()).spawn(move || {
+                for pid in visitors {
+                    let sent = migration::source::resolve(&node, pid, "home").and_then(|addr| {
+                        migration::source::migrate(&node, pid, &addr, migration::source::Options { precopy: true })
+                    });
+                    if let Err(e) = sent {
+                        tracing::warn!("expel: PID {pid}: {e}");
+                    }
+                }
+            });
+            match spawned {
+                Ok(_) => format!("sending {n} process(es) back to their homes"),
+                Err(e) => format!("cannot start expelling: {e}"),
+            }
+        }
+        ClusterAction::BringHome => format!("asked for {} process(es) to come home", node.bring_home()),
     }
 }

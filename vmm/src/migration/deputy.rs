@@ -39,13 +39,22 @@ pub enum RelayEvent {
     LinkLost,
 }
 
+/// What the home asks of the process's host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ToHost {
+    /// Deliver this signal.
+    Signal(i32),
+    /// Send the process home.
+    ComeHome,
+}
+
 /// A deputy, as the rest of the node sees it.
 pub struct DeputyHandle {
     /// The process's PID at home (the deputy's).
     pub pid: u32,
     events: Mutex<Sender<RelayEvent>>,
     /// Where signals go: one route per attached host, newest last.
-    routes: Mutex<Vec<Sender<i32>>>,
+    routes: Mutex<Vec<Sender<ToHost>>>,
 }
 
 impl DeputyHandle {
@@ -54,21 +63,25 @@ impl DeputyHandle {
     }
 
     /// The process runs at home again (as another local process).
-    pub fn attach_local(&self, signals: Sender<i32>) {
+    pub fn attach_local(&self, signals: Sender<ToHost>) {
         lock(&self.routes).push(signals);
         self.deliver(RelayEvent::Attached);
     }
 
     /// A host attached over a peer link.
     pub fn attach_remote(self: &Arc<Self>, mut rx: SyncReader, mut tx: SyncWriter) -> Result<(), Error> {
-        let (signals, pending) = mpsc::channel::<i32>();
+        let (signals, pending) = mpsc::channel::<ToHost>();
         let pid = self.pid;
         thread::Builder::new()
             .name(format!("deputy-sig-{pid}"))
             .spawn(move || {
-                for signal in pending.iter() {
-                    if let Err(e) = tx.send(&PeerMsg::Signal { signal }) {
-                        tracing::warn!("deputy {pid}: signal {signal} not sent: {e}");
+                for request in pending.iter() {
+                    let msg = match request {
+                        ToHost::Signal(signal) => PeerMsg::Signal { signal },
+                        ToHost::ComeHome => PeerMsg::ComeHome,
+                    };
+                    if let Err(e) = tx.send(&msg) {
+                        tracing::warn!("deputy {pid}: {request:?} not sent: {e}");
                         return;
                     }
                 }
@@ -108,16 +121,16 @@ impl DeputyHandle {
         Ok(())
     }
 
-    /// Sends `signal` to the newest host still reachable.
-    fn signal(&self, signal: i32) {
+    /// Sends `request` to the newest host still reachable.
+    pub fn to_host(&self, request: ToHost) {
         let mut routes = lock(&self.routes);
         while let Some(route) = routes.last() {
-            if route.send(signal).is_ok() {
+            if route.send(request).is_ok() {
                 return;
             }
             routes.pop();
         }
-        tracing::warn!("deputy {}: signal {signal} has no host to go to", self.pid);
+        tracing::warn!("deputy {}: {request:?} has no host to go to", self.pid);
     }
 }
 
@@ -127,9 +140,13 @@ impl MigrationNode {
         lock(&self.deputies).get(&token).cloned().ok_or(Error::NoDeputy(token))
     }
 
-    /// PIDs of this node's deputies.
-    pub fn deputy_pids(&self) -> Vec<u32> {
-        lock(&self.deputies).values().map(|d| d.pid).collect()
+    /// Asks the hosts of all processes that started here to send them home.
+    pub fn bring_home(&self) -> usize {
+        let deputies: Vec<Arc<DeputyHandle>> = lock(&self.deputies).values().cloned().collect();
+        for d in &deputies {
+            d.to_host(ToHost::ComeHome);
+        }
+        deputies.len()
     }
 }
 
@@ -171,7 +188,7 @@ pub fn start(
 fn forward_signals(mut events: Events, handle: &DeputyHandle) {
     loop {
         match events.next_event() {
-            Ok(DeputyEvent::Signal(signal)) => handle.signal(signal),
+            Ok(DeputyEvent::Signal(signal)) => handle.to_host(ToHost::Signal(signal)),
             Ok(DeputyEvent::Ended) => return,
             Err(e) => {
                 tracing::debug!("deputy {}: agent stream ended: {e}", handle.pid);

@@ -42,6 +42,7 @@ use serde::{Deserialize, Serialize};
 use tokio::runtime::Handle;
 use vm_memory::GuestMemoryMmap;
 
+use crate::cluster::ClusterState;
 use crate::peer::ClusterKey;
 
 /// An agent connection.
@@ -79,6 +80,8 @@ pub enum Error {
     AlreadyHome(u32),
     #[error("the target is this node")]
     SelfTarget,
+    #[error("node {0} accepts no migrated processes (blocked)")]
+    Blocked(String),
     #[error("no deputy {0:#x} at this node")]
     NoDeputy(u64),
     #[error("cannot start a thread: {0}")]
@@ -136,6 +139,8 @@ pub struct MigrationNode {
     relays: Mutex<HashMap<u32, relay::RelayHandle>>,
     /// Migrations received, by id.
     outcomes: Mutex<HashMap<u64, target::Outcome>>,
+    /// Membership, loads, pins, the balancer's state.
+    pub cluster: ClusterState,
 }
 
 impl MigrationNode {
@@ -147,6 +152,7 @@ impl MigrationNode {
         vsock: Option<PathBuf>,
         rt: Handle,
         fault_file: Option<PathBuf>,
+        cluster: ClusterState,
     ) -> Arc<Self> {
         Arc::new(MigrationNode {
             name,
@@ -159,6 +165,7 @@ impl MigrationNode {
             deputies: Mutex::default(),
             relays: Mutex::default(),
             outcomes: Mutex::default(),
+            cluster,
         })
     }
 

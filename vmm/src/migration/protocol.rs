@@ -13,6 +13,7 @@
 //!   source was not its home): the relay link of an existing deputy.
 //! - [`PeerMsg::Query`] (source to target, on a fresh link): the outcome of
 //!   a migration whose link broke after `Commit`.
+//! - [`PeerMsg::Gossip`]: cluster membership and loads, answered in kind.
 //!
 //! Everything here comes from a peer: [`Offer::validate`] and
 //! [`check_pages`] bound it before anything acts on it.
@@ -21,6 +22,7 @@ use pmivmm_proto::image::{PAGE_SIZE, USER_SPACE_END};
 use pmivmm_proto::ExitStatus;
 use serde::{Deserialize, Serialize};
 
+use crate::cluster::membership::Member;
 use crate::rundir::{validate_name, MAX_NAME_LEN};
 
 /// Pages per [`PeerMsg::Pages`] batch: 4 MiB of data per frame.
@@ -83,6 +85,11 @@ pub enum PeerMsg {
     /// The process moved on to another node, which attaches itself; this
     /// relay link ends.
     Handoff,
+    /// The home asks the process's host to send it home.
+    ComeHome,
+    /// Cluster membership and loads (see `crate::cluster::membership`);
+    /// opens a conversation, answered with the receiver's table.
+    Gossip { members: Vec<Member> },
 }
 
 impl PeerMsg {
@@ -102,6 +109,8 @@ impl PeerMsg {
             PeerMsg::Exited(_) => "Exited",
             PeerMsg::Signal { .. } => "Signal",
             PeerMsg::Handoff => "Handoff",
+            PeerMsg::ComeHome => "ComeHome",
+            PeerMsg::Gossip { .. } => "Gossip",
         }
     }
 }
@@ -237,6 +246,8 @@ mod tests {
             PeerMsg::Exited(ExitStatus::Code(3)),
             PeerMsg::Signal { signal: 10 },
             PeerMsg::Handoff,
+            PeerMsg::ComeHome,
+            PeerMsg::Gossip { members: vec![] },
         ];
         for m in msgs {
             let bytes = postcard::to_stdvec(&m).unwrap();

@@ -15,10 +15,10 @@ use std::time::{Duration, Instant};
 
 use pmivmm_proto::{ExecEvent, ExecOutput, ExitStatus};
 
-use super::deputy::{DeputyHandle, RelayEvent};
+use super::deputy::{DeputyHandle, RelayEvent, ToHost};
 use super::link::{self, SyncReader, SyncWriter};
 use super::protocol::{check_signal, HomeRef, PeerMsg};
-use super::{Error, MigrationNode};
+use super::{source, Error, MigrationNode};
 use crate::devices::lock;
 
 /// The agent stream of a restored process: its output and exit status.
@@ -34,6 +34,8 @@ const HOME_IDLE: Duration = Duration::from_secs(3600);
 #[derive(Clone)]
 pub struct RelayHandle {
     pub home: HomeRef,
+    /// When it arrived.
+    pub arrived: Instant,
     /// Set before the process is killed because it moved on.
     moving_away: Arc<AtomicBool>,
 }
@@ -49,6 +51,16 @@ impl MigrationNode {
     /// The home of `pid` if it migrated here.
     pub fn relay_home(&self, pid: u32) -> Option<HomeRef> {
         lock(&self.relays).get(&pid).map(|r| r.home.clone())
+    }
+
+    /// Whether `pid` migrated here less than `within` ago.
+    pub fn arrived_within(&self, pid: u32, within: Duration) -> bool {
+        lock(&self.relays).get(&pid).is_some_and(|r| r.arrived.elapsed() < within)
+    }
+
+    /// PIDs of the processes that migrated here.
+    pub fn visitors(&self) -> Vec<u32> {
+        lock(&self.relays).keys().copied().collect()
     }
 
     /// Marks `pid` as leaving: its coming death is a handoff.
@@ -115,7 +127,8 @@ impl HomeSink {
 /// a `link`, the home is attached first.
 pub fn start(node: &Arc<MigrationNode>, pid: u32, home: HomeRef, session: Session, link: Option<HomeLink>) {
     let moving_away = Arc::new(AtomicBool::new(false));
-    lock(&node.relays).insert(pid, RelayHandle { home: home.clone(), moving_away: moving_away.clone() });
+    let handle = RelayHandle { home: home.clone(), arrived: Instant::now(), moving_away: moving_away.clone() };
+    lock(&node.relays).insert(pid, handle);
     let (signals_tx, signals_rx) = mpsc::channel();
     let sink = match link {
         Some(HomeLink::Local(deputy)) => {
@@ -132,7 +145,7 @@ pub fn start(node: &Arc<MigrationNode>, pid: u32, home: HomeRef, session: Sessio
             HomeSink::Remote(writer)
         }
     };
-    spawn_signal_delivery(node.clone(), pid, signals_rx);
+    spawn_requests(node.clone(), pid, home.clone(), signals_rx);
     let (output, _stdin) = session.split();
     let node = node.clone();
     let spawned = thread::Builder::new()
@@ -188,7 +201,7 @@ fn spawn_home_reader(
     home: HomeRef,
     mut rx: Option<SyncReader>,
     writer: Arc<Mutex<Option<SyncWriter>>>,
-    signals: Sender<i32>,
+    signals: Sender<ToHost>,
 ) {
     let run = move || loop {
         let received = match rx.as_mut() {
@@ -197,8 +210,13 @@ fn spawn_home_reader(
         };
         match received {
             Ok(Some((PeerMsg::Signal { signal }, _))) if check_signal(signal).is_ok() => {
-                if signals.send(signal).is_err() {
+                if signals.send(ToHost::Signal(signal)).is_err() {
                     return; // the process ended
+                }
+            }
+            Ok(Some((PeerMsg::ComeHome, _))) => {
+                if signals.send(ToHost::ComeHome).is_err() {
+                    return;
                 }
             }
             Ok(Some((other, _))) => {
@@ -221,7 +239,7 @@ fn spawn_home_reader(
                             home.node,
                             home.pid
                         );
-                        let _ = signals.send(libc::SIGKILL);
+                        let _ = signals.send(ToHost::Signal(libc::SIGKILL));
                         return;
                     }
                 }
@@ -246,17 +264,21 @@ fn reattach(node: &Arc<MigrationNode>, home: &HomeRef) -> Option<(SyncReader, Sy
     None
 }
 
-/// Delivers signals from the home to `pid`.
-fn spawn_signal_delivery(node: Arc<MigrationNode>, pid: u32, signals: Receiver<i32>) {
+/// Carries out what the home asks for `pid`: signals, and going home.
+fn spawn_requests(node: Arc<MigrationNode>, pid: u32, home: HomeRef, requests: Receiver<ToHost>) {
     let run = move || {
-        for signal in signals.iter() {
-            let sent = node.agent().and_then(|mut a| a.kill(pid, signal).map_err(Error::Agent));
-            if let Err(e) = sent {
-                tracing::warn!("signal {signal} for migrated PID {pid}: {e}");
+        for request in requests.iter() {
+            let done = match request {
+                ToHost::Signal(signal) => node.agent().and_then(|mut a| a.kill(pid, signal).map_err(Error::Agent)),
+                ToHost::ComeHome if home.node == node.name => Ok(()),
+                ToHost::ComeHome => source::migrate(&node, pid, &home.addr, source::Options { precopy: true }).map(drop),
+            };
+            if let Err(e) = done {
+                tracing::warn!("{request:?} for migrated PID {pid}: {e}");
             }
         }
     };
-    if let Err(e) = thread::Builder::new().name(format!("signals-{pid}")).spawn(run) {
-        tracing::error!("cannot start signal delivery for PID {pid}: {e}");
+    if let Err(e) = thread::Builder::new().name(format!("requests-{pid}")).spawn(run) {
+        tracing::error!("cannot start the request handler of PID {pid}: {e}");
     }
 }

@@ -10,6 +10,7 @@ use tokio::sync::Semaphore;
 use super::link::{self, SyncReader, SyncWriter};
 use super::protocol::PeerMsg;
 use super::{target, Error, MigrationNode};
+use crate::devices::lock;
 use crate::peer::PeerLink;
 
 /// Peer links served at once; more wait in the listen backlog.
@@ -79,6 +80,17 @@ fn converse(node: &Arc<MigrationNode>, peer: String, mut rx: SyncReader, mut tx:
             tracing::info!("{peer} asked for the outcome of migration {id:#x}: running={running}");
             tx.send(&PeerMsg::Outcome { running })
         }
-        other => Err(Error::unexpected("Offer, Attach or Query", &other)),
+        PeerMsg::Gossip { members } => {
+            let now = Instant::now();
+            let ours = {
+                let mut table = lock(&node.cluster.table);
+                if let Err(e) = table.merge(&members, now) {
+                    tracing::warn!("cluster: table from {peer} refused: {e}");
+                }
+                table.gossip(now)
+            };
+            tx.send(&PeerMsg::Gossip { members: ours })
+        }
+        other => Err(Error::unexpected("Offer, Attach, Query or Gossip", &other)),
     }
 }

@@ -151,6 +151,9 @@ fn run(
     _tx: &mut SyncWriter,
 ) -> Result<Started, Error> {
     offer.validate()?;
+    if node.cluster.is_blocked() {
+        return Err(Error::Blocked(node.name.clone()));
+    }
     fault_point(node, "offer")?;
     let limit = (node.memory_bytes() / PAGE_SIZE) as usize;
     let mut store = PageStore::new(limit);

@@ -1,0 +1,185 @@
+//! The load-balancing decision, openMosix style: each node decides by
+//! itself, from the gossiped loads, whether to send one of its processes to
+//! a less-loaded node, and which.
+//!
+//! Rules (see [`Policy`]): a node sends only when it has more runnable tasks
+//! than CPUs, and only to an alive, unblocked node that stays less loaded
+//! than this one after receiving the process (per CPU), so two nodes never
+//! trade a process back and forth. The process must be running, migratable,
+//! not pinned, have used [`Policy::min_cpu`] of CPU (short-lived and
+//! I/O-bound processes stay), be small enough to move quickly
+//! ([`Policy::max_rss`], the cost model: a page costs milliseconds to
+//! restore on emulated guests), and not have moved within
+//! [`Policy::cooldown`]. A node that just received a process is left alone
+//! for [`Policy::target_cooldown`], until its gossiped load shows it.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use pmivmm_proto::{Migratability, ProcessInfo};
+
+use super::membership::{Health, MemberView, NodeLoad};
+
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub min_cpu: Duration,
+    pub max_rss: u64,
+    pub cooldown: Duration,
+    pub target_cooldown: Duration,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            min_cpu: Duration::from_millis(1500),
+            max_rss: 64 << 20,
+            cooldown: Duration::from_secs(30),
+            target_cooldown: Duration::from_secs(3),
+        }
+    }
+}
+
+/// A process to send, and where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub pid: u32,
+    pub comm: String,
+    pub target: String,
+    pub target_addr: String,
+}
+
+/// What the balancer remembers between rounds.
+#[derive(Default)]
+pub struct History {
+    /// When each PID last moved (from or to here).
+    pub moved: HashMap<u32, Instant>,
+    /// When each node last received a process from here.
+    pub sent_to: HashMap<String, Instant>,
+}
+
+/// Load per CPU, in runnable tasks.
+fn per_cpu(runnable: u32, cpus: u32) -> f64 {
+    runnable as f64 / cpus.max(1) as f64
+}
+
+/// Chooses at most one process of this node (`procs`, with `me`'s load) to
+/// send to one of `members`.
+pub fn choose(
+    me: &NodeLoad,
+    members: &[MemberView],
+    procs: &[ProcessInfo],
+    pinned: &dyn Fn(u32) -> bool,
+    history: &History,
+    policy: &Policy,
+    now: Instant,
+) -> Option<Decision> {
+    if me.runnable <= me.cpus.max(1) {
+        return None;
+    }
+    let after_sending = per_cpu(me.runnable - 1, me.cpus);
+    let target = members
+        .iter()
+        .filter(|v| !v.me && v.health == Health::Alive && !v.member.blocked)
+        .filter(|v| history.sent_to.get(&v.member.name).is_none_or(|t| now.duration_since(*t) >= policy.target_cooldown))
+        .filter(|v| per_cpu(v.member.load.runnable + 1, v.member.load.cpus) <= after_sending)
+        .min_by(|a, b| {
+            per_cpu(a.member.load.runnable, a.member.load.cpus)
+                .total_cmp(&per_cpu(b.member.load.runnable, b.member.load.cpus))
+        })?;
+    let process = procs
+        .iter()
+        .filter(|p| p.state == 'R' && p.remote.is_none() && p.migratable == Migratability::Migratable)
+        .filter(|p| p.cpu_time_ms >= policy.min_cpu.as_millis() as u64 && p.rss_bytes <= policy.max_rss)
+        .filter(|p| !pinned(p.pid))
+        .filter(|p| history.moved.get(&p.pid).is_none_or(|t| now.duration_since(*t) >= policy.cooldown))
+        .max_by_key(|p| p.cpu_time_ms)?;
+    Some(Decision {
+        pid: process.pid,
+        comm: process.comm.clone(),
+        target: target.member.name.clone(),
+        target_addr: target.member.addr.clone(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::membership::Member;
+
+    fn load(runnable: u32) -> NodeLoad {
+        NodeLoad { runnable, cpus: 1, mem_free_mib: 100 }
+    }
+
+    fn node(name: &str, runnable: u32) -> MemberView {
+        MemberView {
+            member: Member { name: name.into(), addr: format!("{name}:1"), heartbeat: 1, load: load(runnable), blocked: false },
+            health: Health::Alive,
+            silent_ms: 0,
+            me: false,
+        }
+    }
+
+    fn proc_(pid: u32, cpu_ms: u64) -> ProcessInfo {
+        ProcessInfo {
+            pid,
+            ppid: 1,
+            state: 'R',
+            comm: "job".into(),
+            argv: vec!["job".into()],
+            cpu_time_ms: cpu_ms,
+            rss_bytes: 1 << 20,
+            migratable: Migratability::Migratable,
+            remote: None,
+        }
+    }
+
+    fn pick(me: u32, members: &[MemberView], procs: &[ProcessInfo]) -> Option<Decision> {
+        choose(&load(me), members, procs, &|_| false, &History::default(), &Policy::default(), Instant::now())
+    }
+
+    #[test]
+    fn sends_the_longest_running_job_to_the_idlest_node() {
+        let d = pick(3, &[node("b", 1), node("c", 0)], &[proc_(10, 2000), proc_(11, 9000)]).unwrap();
+        assert_eq!((d.pid, d.target.as_str()), (11, "c"));
+    }
+
+    #[test]
+    fn no_imbalance_no_move() {
+        assert_eq!(pick(1, &[node("b", 0)], &[proc_(10, 9000)]), None, "not more runnable than CPUs");
+        assert_eq!(pick(2, &[node("b", 1)], &[proc_(10, 9000)]), None, "it would only trade places");
+        assert!(pick(2, &[node("b", 0)], &[proc_(10, 9000)]).is_some());
+    }
+
+    #[test]
+    fn short_big_pinned_sleeping_and_recent_processes_stay() {
+        let peers = [node("b", 0)];
+        assert_eq!(pick(3, &peers, &[proc_(10, 100)]), None, "short-lived");
+        let mut big = proc_(10, 9000);
+        big.rss_bytes = 1 << 30;
+        assert_eq!(pick(3, &peers, &[big]), None, "too big to move quickly");
+        let mut sleeping = proc_(10, 9000);
+        sleeping.state = 'S';
+        assert_eq!(pick(3, &peers, &[sleeping]), None, "not CPU-bound now");
+        let mut deputy = proc_(10, 9000);
+        deputy.remote = Some("c".into());
+        assert_eq!(pick(3, &peers, &[deputy]), None, "a deputy");
+        let pinned = choose(&load(3), &peers, &[proc_(10, 9000)], &|p| p == 10, &History::default(), &Policy::default(), Instant::now());
+        assert_eq!(pinned, None);
+        let mut h = History::default();
+        h.moved.insert(10, Instant::now());
+        assert_eq!(choose(&load(3), &peers, &[proc_(10, 9000)], &|_| false, &h, &Policy::default(), Instant::now()), None);
+    }
+
+    #[test]
+    fn blocked_suspect_and_just_served_nodes_receive_nothing() {
+        let mut blocked = node("b", 0);
+        blocked.member.blocked = true;
+        let mut suspect = node("c", 0);
+        suspect.health = Health::Suspect;
+        assert_eq!(pick(3, &[blocked, suspect], &[proc_(10, 9000)]), None);
+        let mut h = History::default();
+        h.sent_to.insert("b".into(), Instant::now());
+        let d = choose(&load(3), &[node("b", 0)], &[proc_(10, 9000)], &|_| false, &h, &Policy::default(), Instant::now());
+        assert_eq!(d, None);
+    }
+}

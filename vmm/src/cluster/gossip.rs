@@ -1,0 +1,152 @@
+//! The node's cluster loops: every [`ROUND`] it reads its load from its
+//! agent, bumps its heartbeat, and exchanges tables with every known member
+//! (and the `--join` seeds) over short peer links (push-pull); every
+//! [`BALANCE_EVERY`] rounds its balancer may send one process away.
+//!
+//! Why not a gossip crate (chitchat, foca): both speak their own UDP
+//! protocols without our cluster-key authentication; clusters here are a
+//! handful of nodes, for which all-to-all push-pull over the authenticated
+//! peer links we already have is simpler and as fast to converge.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use pmivmm_proto::LoadInfo;
+
+use super::balancer::{self, History, Policy};
+use super::membership::NodeLoad;
+use super::InFlight;
+use crate::devices::lock;
+use crate::migration::protocol::PeerMsg;
+use crate::migration::{source, Error, MigrationNode};
+use crate::peer::PeerLink;
+
+pub const ROUND: Duration = Duration::from_millis(500);
+const BALANCE_EVERY: u32 = 2;
+/// Gossip must not wait long for a member that is gone.
+const GOSSIP_TIMEOUT: Duration = Duration::from_secs(1);
+
+fn node_load(info: &LoadInfo) -> NodeLoad {
+    NodeLoad {
+        // The agent's own thread reading /proc/loadavg is runnable too.
+        runnable: info.runnable_tasks.saturating_sub(1),
+        cpus: info.cpus,
+        mem_free_mib: info.mem_available_bytes >> 20,
+    }
+}
+
+/// Starts the cluster loop of `node` (on its own thread).
+pub fn start(node: Arc<MigrationNode>) -> std::io::Result<()> {
+    thread::Builder::new().name("cluster".into()).spawn(move || run(&node))?;
+    Ok(())
+}
+
+fn run(node: &Arc<MigrationNode>) {
+    let mut history = History::default();
+    let policy = Policy::default();
+    let mut round: u32 = 0;
+    loop {
+        let started = Instant::now();
+        let load = match node.agent().and_then(|mut a| a.load().map_err(Error::Agent)) {
+            Ok(info) => Some(node_load(&info)),
+            Err(_) => None, // booting; gossip an idle node
+        };
+        let cluster = &node.cluster;
+        lock(&cluster.table).tick(load.unwrap_or_default(), cluster.is_blocked(), Instant::now());
+        exchange(node);
+        round = round.wrapping_add(1);
+        let may_balance = round % BALANCE_EVERY == 0
+            && cluster.auto_balance.load(Ordering::SeqCst)
+            && !cluster.busy.load(Ordering::SeqCst);
+        if let Some(load) = load.filter(|_| may_balance) {
+            balance(node, &load, &mut history, &policy);
+        }
+        thread::sleep(ROUND.saturating_sub(started.elapsed()));
+    }
+}
+
+/// One push-pull exchange with every member and seed.
+fn exchange(node: &Arc<MigrationNode>) {
+    let (ours, mut peers) = {
+        let table = lock(&node.cluster.table);
+        (table.gossip(Instant::now()), table.peers().into_iter().map(|(_, addr)| addr).collect::<Vec<_>>())
+    };
+    for seed in &node.cluster.seeds {
+        if !peers.contains(seed) && *seed != node.addr {
+            peers.push(seed.clone());
+        }
+    }
+    for addr in peers {
+        match gossip_with(node, &addr, &ours) {
+            Ok(theirs) => {
+                if let Err(e) = lock(&node.cluster.table).merge(&theirs, Instant::now()) {
+                    tracing::warn!("cluster: table from {addr} refused: {e}");
+                }
+            }
+            Err(e) => tracing::debug!("cluster: gossip with {addr}: {e}"),
+        }
+    }
+}
+
+fn gossip_with(node: &MigrationNode, addr: &str, ours: &[super::membership::Member]) -> Result<Vec<super::membership::Member>, Error> {
+    node.rt.block_on(async {
+        let mut link = PeerLink::connect(addr, &node.key, &node.name, GOSSIP_TIMEOUT).await?;
+        link.send(&PeerMsg::Gossip { members: ours.to_vec() }).await?;
+        match tokio::time::timeout(GOSSIP_TIMEOUT, link.recv::<PeerMsg>()).await {
+            Ok(Ok(Some((PeerMsg::Gossip { members }, _)))) => Ok(members),
+            Ok(Ok(Some((other, _)))) => Err(Error::Unexpected { expected: "Gossip", got: other.name() }),
+            Ok(Ok(None)) => Err(Error::PeerClosed),
+            Ok(Err(e)) => Err(e.into()),
+            Err(_) => Err(Error::PeerTimeout(GOSSIP_TIMEOUT)),
+        }
+    })
+}
+
+/// Sends one process away if the balancer finds one.
+fn balance(node: &Arc<MigrationNode>, load: &super::membership::NodeLoad, history: &mut History, policy: &Policy) {
+    let members = lock(&node.cluster.table).view(Instant::now());
+    if members.iter().all(|m| m.me) {
+        return;
+    }
+    let procs = match node.agent().and_then(|mut a| a.ps().map_err(Error::Agent)) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::debug!("balancer: ps: {e}");
+            return;
+        }
+    };
+    let now = Instant::now();
+    // Pinned processes stay, and so do those that just arrived (no
+    // ping-pong between nodes).
+    let pinned = |pid| node.cluster.is_pinned(pid) || node.arrived_within(pid, policy.cooldown);
+    let Some(d) = balancer::choose(load, &members, &procs, &pinned, history, policy, now) else { return };
+    tracing::info!(
+        "balancer: {} runnable on {} CPU(s) here; sending PID {} ({}) to {}",
+        load.runnable,
+        load.cpus,
+        d.pid,
+        d.comm,
+        d.target
+    );
+    history.sent_to.insert(d.target.clone(), now);
+    history.moved.insert(d.pid, now);
+    // The migration runs on its own thread: gossip must go on meanwhile.
+    node.cluster.busy.store(true, Ordering::SeqCst);
+    let mover = node.clone();
+    let spawned = thread::Builder::new().name("balancer".into()).spawn(move || {
+        let node = &mover;
+        let flight = InFlight { pid: d.pid, comm: d.comm.clone(), target: d.target.clone(), automatic: true };
+        let _flight = node.cluster.start_migration(flight);
+        match source::migrate(node, d.pid, &d.target_addr, source::Options { precopy: true }) {
+            Ok(r) => tracing::info!("balancer: PID {} runs on {} as PID {}", d.pid, r.target, r.remote_pid),
+            Err(e) => tracing::warn!("balancer: moving PID {} to {} failed: {e}", d.pid, d.target),
+        }
+        node.cluster.busy.store(false, Ordering::SeqCst);
+    });
+    if let Err(e) = spawned {
+        tracing::warn!("balancer: cannot start a migration thread: {e}");
+        node.cluster.busy.store(false, Ordering::SeqCst);
+    }
+}
