@@ -205,6 +205,18 @@ enum BenchCommand {
         #[arg(short = 'n', long, default_value_t = 2)]
         runs: usize,
     },
+    /// A CPU-bound job set started on one node of a cluster, without and with
+    /// automatic balancing: wall times, speedup, time until the first move.
+    Cluster {
+        #[command(flatten)]
+        node: NodeRef,
+        /// Number of jobs (more than the node's CPUs).
+        #[arg(long, default_value_t = 4)]
+        jobs: usize,
+        /// Work per job, in `burn` units (~0.1 s of CPU each).
+        #[arg(long, default_value_t = 150)]
+        units: u32,
+    },
     /// Throughput and latency of a running node's vsock channel beside a Unix socket.
     Channel {
         #[command(flatten)]
@@ -423,6 +435,9 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Migrate { mib, from, to, runs }) => {
             let nodes = from.zip(to);
             pmivmm::bench::migrate::run(&pmivmm::bench::migrate::MigrateBench { mib, nodes, runs }).map(|()| 0)
+        }
+        Command::Bench(BenchCommand::Cluster { node, jobs, units }) => {
+            pmivmm::bench::cluster::run(&pmivmm::bench::cluster::ClusterBench { node: node.name, jobs, units }).map(|()| 0)
         }
         Command::Bench(BenchCommand::Channel { node, mib, rounds }) => {
             pmivmm::bench::channel::run(&pmivmm::bench::channel::ChannelBench { node: node.name, mib, rounds })

@@ -4,6 +4,7 @@
 pub mod boot;
 pub mod channel;
 pub mod checkpoint;
+pub mod cluster;
 pub mod migrate;
 
 /// Minimum and median of a sample (None when empty).
