@@ -86,19 +86,23 @@ fn ps_shows_a_running_sleep_as_migratable() {
         .spawn()
         .unwrap();
     let start = Instant::now();
+    // Columns: NODE PID PPID S RUNS-ON TIME RSS MIGRATE COMMAND. Until its
+    // start is done (exec costs ~0.5 s of emulated kernel time here) the
+    // sleep is runnable; then it sleeps.
     let line = loop {
         let (st, out, err) = run_pmivmm(&["ps", "--node", node]);
         assert!(st.success(), "{err}");
-        if let Some(l) = out.lines().find(|l| l.contains("sleep 600")) {
+        let line = out.lines().find(|l| l.contains("sleep 600"));
+        if let Some(l) = line.filter(|l| l.split_whitespace().nth(3) == Some("S")) {
             break l.to_owned();
         }
-        assert!(start.elapsed() < Duration::from_secs(60), "no sleep in ps:\n{out}");
+        assert!(start.elapsed() < Duration::from_secs(60), "no sleeping sleep in ps:\n{out}");
         std::thread::sleep(Duration::from_millis(500));
     };
     let cols: Vec<&str> = line.split_whitespace().collect();
-    assert_eq!(cols[2], "S", "{line}");
-    assert_eq!(cols[5], "yes", "{line}");
-    let pid: u32 = cols[0].parse().unwrap();
+    assert_eq!((cols[0], cols[4]), (node, node), "{line}");
+    assert_eq!(cols[7], "yes", "{line}");
+    let pid: u32 = cols[1].parse().unwrap();
     // Dropping the client connection hangs the process up.
     sleeper.kill().unwrap();
     let _ = sleeper.wait();
