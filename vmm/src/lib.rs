@@ -15,6 +15,7 @@ pub mod config;
 pub mod control;
 pub mod devices;
 pub mod guest_ram;
+pub mod lab;
 pub mod migration;
 pub mod node;
 pub mod peer;

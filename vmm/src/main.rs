@@ -160,6 +160,19 @@ enum Command {
         #[command(flatten)]
         node: NodeRef,
     },
+    /// The cluster as a node sees it, live: members, load, balancer,
+    /// migrations in flight (a table per interval when not on a terminal).
+    Mon {
+        #[command(flatten)]
+        node: NodeRef,
+        /// Refresh interval in milliseconds.
+        #[arg(long, value_name = "MS", default_value_t = 500, value_parser = clap::value_parser!(u64).range(50..))]
+        interval: u64,
+    },
+    /// A lab cluster of N node VMs on this machine, each in its own network
+    /// namespace on a bridge (root only).
+    #[command(subcommand)]
+    Lab(pmivmm::lab::LabCommand),
     /// Benchmarks that print tables.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -425,6 +438,10 @@ fn main() -> ExitCode {
         }
         Command::Expel { node } => commands::cluster::apply(&node.name, ClusterAction::Expel).map(|()| 0),
         Command::BringHome { node } => commands::cluster::apply(&node.name, ClusterAction::BringHome).map(|()| 0),
+        Command::Mon { node, interval } => {
+            commands::mon::run(&node.name, Duration::from_millis(interval)).map(|()| 0)
+        }
+        Command::Lab(cmd) => pmivmm::lab::run(cmd).map(|()| 0),
         Command::Bench(BenchCommand::Boot { runs, mem, node_args }) => {
             pmivmm::bench::boot::run(&pmivmm::bench::boot::BootBench { runs, mem, node_args }).map(|()| 0)
         }

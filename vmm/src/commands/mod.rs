@@ -5,6 +5,7 @@
 pub mod checkpoint;
 pub mod cluster;
 pub mod migrate;
+pub mod mon;
 mod exec;
 pub mod tables;
 
