@@ -109,6 +109,14 @@ fn a_blocked_node_receives_nothing() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let (st, out, err) = run_pmivmm(&["block", "--node", c2]);
     assert!(st.success() && out.contains("refuses"), "{out}{err}");
+    // Unblocked again even if an assertion below fails.
+    struct Unblock(&'static str);
+    impl Drop for Unblock {
+        fn drop(&mut self) {
+            run_pmivmm(&["block", "--node", self.0, "--off"]);
+        }
+    }
+    let _unblock = Unblock(c2);
     wait_for("c1 learns that c2 is blocked", Duration::from_secs(20), || {
         view(c1).members.iter().any(|m| m.member.name == c2 && m.member.blocked)
     });
@@ -123,7 +131,6 @@ fn a_blocked_node_receives_nothing() {
     // A manual migration to a blocked node is refused too, with the reason.
     let (st, _, err) = run_pmivmm(&["migrate", "--node", c1, &jobs[0].pid.to_string(), c2]);
     assert!(!st.success() && err.contains("blocked"), "{err}");
-    run_pmivmm(&["block", "--node", c2, "--off"]);
     for j in jobs {
         let _ = agent(c1).kill(j.pid, 9);
         j.finish();

@@ -1,7 +1,8 @@
-//! The node's cluster loops: every [`ROUND`] it reads its load from its
-//! agent, bumps its heartbeat, and exchanges tables with every known member
-//! (and the `--join` seeds) over short peer links (push-pull); every
-//! [`BALANCE_EVERY`] rounds its balancer may send one process away.
+//! The node's cluster loops: every [`ROUND`] it bumps its heartbeat and
+//! exchanges tables (with its last known load) with every known member (and
+//! the `--join` seeds) over short peer links (push-pull); another loop reads
+//! the load from its agent and, every [`BALANCE_EVERY`] polls, lets its
+//! balancer send one process away.
 //!
 //! Why not a gossip crate (chitchat, foca): both speak their own UDP
 //! protocols without our cluster-key authentication; clusters here are a
@@ -37,13 +38,30 @@ fn node_load(info: &LoadInfo) -> NodeLoad {
     }
 }
 
-/// Starts the cluster loop of `node` (on its own thread).
+/// Starts the cluster loops of `node`, each on its own thread: gossip at a
+/// steady pace (its heartbeat must not wait for a busy guest), and the load
+/// poll with the balancer.
 pub fn start(node: Arc<MigrationNode>) -> std::io::Result<()> {
-    thread::Builder::new().name("cluster".into()).spawn(move || run(&node))?;
+    let gossiper = node.clone();
+    thread::Builder::new().name("gossip".into()).spawn(move || gossip(&gossiper))?;
+    thread::Builder::new().name("balancer".into()).spawn(move || poll_and_balance(&node))?;
     Ok(())
 }
 
-fn run(node: &Arc<MigrationNode>) {
+fn gossip(node: &Arc<MigrationNode>) {
+    loop {
+        let started = Instant::now();
+        let cluster = &node.cluster;
+        let load = *lock(&cluster.load);
+        lock(&cluster.table).tick(load, cluster.is_blocked(), Instant::now());
+        exchange(node);
+        thread::sleep(ROUND.saturating_sub(started.elapsed()));
+    }
+}
+
+/// Reads the node's load from its agent (which a loaded guest answers
+/// slowly) and lets the balancer act every [`BALANCE_EVERY`] rounds.
+fn poll_and_balance(node: &Arc<MigrationNode>) {
     let mut history = History::default();
     let policy = Policy::default();
     let mut round: u32 = 0;
@@ -57,8 +75,9 @@ fn run(node: &Arc<MigrationNode>) {
             true => None,
             false => node.agent().and_then(|mut a| a.load().map_err(Error::Agent)).ok().map(|i| node_load(&i)),
         };
-        lock(&cluster.table).tick(load.unwrap_or_default(), cluster.is_blocked(), Instant::now());
-        exchange(node);
+        if let Some(load) = load {
+            *lock(&cluster.load) = load;
+        }
         round = round.wrapping_add(1);
         let may_balance = round % BALANCE_EVERY == 0
             && cluster.auto_balance.load(Ordering::SeqCst)
@@ -120,6 +139,11 @@ fn balance(node: &Arc<MigrationNode>, load: &super::membership::NodeLoad, histor
             return;
         }
     };
+    // This node's own count from the process list: /proc/loadavg also counts
+    // the agent's threads that happen to run (busy with this very ps, or
+    // with a migration).
+    let runnable = procs.iter().filter(|p| p.state == 'R' && p.pid != 1 && p.remote.is_none()).count();
+    let load = &NodeLoad { runnable: runnable as u32, ..*load };
     let now = Instant::now();
     // Pinned processes stay, and so do those that just arrived (no
     // ping-pong between nodes).

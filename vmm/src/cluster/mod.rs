@@ -51,6 +51,8 @@ pub struct ClusterState {
     pub auto_balance: AtomicBool,
     /// The balancer's migration runs.
     pub busy: AtomicBool,
+    /// The load the agent reported last.
+    pub load: Mutex<NodeLoad>,
     pinned: Mutex<HashSet<u32>>,
     in_flight: Mutex<Vec<InFlight>>,
     auto_migrations: Mutex<u64>,
@@ -65,6 +67,7 @@ impl ClusterState {
             blocked: AtomicBool::new(false),
             auto_balance: AtomicBool::new(auto_balance),
             busy: AtomicBool::new(false),
+            load: Mutex::default(),
             pinned: Mutex::default(),
             in_flight: Mutex::default(),
             auto_migrations: Mutex::default(),

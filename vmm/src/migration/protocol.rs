@@ -2,7 +2,8 @@
 //! process and, afterwards, to connect it with its home node.
 //!
 //! A link carries one conversation, opened by its first message:
-//! - [`PeerMsg::Offer`] (source to target): a migration. The source streams
+//! - [`PeerMsg::Offer`] (source to target): a migration, answered with
+//!   [`PeerMsg::Accepted`] or [`PeerMsg::Refused`]. The source streams
 //!   [`PeerMsg::Pages`] (pre-copy rounds while the process runs), then the
 //!   frozen process's [`PeerMsg::Image`], the pages dirtied since, and
 //!   [`PeerMsg::Commit`]; the target answers [`PeerMsg::Running`] once the
@@ -69,6 +70,8 @@ pub enum PeerMsg {
     /// Everything is sent: start the process.
     Commit,
 
+    /// The target takes the offered process (pages may follow).
+    Accepted,
     /// The process runs on the target as `pid`.
     Running { pid: u32 },
     /// The target will not (or could not) run the process; it did not start.
@@ -102,6 +105,7 @@ impl PeerMsg {
             PeerMsg::Pages { .. } => "Pages",
             PeerMsg::Image { .. } => "Image",
             PeerMsg::Commit => "Commit",
+            PeerMsg::Accepted => "Accepted",
             PeerMsg::Running { .. } => "Running",
             PeerMsg::Refused { .. } => "Refused",
             PeerMsg::Outcome { .. } => "Outcome",
@@ -239,6 +243,7 @@ mod tests {
             PeerMsg::Pages { vaddrs: vec![0x1000] },
             PeerMsg::Image { image: vec![1, 2] },
             PeerMsg::Commit,
+            PeerMsg::Accepted,
             PeerMsg::Running { pid: 5 },
             PeerMsg::Refused { reason: "full".into() },
             PeerMsg::Outcome { running: true },

@@ -23,6 +23,8 @@ const MAX_ROUNDS: usize = 5;
 /// How long the target may take to restore the process (its guest kernel
 /// faults every page in, ~2.5 ms a page on emulated hosts).
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(900);
+/// How long the target may take to answer an offer.
+const ACCEPT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the source tries to learn the outcome of a migration whose link
 /// broke after `Commit`.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -150,6 +152,7 @@ fn transfer(
     let mut rounds = Vec::new();
     if let Some(mut pages) = first_round {
         m.tx.send(&offer(""))?;
+        accepted(&mut rx)?;
         loop {
             let n = m.send_pages(pages.iter().filter(|p| p.kind == PageKind::Data))?;
             rounds.push(n);
@@ -166,6 +169,7 @@ fn transfer(
     let image = ProcessImage::from_bytes(&image_bytes).map_err(Error::BadImage)?;
     if !opts.precopy {
         m.tx.send(&offer(&image.comm))?;
+        accepted(&mut rx)?;
     }
     let data = frames::data_pages(&pages, &image.pages)?;
     m.tx.send(&PeerMsg::Image { image: image_bytes })?;
@@ -203,6 +207,15 @@ fn transfer(
         target_restore: committed.elapsed(),
         link,
     })
+}
+
+/// The target's answer to the offer.
+fn accepted(rx: &mut SyncReader) -> Result<(), Error> {
+    match rx.expect(ACCEPT_TIMEOUT)? {
+        (PeerMsg::Accepted, _) => Ok(()),
+        (PeerMsg::Refused { reason }, _) => Err(Error::Refused(reason)),
+        (other, _) => Err(Error::unexpected("Accepted", &other)),
+    }
 }
 
 struct Migration<'a> {

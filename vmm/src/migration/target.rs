@@ -148,13 +148,14 @@ fn run(
     source: &str,
     offer: &Offer,
     rx: &mut SyncReader,
-    _tx: &mut SyncWriter,
+    tx: &mut SyncWriter,
 ) -> Result<Started, Error> {
     offer.validate()?;
     if node.cluster.is_blocked() {
         return Err(Error::Blocked(node.name.clone()));
     }
     fault_point(node, "offer")?;
+    tx.send(&PeerMsg::Accepted)?;
     let limit = (node.memory_bytes() / PAGE_SIZE) as usize;
     let mut store = PageStore::new(limit);
     let mut prepared = None;
