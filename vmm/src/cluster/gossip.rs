@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use pmivmm_proto::LoadInfo;
+use pmivmm_proto::{LoadInfo, Migratability, MigrationObstacle};
 
 use super::balancer::{self, History, Policy};
 use super::membership::NodeLoad;
@@ -142,7 +142,11 @@ fn balance(node: &Arc<MigrationNode>, load: &super::membership::NodeLoad, histor
     // This node's own count from the process list: /proc/loadavg also counts
     // the agent's threads that happen to run (busy with this very ps, or
     // with a migration).
-    let runnable = procs.iter().filter(|p| p.state == 'R' && p.pid != 1 && p.remote.is_none()).count();
+    let kernel_thread = |p: &pmivmm_proto::ProcessInfo| {
+        matches!(&p.migratable, Migratability::NotMigratable(o) if o.contains(&MigrationObstacle::KernelThread))
+    };
+    let runnable =
+        procs.iter().filter(|p| p.state == 'R' && p.pid != 1 && p.remote.is_none() && !kernel_thread(p)).count();
     let load = &NodeLoad { runnable: runnable as u32, ..*load };
     let now = Instant::now();
     // Pinned processes stay, and so do those that just arrived (no
@@ -162,6 +166,7 @@ fn balance(node: &Arc<MigrationNode>, load: &super::membership::NodeLoad, histor
     // The migration runs on its own thread: gossip must go on meanwhile.
     node.cluster.busy.store(true, Ordering::SeqCst);
     let mover = node.clone();
+    let settle = policy.target_cooldown;
     let spawned = thread::Builder::new().name("balancer".into()).spawn(move || {
         let node = &mover;
         let flight = InFlight { pid: d.pid, comm: d.comm.clone(), target: d.target.clone(), automatic: true };
@@ -170,6 +175,8 @@ fn balance(node: &Arc<MigrationNode>, load: &super::membership::NodeLoad, histor
             Ok(r) => tracing::info!("balancer: PID {} runs on {} as PID {}", d.pid, r.target, r.remote_pid),
             Err(e) => tracing::warn!("balancer: moving PID {} to {} failed: {e}", d.pid, d.target),
         }
+        // The next decision waits until the loads gossiped show this move.
+        thread::sleep(settle);
         node.cluster.busy.store(false, Ordering::SeqCst);
     });
     if let Err(e) = spawned {
