@@ -128,6 +128,11 @@ fn gossip_with(node: &MigrationNode, addr: &str, ours: &[super::membership::Memb
 
 /// Sends one process away if the balancer finds one.
 fn balance(node: &Arc<MigrationNode>, load: &super::membership::NodeLoad, history: &mut History, policy: &Policy) {
+    // The process list costs the guest much more than the load: ask for it
+    // only when this node may have a process to spare.
+    if load.runnable <= load.cpus.max(1) {
+        return;
+    }
     let members = lock(&node.cluster.table).view(Instant::now());
     if members.iter().all(|m| m.me) {
         return;
