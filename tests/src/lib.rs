@@ -330,3 +330,13 @@ impl Job {
     }
 }
 
+
+/// The `fpu` workload command for this host: x87, SSE and AVX state, but
+/// without AVX on the development hosts' kvm_pvm, whose guests lose the upper
+/// halves of the YMM registers on interrupts and task switches (even
+/// uninterrupted runs of the AVX part give different checksums from run to
+/// run there: seen 4529930e.., a6502132.., d31dca03..).
+pub fn fpu_command(rounds: u32) -> String {
+    let kvm_pvm = Path::new("/sys/module/kvm_pvm").exists();
+    format!("{}fpu {rounds}", if kvm_pvm { "env NOAVX=1 " } else { "" })
+}

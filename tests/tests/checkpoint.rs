@@ -128,12 +128,10 @@ fn signal_state_survives() {
     round_trip("signals", "signals 120");
 }
 
-/// Without AVX on kvm_pvm, whose guests lose YMM upper halves on interrupts
-/// (see tests/tests/migrate.rs).
+/// x87, SSE and (except on kvm_pvm, see `fpu_command`) AVX state.
 #[test]
 fn fpu_and_sse_state_survives() {
-    let kvm_pvm = std::path::Path::new("/sys/module/kvm_pvm").exists();
-    round_trip("fpu", if kvm_pvm { "env NOAVX=1 fpu 150" } else { "fpu 150" });
+    round_trip("fpu", &pmivmm_tests::fpu_command(150));
 }
 
 #[test]

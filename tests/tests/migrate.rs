@@ -96,15 +96,10 @@ fn signal_state_migrates() {
     migrated_run("signals", "signals 120");
 }
 
-/// x87, SSE and (on hardware KVM) AVX state. On the development hosts'
-/// kvm_pvm the upper halves of the YMM registers do not survive guest
-/// interrupts and task switches: even uninterrupted runs of the AVX part
-/// give different checksums from run to run there (seen: 4529930e..,
-/// a6502132.., d31dca03..), so it is left out on that host (NOAVX).
+/// x87, SSE and (except on kvm_pvm, see `fpu_command`) AVX state.
 #[test]
 fn fpu_state_migrates() {
-    let kvm_pvm = std::path::Path::new("/sys/module/kvm_pvm").exists();
-    migrated_run("fpu", if kvm_pvm { "env NOAVX=1 fpu 150" } else { "fpu 150" });
+    migrated_run("fpu", &pmivmm_tests::fpu_command(150));
 }
 
 #[test]

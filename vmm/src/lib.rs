@@ -5,6 +5,7 @@
 //! work in [`vm`] (building) and [`vcpu`] (running), configuration in
 //! [`config`], and the node lifecycle in [`node`].
 
+pub mod agent;
 pub mod arch;
 pub mod bench;
 pub mod checkpoint;

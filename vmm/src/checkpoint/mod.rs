@@ -12,16 +12,16 @@
 pub mod dir;
 pub mod frames;
 
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use pmivmm_proto::image::{ProcessImage, PAGE_SIZE};
-use pmivmm_proto::{AgentClient, ClientError};
+use pmivmm_proto::ClientError;
 use serde::{Deserialize, Serialize};
 use vm_memory::GuestMemoryMmap;
 
-type Client = AgentClient<UnixStream, UnixStream>;
+use crate::agent::{self, Agent, AgentError};
+
 
 /// What a checkpoint did, for the CLI and benchmarks.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -67,10 +67,8 @@ pub struct RestoreReport {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("the node has no vsock device, so its agent cannot be reached")]
-    NoVsock,
-    #[error("cannot reach the guest agent: {0}")]
-    Connect(ClientError),
+    #[error(transparent)]
+    Reach(#[from] AgentError),
     #[error("{0}")]
     Agent(ClientError),
     #[error("the agent sent an invalid process image: {0}")]
@@ -89,9 +87,8 @@ fn us(d: Duration) -> u64 {
     d.as_micros() as u64
 }
 
-fn connect(vsock: Option<&Path>) -> Result<Client, Error> {
-    let path = vsock.ok_or(Error::NoVsock)?;
-    AgentClient::connect(path).map_err(Error::Connect)
+fn connect(vsock: Option<&Path>) -> Result<Agent, Error> {
+    Ok(agent::connect(vsock)?)
 }
 
 /// Checkpoints process `pid` of the guest into `out`. The original is

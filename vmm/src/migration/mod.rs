@@ -37,23 +37,21 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use pmivmm_proto::{AgentClient, ClientError};
+use pmivmm_proto::ClientError;
 use serde::{Deserialize, Serialize};
 use tokio::runtime::Handle;
 use vm_memory::GuestMemoryMmap;
 
+use crate::agent::{self, AgentError};
 use crate::cluster::ClusterState;
 use crate::peer::ClusterKey;
 
-/// An agent connection.
-pub type Agent = AgentClient<std::os::unix::net::UnixStream, std::os::unix::net::UnixStream>;
+pub use crate::agent::Agent;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("the node has no vsock device, so its agent cannot be reached")]
-    NoVsock,
-    #[error("cannot reach the guest agent: {0}")]
-    Connect(ClientError),
+    #[error(transparent)]
+    Reach(#[from] AgentError),
     #[error("{0}")]
     Agent(ClientError),
     #[error("peer link: {0}")]
@@ -176,8 +174,7 @@ impl MigrationNode {
     }
 
     pub fn agent(&self) -> Result<Agent, Error> {
-        let path = self.vsock.as_deref().ok_or(Error::NoVsock)?;
-        AgentClient::connect(path).map_err(Error::Connect)
+        Ok(agent::connect(self.vsock.as_deref())?)
     }
 }
 
