@@ -18,7 +18,7 @@
 //! are functions of the node count or of what exists, unit tested below; the
 //! code that runs them is separate.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
 use std::fs::{self, File};
 use std::io::{self, Write};
@@ -307,6 +307,12 @@ pub fn alive(view: &ClusterView) -> (usize, usize) {
     (view.members.iter().filter(|m| m.health == Health::Alive).count(), view.members.len())
 }
 
+/// Every member of `view` has reported its load (a member's first entry
+/// may come before its first load sample).
+pub fn loads_known(view: &ClusterView) -> bool {
+    view.members.iter().all(|m| m.member.load.cpus > 0)
+}
+
 // ---------------------------------------------------------------------------
 // Running it.
 
@@ -432,6 +438,7 @@ fn spawn_node(exe: &Path, node: LabNode, mem_mib: u64, share: Option<&Path>, log
     let log = File::create(&log_path).with_context(|| format!("cannot create {}", log_path.display()))?;
     let mut cmd = Command::new("ip");
     cmd.args(node_command(exe, node, mem_mib, share, logs))
+        .env("NO_COLOR", "1") // plain log files
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
@@ -460,6 +467,7 @@ fn wait_ready(
     let mut ready: BTreeSet<LabNode> = BTreeSet::new();
     let mut last_report = Instant::now();
     let mut last_alive = None;
+    let mut all_alive_since: Option<Instant> = None;
     loop {
         for (node, child) in children.iter_mut() {
             if let Some(status) = child.try_wait()? {
@@ -494,7 +502,14 @@ fn wait_ready(
             if let Ok(view) = control::cluster(&paths.control()) {
                 let (up, known) = alive(&view);
                 if up == n as usize && known == n as usize {
-                    return Ok(view);
+                    // Wait a little for the load of every member, so that
+                    // the table shows it.
+                    let since = *all_alive_since.get_or_insert_with(Instant::now);
+                    if loads_known(&view) || since.elapsed() > Duration::from_secs(10) {
+                        return Ok(view);
+                    }
+                } else {
+                    all_alive_since = None;
                 }
                 if last_alive != Some(up) {
                     println!("  [{:>4.0} s] lab1 sees {up} of {n} members alive", start.elapsed().as_secs_f64());
@@ -548,7 +563,7 @@ fn down() -> anyhow::Result<()> {
     let mut did = Vec::new();
 
     // Ask every node to power off; note its VMM's PID for later.
-    let mut pids: BTreeSet<u32> = BTreeSet::new();
+    let mut pids: BTreeMap<u32, String> = BTreeMap::new();
     let mut stopping = Vec::new();
     for node in &nodes {
         let Ok(paths) = NodePaths::new(&node.name()) else { continue };
@@ -557,7 +572,7 @@ fn down() -> anyhow::Result<()> {
         }
         match control::status(&paths.control()) {
             Ok(s) => {
-                pids.insert(s.vmm_pid);
+                pids.insert(s.vmm_pid, format!("the VMM of {}", node.name()));
                 match control::stop(&paths.control(), STOP_GRACE) {
                     Ok(()) => {
                         println!("stopping {} (VMM pid {})", node.name(), s.vmm_pid);
@@ -569,35 +584,41 @@ fn down() -> anyhow::Result<()> {
             Err(_) => eprintln!("pmivmm lab: {}: its control socket does not answer", node.name()),
         }
     }
-    for node in &found.netns {
-        pids.extend(netns_pids(*node));
-    }
-    let start = Instant::now();
-    let gone = |pids: &BTreeSet<u32>, stopping: &[LabNode]| {
-        pids.iter().all(|p| !pid_alive(*p))
-            && stopping.iter().all(|n| NodePaths::new(&n.name()).map(|p| !p.dir.exists()).unwrap_or(true))
+    let in_netns = |pids: &mut BTreeMap<u32, String>| {
+        for node in &found.netns {
+            for p in netns_pids(*node) {
+                pids.entry(p).or_insert_with(|| format!("a process in {}", node.netns()));
+            }
+        }
     };
-    while !gone(&pids, &stopping) && start.elapsed() < STOP_GRACE + Duration::from_secs(15) {
+    in_netns(&mut pids);
+    let run_dir_gone = |n: &LabNode| NodePaths::new(&n.name()).map(|p| !p.dir.exists()).unwrap_or(true);
+    let start = Instant::now();
+    while !(pids.keys().all(|p| !pid_alive(*p)) && stopping.iter().all(run_dir_gone))
+        && start.elapsed() < STOP_GRACE + Duration::from_secs(15)
+    {
         std::thread::sleep(Duration::from_millis(200));
     }
-    if !stopping.is_empty() {
-        did.push(format!("stopped {}", join(stopping.iter().map(|n| n.name()))));
+    let stopped: Vec<String> = stopping.iter().filter(|n| run_dir_gone(n)).map(|n| n.name()).collect();
+    if !stopped.is_empty() {
+        did.push(format!("stopped {}", stopped.join(" ")));
     }
     // Whatever still runs: the VMMs that did not stop, anything else in a
     // lab namespace.
-    for node in &found.netns {
-        pids.extend(netns_pids(*node));
-    }
-    let left: Vec<u32> = pids.iter().copied().filter(|p| pid_alive(*p)).collect();
+    in_netns(&mut pids);
+    let left: Vec<(u32, String)> = pids.into_iter().filter(|(p, _)| pid_alive(*p)).collect();
     if !left.is_empty() {
-        for p in &left {
+        let waited = start.elapsed().as_secs();
+        for (p, _) in &left {
             send(*p, libc::SIGKILL);
         }
         let t = Instant::now();
-        while left.iter().any(|p| pid_alive(*p)) && t.elapsed() < Duration::from_secs(5) {
+        while left.iter().any(|(p, _)| pid_alive(*p)) && t.elapsed() < Duration::from_secs(5) {
             std::thread::sleep(Duration::from_millis(100));
         }
-        did.push(format!("killed pid {}", join(left.iter().map(u32::to_string))));
+        for (p, what) in &left {
+            did.push(format!("killed pid {p} ({what}; still running {waited} s after the stop request)"));
+        }
     }
     // Run directories of VMMs that died without removing them.
     for node in &nodes {
@@ -607,40 +628,50 @@ fn down() -> anyhow::Result<()> {
         }
     }
 
-    // The network, from what exists now.
-    let net = present()?;
-    let mut failed = Vec::new();
-    for cmd in down_commands(&net) {
-        if let Err(e) = ip(&cmd) {
-            failed.push(format!("{e:#}"));
-        }
-    }
-    if !net.is_empty() {
+    let net = remove_network();
+    if let Some(net) = net.as_ref().ok().filter(|n| !n.is_empty()) {
         did.push(format!("removed {}", net.describe()));
     }
-    let after = present()?;
-    if did.is_empty() {
+    if did.is_empty() && net.is_ok() {
         println!("no lab here: nothing to remove");
-    } else {
-        for d in &did {
-            println!("{d}");
-        }
+        return Ok(());
     }
-    if !after.is_empty() || !failed.is_empty() {
-        bail!("could not remove everything: {} still there; {}", after.describe(), failed.join("; "));
+    for d in &did {
+        println!("{d}");
     }
-    if log_dir().exists() {
-        println!("(consoles and logs of the last lab stay in {})", log_dir().display());
-    }
+    net?;
+    println!("(consoles and logs of the last lab stay in {})", log_dir().display());
     Ok(())
 }
 
-/// Removes the lab network (after a failed `up`).
-fn remove_network() -> anyhow::Result<()> {
-    for cmd in down_commands(&present()?) {
-        ip(&cmd)?;
+/// Removes the lab network; returns what there was. The kernel removes a
+/// deleted namespace's devices (and so the host end of its veth) in the
+/// background: this waits for that, and deletes by hand what stays.
+fn remove_network() -> anyhow::Result<Present> {
+    let net = present()?;
+    let mut left = net.clone();
+    let mut failed = Vec::new();
+    for round in 0..2 {
+        failed.clear();
+        for cmd in down_commands(&left) {
+            if let Err(e) = ip(&cmd) {
+                failed.push(format!("{e:#}"));
+            }
+        }
+        let t = Instant::now();
+        left = present()?;
+        while !left.is_empty() && t.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(200));
+            left = present()?;
+        }
+        if left.is_empty() {
+            return Ok(net);
+        }
+        if round == 0 {
+            eprintln!("pmivmm lab: still there after 5 s: {}; deleting again", left.describe());
+        }
     }
-    Ok(())
+    bail!("could not remove the lab network: {} still there ({})", left.describe(), failed.join("; "))
 }
 
 #[cfg(test)]
@@ -769,6 +800,27 @@ mod tests {
             bridge: true,
         };
         assert_eq!(down_commands(&all).len(), 4 + 1);
+    }
+
+    #[test]
+    fn cluster_views() {
+        use crate::cluster::membership::{Member, MemberView, NodeLoad};
+        let m = |health, cpus| MemberView {
+            member: Member {
+                name: "lab1".into(),
+                addr: "10.77.0.11:7000".into(),
+                heartbeat: 1,
+                load: NodeLoad { runnable: 0, cpus, mem_free_mib: 0 },
+                blocked: false,
+            },
+            health,
+            silent_ms: 0,
+            me: false,
+        };
+        let v = |members| ClusterView { members, in_flight: vec![], pinned: vec![], auto_balance: true, auto_migrations: 0 };
+        assert_eq!(alive(&v(vec![m(Health::Alive, 1), m(Health::Suspect, 1)])), (1, 2));
+        assert!(loads_known(&v(vec![m(Health::Alive, 1), m(Health::Alive, 2)])));
+        assert!(!loads_known(&v(vec![m(Health::Alive, 0), m(Health::Alive, 2)])));
     }
 
     #[test]
