@@ -121,6 +121,26 @@ impl VsockConfig {
     }
 }
 
+/// Parses `256`, `256M`, `256MiB`, `2G`, `2GiB` into MiB.
+pub fn parse_mem_mib(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let not_a_size = || format!("'{s}' is not a memory size like 256M or 2G");
+    let (num, mult) = match t.find(|c: char| !c.is_ascii_digit()) {
+        None => (t, 1),
+        Some(i) => {
+            let mult = match t[i..].to_ascii_lowercase().as_str() {
+                "m" | "mb" | "mib" => 1,
+                "g" | "gb" | "gib" => 1024,
+                _ if i == 0 => return Err(not_a_size()),
+                u => return Err(format!("unknown unit '{u}' in '{s}' (use M or G)")),
+            };
+            (&t[..i], mult)
+        }
+    };
+    let n: u64 = num.parse().map_err(|_| not_a_size())?;
+    n.checked_mul(mult).ok_or_else(|| format!("'{s}' is too large"))
+}
+
 /// Default locations of the build products, shared with the build scripts:
 /// `${PMIVMM_CACHE:-$HOME/.cache/pmivmm}`.
 pub fn cache_dir() -> PathBuf {
@@ -144,4 +164,20 @@ pub fn default_system_map() -> PathBuf {
 /// The initramfs `images/build.sh` built last.
 pub fn default_initrd() -> PathBuf {
     cache_dir().join("initramfs.cpio")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_sizes() {
+        assert_eq!(parse_mem_mib("256"), Ok(256));
+        assert_eq!(parse_mem_mib("256M"), Ok(256));
+        assert_eq!(parse_mem_mib("2G"), Ok(2048));
+        assert_eq!(parse_mem_mib("1GiB"), Ok(1024));
+        assert!(parse_mem_mib("12T").is_err());
+        assert!(parse_mem_mib("lots").is_err());
+        assert!(parse_mem_mib("99999999999999999999G").is_err());
+    }
 }

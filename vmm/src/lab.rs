@@ -58,7 +58,7 @@ pub enum LabCommand {
         #[arg(value_name = "N")]
         nodes: u32,
         /// Guest RAM of each node, in MiB or with a unit (256M, 1G).
-        #[arg(long, default_value = "256M", value_parser = parse_mem_mib)]
+        #[arg(long, default_value = "256M", value_parser = crate::config::parse_mem_mib)]
         mem: u64,
         /// Share a host directory with every node (mounted at the same path).
         #[arg(long, value_name = "DIR")]
@@ -80,24 +80,6 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<()> {
             up(&UpOptions { nodes, mem_mib: mem, share, timeout: Duration::from_secs(timeout) })
         }
         LabCommand::Down => down(),
-    }
-}
-
-/// Parses `256`, `256M`, `1G`, `1GiB` into MiB (as `pmivmm --node --mem`).
-fn parse_mem_mib(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let bad = || format!("'{s}' is not a memory size like 256M or 1G");
-    let i = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let mult = match t[i..].to_ascii_lowercase().as_str() {
-        "" | "m" | "mb" | "mib" => 1,
-        "g" | "gb" | "gib" => 1024,
-        _ => return Err(bad()),
-    };
-    let n: u64 = t[..i].parse().map_err(|_| bad())?;
-    match n.checked_mul(mult) {
-        Some(0) => Err("a node needs some memory".into()),
-        Some(m) => Ok(m),
-        None => Err(format!("'{s}' is too large")),
     }
 }
 
@@ -715,16 +697,6 @@ mod tests {
         assert!(check_count(1).is_ok());
         assert!(check_count(8).is_ok());
         assert!(check_count(9).unwrap_err().contains("1 to 8"));
-    }
-
-    #[test]
-    fn memory_sizes() {
-        assert_eq!(parse_mem_mib("256M"), Ok(256));
-        assert_eq!(parse_mem_mib("256"), Ok(256));
-        assert_eq!(parse_mem_mib("1G"), Ok(1024));
-        assert!(parse_mem_mib("0").is_err());
-        assert!(parse_mem_mib("lots").is_err());
-        assert!(parse_mem_mib("1T").is_err());
     }
 
     #[test]

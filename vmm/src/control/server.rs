@@ -98,7 +98,10 @@ impl NodeHandle {
         }
         let node = self.clone();
         let spawned = thread::Builder::new().name("stop".into()).spawn(move || {
-            let asked = match &node.vsock {
+            // A guest still booting has no agent to ask (and a connection
+            // attempt would wait for it): the VM stops at once.
+            let ready = node.console.milestones().agent_ready.is_some();
+            let asked = match node.vsock.as_ref().filter(|_| ready) {
                 Some(path) => match AgentClient::connect(path).and_then(|mut c| c.poweroff()) {
                     Ok(()) => true,
                     Err(e) => {
