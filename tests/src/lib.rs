@@ -340,3 +340,12 @@ pub fn fpu_command(rounds: u32) -> String {
     let kvm_pvm = Path::new("/sys/module/kvm_pvm").exists();
     format!("{}fpu {rounds}", if kvm_pvm { "env NOAVX=1 " } else { "" })
 }
+
+/// A random delay between `lo` and `hi` ms (xorshift of the clock).
+pub fn random_delay(lo: u64, hi: u64) -> Duration {
+    let mut x = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    Duration::from_millis(lo + x % (hi - lo))
+}

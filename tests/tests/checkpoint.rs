@@ -12,10 +12,10 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use pmivmm_proto::AgentClient;
-use pmivmm_tests::{run_pmivmm, scratch_dir, shared_node};
+use pmivmm_tests::{random_delay, run_pmivmm, scratch_dir, shared_node};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -53,15 +53,6 @@ fn wait_gone(node: &str, pid: u32, timeout: Duration) {
         assert!(start.elapsed() < timeout, "PID {pid} still runs after {timeout:?}");
         std::thread::sleep(Duration::from_millis(500));
     }
-}
-
-/// A delay between `lo` and `hi` ms (xorshift of the clock: no rand crate).
-fn random_delay(lo: u64, hi: u64) -> Duration {
-    let mut x = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
-    x ^= x << 13;
-    x ^= x >> 7;
-    x ^= x << 17;
-    Duration::from_millis(lo + x % (hi - lo))
 }
 
 fn checkpoint(node: &str, pid: u32, dir: &Path, extra: &[&str]) -> (bool, String, String) {

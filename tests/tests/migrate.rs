@@ -10,9 +10,9 @@
 
 use std::path::PathBuf;
 use std::sync::{Mutex, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use pmivmm_tests::{process, reference, run_pmivmm, scratch_dir, shared_node_with, Job};
+use pmivmm_tests::{process, random_delay, reference, run_pmivmm, scratch_dir, shared_node_with, Job};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -26,15 +26,6 @@ fn nodes() -> (&'static str, &'static str, &'static str) {
     let boot = |tag: &'static str| std::thread::spawn(move || shared_node_with(tag, &["--share", share()]));
     let (a, b, c) = (boot("mig-a"), boot("mig-b"), boot("mig-c"));
     (a.join().unwrap(), b.join().unwrap(), c.join().unwrap())
-}
-
-/// A delay between `lo` and `hi` ms (xorshift of the clock).
-fn random_delay(lo: u64, hi: u64) -> Duration {
-    let mut x = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
-    x ^= x << 13;
-    x ^= x >> 7;
-    x ^= x << 17;
-    Duration::from_millis(lo + x % (hi - lo))
 }
 
 fn migrate(node: &str, pid: u32, target: &str, extra: &[&str]) -> (bool, String, String) {
