@@ -20,7 +20,7 @@ pub struct CheckpointBench {
     pub sizes_mib: Vec<u64>,
 }
 
-type Client = AgentClient<std::os::unix::net::UnixStream, std::os::unix::net::UnixStream>;
+use crate::agent::Agent as Client;
 
 /// Runs `script` with sh in the node and returns its stdout.
 fn sh(vsock: &std::path::Path, script: &str) -> anyhow::Result<String> {

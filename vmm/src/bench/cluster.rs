@@ -20,7 +20,7 @@ pub struct ClusterBench {
     pub units: u32,
 }
 
-type Client = AgentClient<std::os::unix::net::UnixStream, std::os::unix::net::UnixStream>;
+use crate::agent::Agent as Client;
 
 /// Runs the job set; returns the wall time, the time until a job first ran
 /// elsewhere, and the jobs' last output lines.

@@ -152,7 +152,7 @@ fn verify(src: &GuestMemoryMmap, dst: &GuestMemoryMmap, pages: &[PageRef]) -> an
     Ok(())
 }
 
-type Client = AgentClient<std::os::unix::net::UnixStream, std::os::unix::net::UnixStream>;
+use crate::agent::Agent as Client;
 
 /// Starts a long `counter` on `node` and returns its PID once it printed.
 fn start_counter(paths: &NodePaths) -> anyhow::Result<(u32, std::thread::JoinHandle<()>)> {

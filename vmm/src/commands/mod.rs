@@ -19,7 +19,7 @@ use pmivmm_proto::{AgentClient, Migratability, MigrationObstacle};
 use crate::control;
 use crate::rundir::{self, NodePaths};
 
-type Client = AgentClient<std::os::unix::net::UnixStream, std::os::unix::net::UnixStream>;
+use crate::agent::Agent as Client;
 
 /// Connects to the agent of the running node `name`.
 fn agent(name: &str) -> anyhow::Result<Client> {

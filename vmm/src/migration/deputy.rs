@@ -48,6 +48,19 @@ pub enum ToHost {
     ComeHome,
 }
 
+impl RelayEvent {
+    /// The event a relay message carries; `None` for anything else (or an
+    /// output fd other than 1 and 2).
+    pub fn from_peer(msg: PeerMsg, data: Vec<u8>) -> Option<RelayEvent> {
+        match msg {
+            PeerMsg::Output { fd } if check_output_fd(fd).is_ok() => Some(RelayEvent::Output { fd, data }),
+            PeerMsg::Exited(status) => Some(RelayEvent::Exited(status)),
+            PeerMsg::Handoff => Some(RelayEvent::Handoff),
+            _ => None,
+        }
+    }
+}
+
 /// A deputy, as the rest of the node sees it.
 pub struct DeputyHandle {
     /// The process's PID at home (the deputy's).
@@ -92,28 +105,25 @@ impl DeputyHandle {
             .name(format!("deputy-link-{pid}"))
             .spawn(move || loop {
                 let event = match rx.recv(LINK_IDLE) {
-                    Ok(Some((PeerMsg::Output { fd }, data))) if check_output_fd(fd).is_ok() => {
-                        RelayEvent::Output { fd, data }
-                    }
-                    Ok(Some((PeerMsg::Exited(status), _))) => {
-                        me.deliver(RelayEvent::Exited(status));
-                        return;
-                    }
-                    Ok(Some((PeerMsg::Handoff, _))) => {
-                        me.deliver(RelayEvent::Handoff);
-                        return;
-                    }
-                    Ok(Some((other, _))) => {
-                        tracing::warn!("deputy {pid}: unexpected {} on its relay link; ignored", other.name());
-                        continue;
+                    Ok(Some((msg, data))) => {
+                        let name = msg.name();
+                        match RelayEvent::from_peer(msg, data) {
+                            Some(event) => event,
+                            None => {
+                                tracing::warn!("deputy {pid}: unexpected {name} on its relay link; ignored");
+                                continue;
+                            }
+                        }
                     }
                     Err(Error::PeerTimeout(_)) => continue,
-                    Ok(None) | Err(_) => {
-                        me.deliver(RelayEvent::LinkLost);
-                        return;
-                    }
+                    Ok(None) | Err(_) => RelayEvent::LinkLost,
                 };
+                // After these the link carries nothing more.
+                let last = !matches!(event, RelayEvent::Output { .. });
                 me.deliver(event);
+                if last {
+                    return;
+                }
             })
             .map_err(Error::Thread)?;
         lock(&self.routes).push(signals);

@@ -111,12 +111,9 @@ impl HomeSink {
                 }
             }
             HomeSink::Local(d) => {
-                let event = match msg {
-                    PeerMsg::Output { fd } => RelayEvent::Output { fd, data },
-                    PeerMsg::Exited(status) => RelayEvent::Exited(status),
-                    _ => RelayEvent::Handoff,
-                };
-                d.deliver(event);
+                if let Some(event) = RelayEvent::from_peer(msg, data) {
+                    d.deliver(event);
+                }
                 Ok(())
             }
         }
