@@ -8,7 +8,7 @@ use tokio::runtime::Handle;
 
 use super::protocol::PeerMsg;
 use super::Error;
-use crate::peer::{ClusterKey, PeerLink, PeerReader, PeerWriter};
+use crate::peer::{ClusterKey, FrameData, PeerLink, PeerReader, PeerWriter};
 
 /// How long connecting and the handshake may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -64,7 +64,9 @@ impl SyncWriter {
         Ok(self.rt.block_on(self.inner.send(msg))?)
     }
 
-    pub fn send_data(&mut self, msg: &PeerMsg, data: &[u8]) -> Result<(), Error> {
+    /// Sends `msg` with `data` (guest pages read straight out of guest RAM,
+    /// or bytes).
+    pub fn send_data<D: FrameData + ?Sized>(&mut self, msg: &PeerMsg, data: &D) -> Result<(), Error> {
         Ok(self.rt.block_on(self.inner.send_with_data(msg, data))?)
     }
 }

@@ -98,7 +98,7 @@ impl HomeSink {
                 let deadline = Instant::now() + REATTACH_FOR;
                 loop {
                     if let Some(writer) = lock(w).as_mut() {
-                        match writer.send_data(&msg, &data) {
+                        match writer.send_data(&msg, &data[..]) {
                             Ok(()) => return Ok(()),
                             Err(e) if Instant::now() >= deadline => return Err(e),
                             Err(_) => {}

@@ -24,6 +24,9 @@ use crate::checkpoint::frames;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long a `Query` waits for a migration that is starting its process.
 const COMMIT_WAIT: Duration = Duration::from_secs(60);
+/// Pages written into guest RAM per thread at least (16 MiB): fewer are
+/// written faster than a thread starts.
+const MIN_PAGES_PER_WRITER: usize = 4096;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -162,7 +165,7 @@ fn run(
     loop {
         let (msg, data) = rx.expect(IDLE_TIMEOUT)?;
         match msg {
-            PeerMsg::Pages { vaddrs } => receive_pages(&mut store, &vaddrs, &data)?,
+            PeerMsg::Pages { vaddrs } => receive_pages(&mut store, &vaddrs, data)?,
             PeerMsg::Image { image } if prepared.is_none() => {
                 let parsed = ProcessImage::from_bytes(&image).map_err(Error::BadImage)?;
                 let mut agent = node.agent()?;
@@ -196,18 +199,28 @@ fn run(
     }
 }
 
-/// Checks and keeps one `Pages` message.
-pub fn receive_pages(store: &mut PageStore, vaddrs: &[u64], data: &[u8]) -> Result<(), Error> {
-    check_pages(vaddrs, data)?;
+/// Checks and keeps one `Pages` message (its data buffer as it is).
+pub fn receive_pages(store: &mut PageStore, vaddrs: &[u64], data: Vec<u8>) -> Result<(), Error> {
+    check_pages(vaddrs, &data)?;
     Ok(store.insert(vaddrs, data)?)
 }
 
 /// Writes the received pages into the frames the agent reported (all
-/// frames checked before anything is written).
+/// frames checked, and all pages found, before anything is written), in
+/// the order the store holds them. The process is frozen meanwhile, so
+/// large writes are shared among the host's CPUs.
 pub fn write_received(memory: &GuestMemoryMmap, store: &PageStore, targets: &[PageRef]) -> Result<(), Error> {
     frames::check_frames(memory, targets)?;
-    for p in targets {
-        frames::write_page(memory, p, store.page(p.vaddr)?)?;
-    }
+    let pages = store.in_store_order(targets, |p| p.vaddr)?;
+    let cpus = thread::available_parallelism().map_or(1, usize::from);
+    let writers = cpus.min(1 + pages.len() / MIN_PAGES_PER_WRITER);
+    let share = pages.len().div_ceil(writers).max(1);
+    thread::scope(|s| {
+        let parts: Vec<_> = pages
+            .chunks(share)
+            .map(|part| s.spawn(move || part.iter().try_for_each(|(p, data)| frames::write_page(memory, p, data))))
+            .collect();
+        parts.into_iter().try_for_each(|part| part.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+    })?;
     Ok(())
 }

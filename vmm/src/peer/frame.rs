@@ -1,5 +1,12 @@
-//! MAC'd frames of an established peer link (wire format in the
+//! Sealed frames of an established peer link (wire format in the
 //! [module docs](super)), over any async byte stream.
+//!
+//! Frames are AES-256-GCM encrypted and authenticated ([`Sealer`]) in
+//! records: the header, then the data in [`DATA_PIECE`] pieces, each with
+//! its own tag. The writer copies each piece from its [`FrameData`] into
+//! its buffer, seals it there and writes it while it is still in cache; the
+//! reader opens each piece where it landed in the frame's data buffer, as
+//! it arrives.
 //!
 //! A failed send or receive, or one cancelled in the middle of a frame,
 //! leaves the stream in an unknown place within a frame, so the link
@@ -10,6 +17,7 @@
 use std::mem;
 use std::sync::Arc;
 
+use ring::aead::{Aad, LessSafeKey, Nonce, Tag, UnboundKey, AES_256_GCM};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -21,8 +29,13 @@ use super::Error;
 pub const MAX_HEADER_LEN: usize = 64 * 1024;
 /// Longest data part of a frame: 64 MiB. Senders of more split it.
 pub const MAX_DATA_LEN: usize = 64 * 1024 * 1024;
-/// Bytes of a frame's MAC.
-pub const MAC_LEN: usize = 32;
+/// Bytes of a record's authentication tag.
+pub const TAG_LEN: usize = 16;
+/// The data of a frame is sealed in records of this size (the last one may
+/// be shorter). Part of the wire format. Small enough that a piece stays in
+/// cache while it is copied, sealed and handed to the kernel; not smaller
+/// than the link's write buffer, so that pieces bypass it; whole pages.
+pub const DATA_PIECE: usize = 256 * 1024;
 /// `header_len: u32 | data_len: u32`.
 const PREFIX_LEN: usize = 8;
 
@@ -35,55 +48,113 @@ pub enum FrameError {
     DataTooLarge(u32),
     #[error("the connection ended in the middle of a frame")]
     Truncated,
-    #[error("its MAC does not match: the frame was altered, reordered or replayed")]
+    #[error("its authentication tag does not match: the frame was altered, reordered or replayed")]
     BadMac,
     #[error("its message does not decode: {0}")]
     Decode(postcard::Error),
 }
 
-/// Data is hashed and written in pieces of this size, so that each piece
-/// is still in cache when the kernel copies it (and the peer can start
-/// reading before the whole frame is hashed). Not smaller than the link's
-/// write buffer, so that the pieces bypass it.
-pub(super) const DATA_PIECE: usize = 256 * 1024;
+/// Why the data of a frame to send could not be read (e.g. a guest frame
+/// that is not RAM).
+pub type DataError = Box<dyn std::error::Error + Send + Sync>;
 
-/// A hasher for the MAC of frame `seq`, fed up to the start of the data.
-fn mac_hasher(key: &[u8; 32], seq: u64, prefix: &[u8; PREFIX_LEN], header: &[u8]) -> blake3::Hasher {
-    let mut hasher = blake3::Hasher::new_keyed(key);
-    hasher.update(&seq.to_le_bytes());
-    hasher.update(prefix);
-    hasher.update(header);
-    hasher
+/// The data part of a frame to send. It is copied piece by piece into the
+/// writer's buffer (where it is encrypted), so it need not be in one place:
+/// guest pages go straight from guest RAM to the link.
+pub trait FrameData {
+    /// Bytes of data.
+    fn len(&self) -> usize;
+
+    /// Copies bytes `offset..offset + out.len()` into `out`; `offset` is a
+    /// multiple of [`DATA_PIECE`].
+    fn read_at(&self, offset: usize, out: &mut [u8]) -> Result<(), DataError>;
+}
+
+impl FrameData for [u8] {
+    fn len(&self) -> usize {
+        <[u8]>::len(self)
+    }
+
+    fn read_at(&self, offset: usize, out: &mut [u8]) -> Result<(), DataError> {
+        out.copy_from_slice(&self[offset..offset + out.len()]);
+        Ok(())
+    }
+}
+
+/// AES-256-GCM with the key of one direction of a link. The nonce of
+/// record `index` of frame `seq` is `seq: u64 | index: u32`: unique, since
+/// the key belongs to one direction of one connection, `seq` counts its
+/// frames and `index` the records of a frame.
+struct Sealer(LessSafeKey);
+
+impl Sealer {
+    fn new(key: &[u8; 32]) -> Self {
+        // Any 32 bytes are an AES-256 key.
+        Sealer(LessSafeKey::new(UnboundKey::new(&AES_256_GCM, key).expect("an AES-256 key is 32 bytes")))
+    }
+
+    fn nonce(seq: u64, index: u32) -> Nonce {
+        let mut nonce = [0u8; 12];
+        nonce[..8].copy_from_slice(&seq.to_le_bytes());
+        nonce[8..].copy_from_slice(&index.to_le_bytes());
+        Nonce::assume_unique_for_key(nonce)
+    }
+
+    /// Encrypts `in_out` in place; returns its tag.
+    fn seal(&self, seq: u64, index: u32, aad: &[u8], in_out: &mut [u8]) -> [u8; TAG_LEN] {
+        let tag = self
+            .0
+            .seal_in_place_separate_tag(Self::nonce(seq, index), Aad::from(aad), in_out)
+            // ring refuses only records of more than 64 GiB.
+            .expect("a record within AES-GCM's limits");
+        let mut bytes = [0u8; TAG_LEN];
+        bytes.copy_from_slice(tag.as_ref());
+        bytes
+    }
+
+    /// Checks `tag` and decrypts `in_out` in place.
+    fn open(&self, seq: u64, index: u32, aad: &[u8], tag: [u8; TAG_LEN], in_out: &mut [u8]) -> Result<(), FrameError> {
+        self.0
+            .open_in_place_separate_tag(Self::nonce(seq, index), Aad::from(aad), Tag::from(tag), in_out, 0..)
+            .map(|_| ())
+            .map_err(|_| FrameError::BadMac)
+    }
 }
 
 /// The sending half of a link.
 pub(super) struct FrameWriter<W> {
     io: W,
-    key: [u8; 32],
+    sealer: Sealer,
     seq: u64,
     /// Reused for each message's encoding.
     header: Vec<u8>,
+    /// Reused for each data piece and its tag.
+    piece: Vec<u8>,
     peer: Arc<str>,
     broken: bool,
 }
 
 impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     pub(super) fn new(io: W, key: [u8; 32], peer: Arc<str>) -> Self {
-        FrameWriter { io, key, seq: 0, header: Vec::new(), peer, broken: false }
+        let sealer = Sealer::new(&key);
+        FrameWriter { io, sealer, seq: 0, header: Vec::new(), piece: Vec::new(), peer, broken: false }
     }
 
     /// Sends one frame and flushes it.
-    pub(super) async fn send<T: Serialize + ?Sized>(&mut self, msg: &T, data: &[u8]) -> Result<(), Error> {
+    pub(super) async fn send<T, D>(&mut self, msg: &T, data: &D) -> Result<(), Error>
+    where
+        T: Serialize + ?Sized,
+        D: FrameData + ?Sized,
+    {
         if self.broken {
             return Err(Error::Broken { peer: self.peer.to_string() });
         }
         let mut header = mem::take(&mut self.header);
         header.clear();
-        let header = postcard::to_extend(msg, header)
+        let mut header = postcard::to_extend(msg, header)
             .map_err(|source| Error::Encode { peer: self.peer.to_string(), source })?;
-        for (what, len, max) in
-            [("message", header.len(), MAX_HEADER_LEN), ("data", data.len(), MAX_DATA_LEN)]
-        {
+        let data_len = data.len();
+        for (what, len, max) in [("message", header.len(), MAX_HEADER_LEN), ("data", data_len, MAX_DATA_LEN)] {
             if len > max {
                 return Err(Error::TooLarge { peer: self.peer.to_string(), what, len, max });
             }
@@ -91,25 +162,33 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         let mut prefix = [0u8; PREFIX_LEN];
         // Both fit: checked against the limits above.
         prefix[..4].copy_from_slice(&(header.len() as u32).to_le_bytes());
-        prefix[4..].copy_from_slice(&(data.len() as u32).to_le_bytes());
-        let mut mac = mac_hasher(&self.key, self.seq, &prefix, &header);
+        prefix[4..].copy_from_slice(&(data_len as u32).to_le_bytes());
+        let header_tag = self.sealer.seal(self.seq, 0, &prefix, &mut header);
 
         self.broken = true;
-        let written = async {
-            self.io.write_all(&prefix).await?;
-            self.io.write_all(&header).await?;
-            for piece in data.chunks(DATA_PIECE) {
-                mac.update(piece);
-                self.io.write_all(piece).await?;
-            }
-            self.io.write_all(mac.finalize().as_bytes()).await?;
-            self.io.flush().await
+        let mut piece = mem::take(&mut self.piece);
+        let piece_len = DATA_PIECE.min(data_len) + TAG_LEN;
+        if piece.len() < piece_len {
+            piece.resize(piece_len, 0);
         }
-        .await;
-        written.map_err(|source| Error::Io { peer: self.peer.to_string(), source })?;
+        let peer = &self.peer;
+        let io_error = |source| Error::Io { peer: peer.to_string(), source };
+        self.io.write_all(&prefix).await.map_err(io_error)?;
+        self.io.write_all(&header).await.map_err(io_error)?;
+        self.io.write_all(&header_tag).await.map_err(io_error)?;
+        for (index, offset) in (1..).zip((0..data_len).step_by(DATA_PIECE)) {
+            let len = DATA_PIECE.min(data_len - offset);
+            let (plain, tag) = piece[..len + TAG_LEN].split_at_mut(len);
+            data.read_at(offset, plain).map_err(|source| Error::Data { peer: peer.to_string(), source })?;
+            tag.copy_from_slice(&self.sealer.seal(self.seq, index, &[], plain));
+            // The piece and its tag in one write.
+            self.io.write_all(&piece[..len + TAG_LEN]).await.map_err(io_error)?;
+        }
+        self.io.flush().await.map_err(io_error)?;
         self.broken = false;
         self.seq += 1;
         self.header = header;
+        self.piece = piece;
         Ok(())
     }
 
@@ -123,7 +202,7 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
 /// The receiving half of a link.
 pub(super) struct FrameReader<R> {
     io: R,
-    key: [u8; 32],
+    sealer: Sealer,
     seq: u64,
     /// Reused for each message's encoding.
     header: Vec<u8>,
@@ -133,7 +212,7 @@ pub(super) struct FrameReader<R> {
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub(super) fn new(io: R, key: [u8; 32], peer: Arc<str>) -> Self {
-        FrameReader { io, key, seq: 0, header: Vec::new(), peer, broken: false }
+        FrameReader { io, sealer: Sealer::new(&key), seq: 0, header: Vec::new(), peer, broken: false }
     }
 
     /// Receives one frame; `None` at a clean end of stream (between frames).
@@ -164,7 +243,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         Error::Frame { peer: self.peer.to_string(), source }
     }
 
-    /// Reads and checks one frame into `self.header` and the returned data.
+    /// Reads and opens one frame into `self.header` and the returned data.
     /// Marks the reader broken once it has consumed a byte, in case it is
     /// cancelled.
     async fn read_frame(&mut self) -> Result<Option<Vec<u8>>, FrameFailure> {
@@ -193,27 +272,41 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
         self.header.resize(header_len as usize, 0);
         self.io.read_exact(&mut self.header).await.map_err(truncated)?;
-        let mut expected = mac_hasher(&self.key, self.seq, &prefix, &self.header);
-        // The data is read into spare capacity, never zeroed first, and
-        // hashed as it arrives, while in cache.
+        let tag = self.read_tag().await?;
+        // The prefix is the header's associated data: the lengths are
+        // authentic before the data buffer is allocated.
+        self.sealer.open(self.seq, 0, &prefix, tag, &mut self.header)?;
+        // Each piece is read with its tag into spare capacity (never zeroed
+        // first; the tag is then moved out, and the next piece overwrites
+        // it) in reads large enough to bypass the read buffer, and opened
+        // as it arrives, while in cache.
         let data_len = data_len as usize;
-        let mut data = Vec::with_capacity(data_len);
-        while data.len() < data_len {
+        let mut data = Vec::with_capacity(data_len + TAG_LEN);
+        for index in 1.. {
             let start = data.len();
-            let piece = (data_len - start).min(DATA_PIECE) as u64;
-            if (&mut self.io).take(piece).read_buf(&mut data).await? == 0 {
-                return Err(FrameError::Truncated.into());
+            if start == data_len {
+                break;
             }
-            expected.update(&data[start..]);
-        }
-        let mut mac = [0u8; MAC_LEN];
-        self.io.read_exact(&mut mac).await.map_err(truncated)?;
-        // blake3::Hash's equality is constant-time.
-        if expected.finalize() != blake3::Hash::from_bytes(mac) {
-            return Err(FrameError::BadMac.into());
+            let end = data_len.min(start + DATA_PIECE);
+            while data.len() < end + TAG_LEN {
+                let missing = (end + TAG_LEN - data.len()) as u64;
+                if (&mut self.io).take(missing).read_buf(&mut data).await? == 0 {
+                    return Err(FrameError::Truncated.into());
+                }
+            }
+            let mut tag = [0u8; TAG_LEN];
+            tag.copy_from_slice(&data[end..]);
+            data.truncate(end);
+            self.sealer.open(self.seq, index, &[], tag, &mut data[start..])?;
         }
         self.seq += 1;
         Ok(Some(data))
+    }
+
+    async fn read_tag(&mut self) -> Result<[u8; TAG_LEN], FrameFailure> {
+        let mut tag = [0u8; TAG_LEN];
+        self.io.read_exact(&mut tag).await.map_err(truncated)?;
+        Ok(tag)
     }
 }
 
@@ -267,7 +360,7 @@ mod tests {
         let mut writer = FrameWriter::new(Vec::new(), key, "test".into());
         let mut ends = Vec::new();
         for (m, data) in frames {
-            writer.send(m, data).await.unwrap();
+            writer.send(m, &data[..]).await.unwrap();
             ends.push(writer.io.len());
         }
         (writer.io, ends)
@@ -378,13 +471,13 @@ mod tests {
     async fn oversize_sends_are_refused() {
         let mut writer = FrameWriter::new(Vec::new(), KEY, "test".into());
         let big = vec![0u8; MAX_HEADER_LEN];
-        let err = writer.send(&big, &[]).await.unwrap_err();
+        let err = writer.send(&big, &[][..]).await.unwrap_err();
         assert!(matches!(err, Error::TooLarge { what: "message", .. }), "{err}");
-        let err = writer.send(&(), &vec![0u8; MAX_DATA_LEN + 1]).await.unwrap_err();
+        let err = writer.send(&(), &vec![0u8; MAX_DATA_LEN + 1][..]).await.unwrap_err();
         assert!(matches!(err, Error::TooLarge { what: "data", .. }), "{err}");
         // Nothing was written, and the writer still works.
         assert!(writer.io.is_empty());
-        writer.send(&msg(1), &[]).await.unwrap();
+        writer.send(&msg(1), &[][..]).await.unwrap();
         let (frames, end) = decode(KEY, &writer.io).await;
         end.unwrap();
         assert_eq!(frames, vec![(msg(1), Vec::new())]);
@@ -420,10 +513,106 @@ mod tests {
     async fn undecodable_message_is_an_error() {
         // A valid frame whose message is not a `Msg`.
         let mut writer = FrameWriter::new(Vec::new(), KEY, "test".into());
-        writer.send(&7u8, &[1, 2, 3]).await.unwrap();
+        writer.send(&7u8, &[1, 2, 3][..]).await.unwrap();
         let mut reader = FrameReader::new(&writer.io[..], KEY, "test".into());
         let err = reader.recv::<Msg>().await.unwrap_err();
         assert!(matches!(err, Error::Frame { source: FrameError::Decode(_), .. }), "{err}");
+    }
+
+    /// `len` bytes computed piece by piece, never in one place.
+    struct Computed(usize);
+
+    impl Computed {
+        fn byte(i: usize) -> u8 {
+            (i * 7 + i / 4096) as u8
+        }
+    }
+
+    impl FrameData for Computed {
+        fn len(&self) -> usize {
+            self.0
+        }
+
+        fn read_at(&self, offset: usize, out: &mut [u8]) -> Result<(), DataError> {
+            assert_eq!(offset % DATA_PIECE, 0);
+            out.iter_mut().enumerate().for_each(|(i, b)| *b = Self::byte(offset + i));
+            Ok(())
+        }
+    }
+
+    /// Data that cannot be read.
+    struct Unreadable;
+
+    impl FrameData for Unreadable {
+        fn len(&self) -> usize {
+            DATA_PIECE + 1
+        }
+
+        fn read_at(&self, _: usize, _: &mut [u8]) -> Result<(), DataError> {
+            Err("frame 0x42 is not guest RAM".into())
+        }
+    }
+
+    /// One frame with 2.5 pieces of data, and where each record starts.
+    async fn three_pieces() -> (Vec<u8>, [usize; 3]) {
+        let mut writer = FrameWriter::new(Vec::new(), KEY, "test".into());
+        writer.send(&msg(1), &Computed(DATA_PIECE * 5 / 2)).await.unwrap();
+        let header_len = postcard::to_allocvec(&msg(1)).unwrap().len();
+        let first = PREFIX_LEN + header_len + TAG_LEN;
+        let record = DATA_PIECE + TAG_LEN;
+        (writer.io, [first, first + record, first + 2 * record])
+    }
+
+    #[tokio::test]
+    async fn data_in_pieces_round_trip() {
+        let (bytes, pieces) = three_pieces().await;
+        assert_eq!(bytes.len(), pieces[2] + DATA_PIECE / 2 + TAG_LEN);
+        let (frames, end) = decode(KEY, &bytes).await;
+        end.unwrap();
+        let (m, data) = &frames[0];
+        assert_eq!(*m, msg(1));
+        assert_eq!(data.len(), DATA_PIECE * 5 / 2);
+        assert!(data.iter().enumerate().all(|(i, &b)| b == Computed::byte(i)));
+    }
+
+    #[tokio::test]
+    async fn pieces_cannot_be_swapped_or_dropped() {
+        let (bytes, [p0, p1, p2]) = three_pieces().await;
+        let swapped = [&bytes[..p0], &bytes[p1..p2], &bytes[p0..p1], &bytes[p2..]].concat();
+        let (frames, end) = decode(KEY, &swapped).await;
+        assert!(frames.is_empty());
+        assert_frame_error(end, |e| matches!(e, FrameError::BadMac));
+        // The middle piece dropped: the last one comes too early and short.
+        let dropped = [&bytes[..p1], &bytes[p2..]].concat();
+        let (frames, end) = decode(KEY, &dropped).await;
+        assert!(frames.is_empty());
+        assert_frame_error(end, |e| matches!(e, FrameError::Truncated));
+        // A frame cut after a whole piece.
+        let (frames, end) = decode(KEY, &bytes[..p1]).await;
+        assert!(frames.is_empty());
+        assert_frame_error(end, |e| matches!(e, FrameError::Truncated));
+    }
+
+    #[tokio::test]
+    async fn message_and_data_are_encrypted() {
+        let secret = b"a secret of sixteen".repeat(100);
+        let mut writer = FrameWriter::new(Vec::new(), KEY, "test".into());
+        writer.send(&Msg { n: 1, s: "the hidden header".into() }, &secret[..]).await.unwrap();
+        let wire = &writer.io;
+        assert_eq!(wire.len(), PREFIX_LEN + 1 + 18 + TAG_LEN + secret.len() + TAG_LEN);
+        for plain in [&b"the hidden header"[..], &secret[..16]] {
+            assert!(!wire.windows(plain.len()).any(|w| w == plain));
+        }
+    }
+
+    #[tokio::test]
+    async fn unreadable_data_is_an_error() {
+        let mut writer = FrameWriter::new(Vec::new(), KEY, "test".into());
+        let err = writer.send(&msg(1), &Unreadable).await.unwrap_err();
+        assert_eq!(err.to_string(), "cannot read the data to send to peer test: frame 0x42 is not guest RAM");
+        // Part of the frame is out: the writer refuses further use.
+        let err = writer.send(&msg(2), &[][..]).await.unwrap_err();
+        assert!(matches!(err, Error::Broken { .. }), "{err}");
     }
 
     #[tokio::test]

@@ -15,7 +15,7 @@ use tokio::time::{timeout_at, Instant};
 use super::auth::{
     self, Hello, HelloError, Role, SessionKeys, Transcript, MAX_HELLO_LEN, NONCE_LEN, PROOF_LEN,
 };
-use super::frame::{FrameReader, FrameWriter, DATA_PIECE};
+use super::frame::{FrameData, FrameReader, FrameWriter, DATA_PIECE};
 use super::key::ClusterKey;
 use super::Error;
 
@@ -133,7 +133,11 @@ impl PeerLink {
     }
 
     /// See [`PeerWriter::send_with_data`].
-    pub async fn send_with_data<T: Serialize + ?Sized>(&mut self, msg: &T, data: &[u8]) -> Result<(), Error> {
+    pub async fn send_with_data<T, D>(&mut self, msg: &T, data: &D) -> Result<(), Error>
+    where
+        T: Serialize + ?Sized,
+        D: FrameData + ?Sized,
+    {
         self.writer.send_with_data(msg, data).await
     }
 
@@ -146,13 +150,17 @@ impl PeerLink {
 impl PeerWriter {
     /// Sends `msg` in one frame (with no data), flushed.
     pub async fn send<T: Serialize + ?Sized>(&mut self, msg: &T) -> Result<(), Error> {
-        self.frames.send(msg, &[]).await
+        self.frames.send(msg, &[][..]).await
     }
 
     /// Sends `msg` and `data` (raw bytes, at most [`super::MAX_DATA_LEN`])
     /// in one frame, flushed. Not cancel safe: a send dropped before it
     /// finished breaks the link.
-    pub async fn send_with_data<T: Serialize + ?Sized>(&mut self, msg: &T, data: &[u8]) -> Result<(), Error> {
+    pub async fn send_with_data<T, D>(&mut self, msg: &T, data: &D) -> Result<(), Error>
+    where
+        T: Serialize + ?Sized,
+        D: FrameData + ?Sized,
+    {
         self.frames.send(msg, data).await
     }
 
@@ -321,7 +329,7 @@ mod tests {
         let (mut a, mut b) = (a.unwrap(), b.unwrap());
         let data = Rng(42).bytes(8 << 20);
         let msg = Msg::Pages { first: 0x1000, count: 2048 };
-        let (sent, received) = tokio::join!(a.send_with_data(&msg, &data), b.recv::<Msg>());
+        let (sent, received) = tokio::join!(a.send_with_data(&msg, &data[..]), b.recv::<Msg>());
         sent.unwrap();
         let (got_msg, got_data) = received.unwrap().unwrap();
         assert_eq!(got_msg, msg);
@@ -362,12 +370,12 @@ mod tests {
             s.write_all(&hello_message(&hello)).await.unwrap();
         })
         .await;
-        assert!(matches!(err, Error::Hello { source: HelloError::Version { ours: 1, theirs: 7 }, .. }));
+        assert!(matches!(err, Error::Hello { source: HelloError::Version { ours: 2, theirs: 7 }, .. }));
         let err = err.to_string();
         assert!(err.starts_with("handshake with peer 127.0.0.1:"), "{err}");
         assert!(
             err.ends_with(
-                "failed: it speaks peer protocol version 7, this node speaks version 1 (run the same pmivmm release on every node)"
+                "failed: it speaks peer protocol version 7, this node speaks version 2 (run the same pmivmm release on every node)"
             ),
             "{err}"
         );

@@ -1,23 +1,30 @@
-//! The peer link: an authenticated, integrity-protected TCP connection
-//! between the VMMs of two cluster nodes, over which running processes
-//! migrate.
+//! The peer link: an authenticated, encrypted TCP connection between the
+//! VMMs of two cluster nodes, over which running processes migrate.
 //!
 //! Every node of a cluster holds the same secret [`ClusterKey`] ([`key`]).
 //! A link starts with a mutual handshake that proves both ends hold it
-//! ([`auth`]), then carries MAC'd frames ([`frame`]), each a small postcard
+//! ([`auth`]), then carries sealed frames ([`frame`]), each a small postcard
 //! message plus optional raw bulk data (guest pages) that never goes
 //! through serde. [`link`] ties these to tokio TCP streams.
 //!
-//! The link authenticates and protects integrity; it does NOT encrypt:
-//! anyone on the path sees the guest pages. Run clusters on a trusted
-//! network (or under a VPN) when their memory is confidential.
+//! Frames are sealed with AES-256-GCM, which encrypts as well as
+//! authenticates: with AES-NI and carry-less multiplication on x86_64 it is
+//! the fastest integrity protection at hand (ring's AES-256-GCM encrypts at
+//! ~6 GiB/s a core here, while authenticating the data as associated data
+//! only runs at ~1.5 GiB/s, Poly1305 at ~4 GiB/s and the BLAKE3 MAC used
+//! before at ~3.6 GiB/s), so the confidentiality of guest pages comes for
+//! free. The price is one copy on the sender (GCM encrypts in place, and
+//! guest RAM is not ours to overwrite): each piece of data is copied into a
+//! buffer that stays in cache, and sealed there.
 //!
 //! # Wire format
 //!
 //! All integers are little endian. `K` is the 32-byte cluster key,
 //! `H(ctx; ...)` is BLAKE3 in derive-key mode with context string `ctx`,
 //! `MAC(k; ...)` is BLAKE3 keyed with `k`; `...` lists the bytes hashed, in
-//! order.
+//! order. `SEAL(k, n, a; p)` is AES-256-GCM with key `k`, nonce `n` and
+//! associated data `a` over plaintext `p`: the ciphertext (as long as `p`)
+//! followed by a 16-byte tag.
 //!
 //! 1. Hellos. Each side sends, without waiting for the other,
 //!    `len: u32 | postcard(Hello)` with `len <=` [`auth::MAX_HELLO_LEN`] and
@@ -35,15 +42,20 @@
 //!    reflected back. With different keys both sides refuse the link.
 //! 4. Direction keys: `H("pmivmm peer link v1 connector->acceptor"; K | T)`
 //!    and `H("pmivmm peer link v1 acceptor->connector"; K | T)`.
-//! 5. Frames, in each direction independently, numbered by `seq: u64` from 0:
-//!    `header_len: u32 | data_len: u32 | header | data | mac`, where `header`
-//!    is the postcard encoding of the message (`header_len <=`
-//!    [`MAX_HEADER_LEN`]), `data` raw bytes (`data_len <=` [`MAX_DATA_LEN`]),
-//!    and `mac = MAC(direction key; seq: u64 | header_len | data_len | header
-//!    | data)`. The lengths are MAC'd too, so bytes cannot be moved between
-//!    header and data. A frame altered, dropped, reordered, replayed within
+//! 5. Frames, in each direction independently, numbered by `seq: u64` from 0,
+//!    sealed with that direction's key `k`; `n(seq, i)` is the 12-byte nonce
+//!    `seq: u64 | i: u32`:
+//!    `prefix | SEAL(k, n(seq, 0), prefix; header) | SEAL(k, n(seq, 1), ;
+//!    piece 0) | SEAL(k, n(seq, 2), ; piece 1) | ...`, where `prefix` is
+//!    `header_len: u32 | data_len: u32`, `header` the postcard encoding of
+//!    the message (`header_len <=` [`MAX_HEADER_LEN`]) and the pieces the
+//!    raw data (`data_len <=` [`MAX_DATA_LEN`]) cut into
+//!    [`frame::DATA_PIECE`] bytes (the last piece shorter; no piece for no
+//!    data). The lengths are authenticated with the header, before the
+//!    reader allocates for the data, and every piece's place is in its
+//!    nonce: a frame or piece altered, dropped, reordered, replayed within
 //!    the connection or taken from another connection (other nonces, so
-//!    other keys) fails its MAC.
+//!    other keys) fails its tag.
 //!
 //! A connection that ends exactly between two frames is a clean end of
 //! stream to the reader: whoever can cut a TCP connection can also cut it
@@ -59,7 +71,7 @@ use std::io;
 use std::time::Duration;
 
 pub use bench::bench_throughput;
-pub use frame::{FrameError, MAX_DATA_LEN, MAX_HEADER_LEN};
+pub use frame::{DataError, FrameData, FrameError, DATA_PIECE, MAX_DATA_LEN, MAX_HEADER_LEN};
 pub use key::{ClusterKey, KeyError};
 pub use link::{PeerLink, PeerReader, PeerWriter};
 
@@ -89,6 +101,8 @@ pub enum Error {
     Io { peer: String, source: io::Error },
     #[error("bad frame from peer {peer}: {source}")]
     Frame { peer: String, source: FrameError },
+    #[error("cannot read the data to send to peer {peer}: {source}")]
+    Data { peer: String, source: DataError },
     #[error("cannot encode a message for peer {peer}: {source}")]
     Encode { peer: String, source: postcard::Error },
     #[error("cannot send to peer {peer}: the {what} is {len} bytes, the limit is {max}")]
