@@ -14,6 +14,7 @@ pub mod cmdline;
 pub mod commands;
 pub mod config;
 pub mod control;
+pub mod fuzz;
 pub mod devices;
 pub mod guest_ram;
 pub mod lab;
@@ -24,3 +25,8 @@ pub mod profile;
 pub mod rundir;
 pub mod vcpu;
 pub mod vm;
+
+/// The unit tests measure allocations of fuzz inputs ([`fuzz::alloc`]).
+#[cfg(test)]
+#[global_allocator]
+static ALLOCATOR: fuzz::alloc::Tracking = fuzz::alloc::Tracking;

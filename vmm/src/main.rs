@@ -11,6 +11,11 @@ use pmivmm::config::{
     self, ConsoleConfig, HostCompat, PeerConfig, ProfileConfig, ShareConfig, VmConfig, VsockConfig,
 };
 
+/// Measures allocations of fuzz inputs (`pmivmm fuzz`); otherwise the
+/// system allocator.
+#[global_allocator]
+static ALLOCATOR: pmivmm::fuzz::alloc::Tracking = pmivmm::fuzz::alloc::Tracking;
+
 #[derive(Parser)]
 #[command(
     name = "pmivmm",
@@ -173,6 +178,9 @@ enum Command {
     /// namespace on a bridge (root only).
     #[command(subcommand)]
     Lab(pmivmm::lab::LabCommand),
+    /// Fuzz the decoders of untrusted input (peer, agent, vsock, mmio, p9,
+    /// checkpoint) and report executions, outcome classes and crashes.
+    Fuzz(pmivmm::fuzz::command::FuzzArgs),
     /// Benchmarks that print tables.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -361,17 +369,19 @@ impl NodeArgs {
 }
 
 fn main() -> ExitCode {
+    // `pmivmm --node ...` is the documented spelling of `pmivmm node ...`.
+    let args = std::env::args().enumerate().map(|(i, a)| if i == 1 && a == "--node" { "node".into() } else { a });
+    let cli = Cli::parse_from(args);
+    // Fuzz targets log every bad input they refuse: quiet unless asked.
+    let default_log = if matches!(cli.command, Command::Fuzz(_)) { "off" } else { "info" };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("PMIVMM_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_log)),
         )
         .with_target(false)
         .init();
-    // `pmivmm --node ...` is the documented spelling of `pmivmm node ...`.
-    let args = std::env::args().enumerate().map(|(i, a)| if i == 1 && a == "--node" { "node".into() } else { a });
-    let cli = Cli::parse_from(args);
     let result = match cli.command {
         Command::Node(args) => match args.into_config() {
             Ok(config) => pmivmm::node::run(&config).map(|exit| exit.exit_code()),
@@ -422,6 +432,7 @@ fn main() -> ExitCode {
             commands::mon::run(&node.name, Duration::from_millis(interval)).map(|()| 0)
         }
         Command::Lab(cmd) => pmivmm::lab::run(cmd).map(|()| 0),
+        Command::Fuzz(args) => pmivmm::fuzz::command::run(&args).map(|clean| if clean { 0 } else { 1 }),
         Command::Bench(BenchCommand::Boot { runs, mem, node_args }) => {
             pmivmm::bench::boot::run(&pmivmm::bench::boot::BootBench { runs, mem, node_args }).map(|()| 0)
         }

@@ -67,7 +67,8 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> DirError + '_ {
     move |error| DirError::Io { path: path.to_owned(), error }
 }
 
-fn header(image: &[u8], pages: &[u8]) -> [u8; HEADER_LEN] {
+/// The descriptor header of a checkpoint of `image` and `pages`.
+pub fn header(image: &[u8], pages: &[u8]) -> [u8; HEADER_LEN] {
     let mut h = [0u8; HEADER_LEN];
     h[0..8].copy_from_slice(MAGIC);
     h[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
@@ -175,55 +176,56 @@ pub fn read(dir: &Path) -> Result<Checkpoint, DirError> {
     Ok(Checkpoint { image_bytes: image_bytes.to_vec(), image, pages })
 }
 
+/// A small valid image with `pages` pages in one anonymous VMA (for tests
+/// and the fuzz targets' seed inputs).
+pub fn sample_image(pages: u64) -> ProcessImage {
+    use pmivmm_proto::image::*;
+    let start = 0x10_0000u64;
+    let end = start + pages.max(1) * PAGE_SIZE;
+    ProcessImage {
+        version: IMAGE_VERSION,
+        source_pid: 42,
+        comm: "sample".into(),
+        exe: "/bin/sample".into(),
+        argv: vec!["sample".into()],
+        environ: vec![],
+        regs: Regs { cs: USER_CS, ss: USER_SS, ..Default::default() },
+        fpu: FpuState { kind: FpuKind::Fxsave, area: vec![0; FXSAVE_AREA_LEN] },
+        interrupted_syscall: None,
+        mm: MmLayout {
+            start_code: 0,
+            end_code: 0,
+            start_data: 0,
+            end_data: 0,
+            start_brk: end,
+            brk: end,
+            start_stack: end,
+            arg_start: 0,
+            arg_end: 0,
+            env_start: 0,
+            env_end: 0,
+        },
+        vmas: vec![Vma {
+            start,
+            end,
+            prot: PROT_READ | PROT_WRITE,
+            shared: false,
+            offset: 0,
+            kind: VmaKind::Anonymous,
+        }],
+        pages: if pages == 0 { vec![] } else { vec![PageRun { start, count: pages }] },
+        signals: SignalState::default(),
+        rseq: None,
+        fds: vec![],
+        cwd: "/".into(),
+        umask: 0o22,
+        rlimits: vec![],
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use pmivmm_proto::image::*;
-
-    /// A small valid image with `pages` pages in one anonymous VMA.
-    pub fn sample_image(pages: u64) -> ProcessImage {
-        let start = 0x10_0000u64;
-        let end = start + pages.max(1) * PAGE_SIZE;
-        ProcessImage {
-            version: IMAGE_VERSION,
-            source_pid: 42,
-            comm: "sample".into(),
-            exe: "/bin/sample".into(),
-            argv: vec!["sample".into()],
-            environ: vec![],
-            regs: Regs { cs: USER_CS, ss: USER_SS, ..Default::default() },
-            fpu: FpuState { kind: FpuKind::Fxsave, area: vec![0; FXSAVE_AREA_LEN] },
-            interrupted_syscall: None,
-            mm: MmLayout {
-                start_code: 0,
-                end_code: 0,
-                start_data: 0,
-                end_data: 0,
-                start_brk: end,
-                brk: end,
-                start_stack: end,
-                arg_start: 0,
-                arg_end: 0,
-                env_start: 0,
-                env_end: 0,
-            },
-            vmas: vec![Vma {
-                start,
-                end,
-                prot: PROT_READ | PROT_WRITE,
-                shared: false,
-                offset: 0,
-                kind: VmaKind::Anonymous,
-            }],
-            pages: if pages == 0 { vec![] } else { vec![PageRun { start, count: pages }] },
-            signals: SignalState::default(),
-            rseq: None,
-            fds: vec![],
-            cwd: "/".into(),
-            umask: 0o22,
-            rlimits: vec![],
-        }
-    }
 
     fn scratch(name: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("pmivmm-ckptdir-{}-{name}", std::process::id()));

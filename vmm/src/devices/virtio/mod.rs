@@ -9,7 +9,6 @@
 
 pub mod mmio;
 pub mod p9;
-#[cfg(test)]
 pub mod test_utils;
 pub mod vsock;
 pub mod worker;

@@ -1,4 +1,5 @@
-//! Helpers for device tests on virtio-queue's mock split queues.
+//! Helpers for device tests and fuzz targets on virtio-queue's mock split
+//! queues.
 
 use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_NEXT;
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};

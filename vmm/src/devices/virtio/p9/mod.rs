@@ -14,6 +14,7 @@
 //! system calls are slow anyway (its kernel is emulated on the development
 //! hosts), the host side of a request is a few syscalls.
 
+pub mod msg;
 pub mod server;
 
 use std::path::PathBuf;

@@ -11,6 +11,7 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::server::*;
 use super::*;
+use super::msg::body;
 use crate::devices::virtio::test_utils::chain;
 
 // Message types the tests send and expect.
@@ -34,50 +35,6 @@ const TWRITE: u8 = 118;
 const RWRITE: u8 = 119;
 
 const ROOT: u32 = 1;
-
-/// Encodes 9P messages.
-#[derive(Default)]
-struct Msg(Vec<u8>);
-
-impl Msg {
-    fn u16(mut self, v: u16) -> Self {
-        self.0.extend_from_slice(&v.to_le_bytes());
-        self
-    }
-    fn u32(mut self, v: u32) -> Self {
-        self.0.extend_from_slice(&v.to_le_bytes());
-        self
-    }
-    fn u64(mut self, v: u64) -> Self {
-        self.0.extend_from_slice(&v.to_le_bytes());
-        self
-    }
-    fn s(self, v: &str) -> Self {
-        self.bytes_str(v.as_bytes())
-    }
-    fn bytes_str(mut self, v: &[u8]) -> Self {
-        self.0.extend_from_slice(&(v.len() as u16).to_le_bytes());
-        self.0.extend_from_slice(v);
-        self
-    }
-    fn data(mut self, v: &[u8]) -> Self {
-        self.0.extend_from_slice(&(v.len() as u32).to_le_bytes());
-        self.0.extend_from_slice(v);
-        self
-    }
-    /// Frames the body as a message of type `ty` with tag 7.
-    fn frame(self, ty: u8) -> Vec<u8> {
-        let mut m = ((self.0.len() + HEADER_LEN) as u32).to_le_bytes().to_vec();
-        m.push(ty);
-        m.extend_from_slice(&7u16.to_le_bytes());
-        m.extend_from_slice(&self.0);
-        m
-    }
-}
-
-fn body() -> Msg {
-    Msg::default()
-}
 
 /// A response: its type and body.
 struct Resp {

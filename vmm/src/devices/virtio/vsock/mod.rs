@@ -189,7 +189,7 @@ impl Backend {
 
 /// Hands each tx packet to the muxer; returns whether any buffer was used.
 /// Malformed chains are returned to the guest unprocessed.
-fn process_tx_queue(mem: &GuestMemoryMmap, queue: &mut Queue, guest_cid: u64, muxer: &mut Muxer) -> bool {
+pub(crate) fn process_tx_queue(mem: &GuestMemoryMmap, queue: &mut Queue, guest_cid: u64, muxer: &mut Muxer) -> bool {
     let mut used = false;
     let mut data = Vec::new();
     while let Some(mut chain) = queue.pop_descriptor_chain(mem) {
@@ -228,7 +228,7 @@ fn process_tx_queue(mem: &GuestMemoryMmap, queue: &mut Queue, guest_cid: u64, mu
 
 /// Writes packets from the muxer into the guest's rx buffers while both
 /// exist; returns whether any buffer was used.
-fn process_rx_queue(mem: &GuestMemoryMmap, queue: &mut Queue, muxer: &mut Muxer) -> bool {
+pub(crate) fn process_rx_queue(mem: &GuestMemoryMmap, queue: &mut Queue, muxer: &mut Muxer) -> bool {
     let mut used = false;
     let mut buf = vec![0u8; MAX_PKT_DATA as usize];
     while muxer.has_rx() {

@@ -297,7 +297,11 @@ impl Muxer {
         if let Some((local, peer)) = self.stray_rsts.pop_front() {
             return Some((self.header(local, peer, Op::Rst, 0, 0, 0, 0), 0));
         }
-        while let Some(key) = self.rxq.pop_front() {
+        // One pass over the queue: a connection with nothing that fits
+        // `buf` (no room for data) goes back to its end and waits for a
+        // larger buffer, instead of being taken again at once.
+        for _ in 0..self.rxq.len() {
+            let Some(key) = self.rxq.pop_front() else { break };
             let Some(e) = self.conns.get_mut(&key) else { continue };
             e.queued = false;
             let pkt = e.conn.next_rx(buf);

@@ -453,3 +453,27 @@ fn device_thread_serves_queues_through_the_transport() {
     w(&mut t, 0x70, 0);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Found by `pmivmm fuzz vsock`: host data waiting and an rx buffer with
+/// no room for data (a zero-length data descriptor) made the device thread
+/// spin forever in `Muxer::next_rx` (the connection had a packet, yet none
+/// fit, and it went back to the queue it was taken from).
+#[test]
+fn rx_buffer_without_room_for_data_does_not_hang() {
+    let mut h = Harness::new("rx-no-room");
+    let host = UnixListener::bind(host_port_path(&h.path, 54)).unwrap();
+    h.give_rx(1);
+    h.send(guest_pkt(Op::Request, 1024, 54), &[]);
+    assert_eq!(ops(&h.recv()), [Op::Response as u16]);
+    let (mut s, _) = host.accept().unwrap();
+    s.write_all(b"waiting").unwrap();
+    h.pump();
+    // Header only: the call returns, the buffer stays with the device and
+    // the data waits (the guest stalled its own connection, nothing more).
+    let (hdr, data) = (h.alloc(44), h.alloc(16));
+    let w = VRING_DESC_F_WRITE as u16;
+    h.add_chain(RX, &[(hdr, 44, w), (data, 0, w)]);
+    process_rx_queue(h.mem, &mut h.rxq, &mut h.muxer);
+    assert!(h.used(RX).is_empty());
+    assert!(h.muxer.has_rx());
+}
