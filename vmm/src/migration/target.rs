@@ -216,11 +216,18 @@ pub fn write_received(memory: &GuestMemoryMmap, store: &PageStore, targets: &[Pa
     let writers = cpus.min(1 + pages.len() / MIN_PAGES_PER_WRITER);
     let share = pages.len().div_ceil(writers).max(1);
     thread::scope(|s| {
-        let parts: Vec<_> = pages
+        let parts = pages
             .chunks(share)
-            .map(|part| s.spawn(move || part.iter().try_for_each(|(p, data)| frames::write_page(memory, p, data))))
-            .collect();
-        parts.into_iter().try_for_each(|part| part.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
-    })?;
-    Ok(())
+            .map(|part| {
+                thread::Builder::new()
+                    .name("write-pages".into())
+                    .spawn_scoped(s, move || part.iter().try_for_each(|(p, data)| frames::write_page(memory, p, data)))
+                    .map_err(Error::Thread)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        for part in parts {
+            part.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
+        }
+        Ok(())
+    })
 }
