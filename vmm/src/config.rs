@@ -33,6 +33,17 @@ impl HostCompat {
     }
 }
 
+/// The node VMM's seccomp filters (see `crate::seccomp`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SeccompMode {
+    /// System calls outside the allow-lists fail with ENOSYS and are logged.
+    Enforce,
+    /// Every call is allowed; the kernel logs the ones outside the lists.
+    Log,
+    /// No filters.
+    Off,
+}
+
 /// Guest profiling (see `crate::profile`).
 #[derive(Debug, Clone)]
 pub struct ProfileConfig {
@@ -66,6 +77,8 @@ pub struct VmConfig {
     pub share: Option<ShareConfig>,
     /// Where the node listens for other nodes' VMMs.
     pub peer: PeerConfig,
+    /// Seccomp filters of the VMM's threads, installed once it is set up.
+    pub seccomp: SeccompMode,
 }
 
 /// The node's peer listener (migrations in, deputy links).

@@ -23,6 +23,7 @@ pub mod node;
 pub mod peer;
 pub mod profile;
 pub mod rundir;
+pub mod seccomp;
 pub mod vcpu;
 pub mod vm;
 

@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use pmivmm::commands;
 use pmivmm::control::ClusterAction;
 use pmivmm::config::{
-    self, ConsoleConfig, HostCompat, PeerConfig, ProfileConfig, ShareConfig, VmConfig, VsockConfig,
+    self, ConsoleConfig, HostCompat, PeerConfig, ProfileConfig, SeccompMode, ShareConfig, VmConfig, VsockConfig,
 };
 
 /// Measures allocations of fuzz inputs (`pmivmm fuzz`); otherwise the
@@ -266,6 +266,16 @@ enum CompatArg {
     Off,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum SeccompArg {
+    /// Refused system calls fail with ENOSYS and are logged on stderr.
+    Enforce,
+    /// Nothing is refused; the kernel logs calls outside the allow-lists (dmesg).
+    Log,
+    /// No seccomp filters.
+    Off,
+}
+
 #[derive(Args)]
 struct NodeArgs {
     /// Node name.
@@ -322,6 +332,10 @@ struct NodeArgs {
     /// still be migrated by hand, and arrive from other nodes).
     #[arg(long)]
     no_balance: bool,
+    /// Seccomp filters of the VMM's threads (allow-lists per thread kind),
+    /// installed once the node is set up; see docs/hardening.md.
+    #[arg(long, value_enum, default_value = "enforce")]
+    seccomp: SeccompArg,
 }
 
 impl NodeArgs {
@@ -363,6 +377,11 @@ impl NodeArgs {
                 cluster_key: self.cluster_key.unwrap_or_else(pmivmm::rundir::default_cluster_key),
                 join: self.join,
                 balance: !self.no_balance,
+            },
+            seccomp: match self.seccomp {
+                SeccompArg::Enforce => SeccompMode::Enforce,
+                SeccompArg::Log => SeccompMode::Log,
+                SeccompArg::Off => SeccompMode::Off,
             },
         })
     }

@@ -23,6 +23,7 @@ use crate::vcpu::{self, StopCause, StopRequest, Vcpu, VmExit};
 use crate::cluster::{self, ClusterState};
 use crate::migration::{self, MigrationNode};
 use crate::peer::ClusterKey;
+use crate::seccomp::{self, ThreadKind};
 use crate::vm;
 
 /// Ctrl-A, the console escape key; Ctrl-A x stops the node.
@@ -91,9 +92,15 @@ pub fn run(config: &VmConfig) -> anyhow::Result<VmExit> {
         }
         None => None,
     };
+    // Everything is set up: from here on every thread is filtered, and the
+    // vCPU thread (and each device thread, on activation) narrows its own.
+    seccomp::install_process(config.seccomp)?;
     let vcpu_thread = thread::Builder::new()
         .name("vcpu0".into())
         .spawn(move || {
+            if let Err(e) = seccomp::install_thread(ThreadKind::Vcpu) {
+                tracing::warn!("vCPU: {e}; the thread keeps the VMM's filter");
+            }
             let r = vcpu.run();
             let _ = done_tx.send((r, vcpu.stats, vcpu.take_samples()));
         })
@@ -151,6 +158,13 @@ pub fn run(config: &VmConfig) -> anyhow::Result<VmExit> {
         tracing::info!(node = %config.name, "the VMM cleared {} guest pages (paravirtual clear_page)", lock(pv).cleared);
     }
     runtime.shutdown_background();
+    if seccomp::sigsys::refused() > 0 {
+        tracing::warn!(
+            node = %config.name,
+            "seccomp refused {} system calls (see the lines above; please report them)",
+            seccomp::sigsys::refused()
+        );
+    }
     let exit = result?;
     tracing::info!(
         node = %config.name,

@@ -18,6 +18,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::{ActivateError, ActiveQueue, Interrupt};
 use crate::guest_warn;
+use crate::seccomp::{self, ThreadKind};
 
 /// Epoll token of queue `i` is `QUEUE_TOKEN_BASE + i`; backends use tokens
 /// below it for their own fds.
@@ -48,6 +49,8 @@ impl Active {
 pub trait Backend: Send + 'static {
     /// Name for logs and the thread ("vsock", "9p").
     const NAME: &'static str;
+    /// The seccomp filter of the thread.
+    const SECCOMP: ThreadKind;
     /// The device was activated; the guest may have queued requests already.
     fn activated(&mut self, active: &mut Active);
     /// The guest notified queue `index`.
@@ -126,7 +129,8 @@ pub fn spawn<B: Backend>(epoll: Arc<Epoll>, backend: B) -> std::io::Result<(Comm
     epoll.ctl(ControlOperation::Add, wake.as_raw_fd(), EpollEvent::new(EventSet::IN, COMMAND_TOKEN))?;
     let (tx, rx) = mpsc::channel();
     let commands = Commands { tx, wake };
-    let worker = Worker { epoll, wake: commands.wake.try_clone()?, commands: rx, backend, active: None };
+    let worker =
+        Worker { epoll, wake: commands.wake.try_clone()?, commands: rx, backend, active: None, filtered: false };
     let handle = std::thread::Builder::new().name(B::NAME.into()).spawn(move || worker.run())?;
     Ok((commands.try_clone()?, WorkerThread { commands, handle: Some(handle) }))
 }
@@ -137,6 +141,8 @@ struct Worker<B> {
     commands: mpsc::Receiver<Command>,
     backend: B,
     active: Option<Active>,
+    /// The thread's own seccomp filter is installed.
+    filtered: bool,
 }
 
 impl<B: Backend> Worker<B> {
@@ -180,6 +186,7 @@ impl<B: Backend> Worker<B> {
         while let Ok(cmd) = self.commands.try_recv() {
             match cmd {
                 Command::Activate(mut active) => {
+                    self.install_filter();
                     self.deactivate();
                     for (i, q) in active.queues.iter().enumerate() {
                         let ev = EpollEvent::new(EventSet::IN, QUEUE_TOKEN_BASE + i as u64);
@@ -196,6 +203,17 @@ impl<B: Backend> Worker<B> {
             }
         }
         true
+    }
+
+    /// The first activation comes from the running guest, after the
+    /// process filter is in place: the thread narrows it to its own.
+    fn install_filter(&mut self) {
+        if !self.filtered {
+            self.filtered = true;
+            if let Err(e) = seccomp::install_thread(B::SECCOMP) {
+                tracing::warn!("{}: {e}; the thread keeps the VMM's filter", B::NAME);
+            }
+        }
     }
 
     fn deactivate(&mut self) {

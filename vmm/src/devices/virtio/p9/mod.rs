@@ -165,6 +165,7 @@ struct Backend {
 
 impl worker::Backend for Backend {
     const NAME: &'static str = "9p";
+    const SECCOMP: crate::seccomp::ThreadKind = crate::seccomp::ThreadKind::P9;
 
     fn activated(&mut self, active: &mut Active) {
         self.process(active);

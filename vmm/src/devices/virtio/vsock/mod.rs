@@ -142,6 +142,7 @@ struct Backend {
 
 impl worker::Backend for Backend {
     const NAME: &'static str = "vsock";
+    const SECCOMP: crate::seccomp::ThreadKind = crate::seccomp::ThreadKind::Vsock;
 
     fn activated(&mut self, active: &mut Active) {
         // The guest may have queued packets before this thread saw the activation.
