@@ -25,6 +25,17 @@ pub const BASE_ARGS: &str =
 /// emulate are hidden. See ../shared/kvm-host.md. Not needed on hardware KVM.
 pub const HOST_COMPAT_ARGS: &str = "noxsave nopti mitigations=off";
 
+/// On kvm_pvm the guest cannot calibrate its TSC (no PIT/HPET reference
+/// works), marks it unstable and falls back to the jiffies clocksource: a
+/// 10 ms clock that loses ticks while the emulated kernel is busy, and a
+/// periodic tick that costs ~20% of a host core per idle node. Given the TSC
+/// rate KVM runs the guest at (`tsc_early_khz`) and trusting it
+/// (`tsc=reliable`: there is no second clocksource to watch it against), the
+/// guest keeps time with the TSC and stops ticking when idle (NO_HZ_IDLE).
+pub fn tsc_args(tsc_khz: u32) -> String {
+    format!("tsc_early_khz={tsc_khz} tsc=reliable")
+}
+
 /// Passed to init (and by the agent to every process it starts) on kvm_pvm:
 /// guest user code runs natively and sees AVX, but the guest kernel, booted
 /// with `noxsave`, switches tasks with FXSAVE/FXRSTOR, so the upper halves of
@@ -60,12 +71,23 @@ pub struct VirtioMmioDevice {
     pub irq: u32,
 }
 
+/// How the guest kernel must be told about the development hosts' KVM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostCompat {
+    Off,
+    /// On, with the guest TSC rate when KVM reports it.
+    On { tsc_khz: Option<u32> },
+}
+
 /// Builds the full command line.
-pub fn build(host_compat: bool, devices: &[VirtioMmioDevice], extra: &str) -> Result<String, Error> {
+pub fn build(compat: HostCompat, devices: &[VirtioMmioDevice], extra: &str) -> Result<String, Error> {
     let mut args: Vec<String> = BASE_ARGS.split_whitespace().map(str::to_owned).collect();
     let mut clear: Vec<u32> = Vec::new();
-    if host_compat {
+    if let HostCompat::On { tsc_khz } = compat {
         args.extend(HOST_COMPAT_ARGS.split_whitespace().map(str::to_owned));
+        if let Some(khz) = tsc_khz {
+            args.extend(tsc_args(khz).split_whitespace().map(str::to_owned));
+        }
         args.push(HOST_COMPAT_GLIBC_TUNABLES.to_owned());
         clear.extend_from_slice(HOST_COMPAT_CLEARCPUID);
     }
@@ -100,16 +122,26 @@ pub fn build(host_compat: bool, devices: &[VirtioMmioDevice], extra: &str) -> Re
 mod tests {
     use super::*;
 
+    const ON: HostCompat = HostCompat::On { tsc_khz: None };
+
+    #[test]
+    fn compat_passes_the_tsc_rate() {
+        let l = build(HostCompat::On { tsc_khz: Some(2_445_406) }, &[], "").unwrap();
+        assert!(l.contains(" tsc_early_khz=2445406 tsc=reliable "), "{l}");
+        assert!(!build(ON, &[], "").unwrap().contains("tsc"));
+        assert!(!build(HostCompat::Off, &[], "").unwrap().contains("tsc"));
+    }
+
     #[test]
     fn plain_hardware_line() {
-        let l = build(false, &[], "").unwrap();
+        let l = build(HostCompat::Off, &[], "").unwrap();
         assert_eq!(l, BASE_ARGS);
         assert!(!l.contains("clearcpuid"));
     }
 
     #[test]
     fn compat_adds_one_clearcpuid() {
-        let l = build(true, &[], "").unwrap();
+        let l = build(ON, &[], "").unwrap();
         assert!(l.contains("noxsave") && l.contains("nopti"));
         assert!(l.contains(" GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,-AVX2,-AVX_Fast_Unaligned_Load,"));
         assert_eq!(l.matches("clearcpuid=").count(), 1);
@@ -118,23 +150,23 @@ mod tests {
 
     #[test]
     fn user_clearcpuid_is_merged_not_appended() {
-        let l = build(true, &[], "loglevel=8 clearcpuid=297,308").unwrap();
+        let l = build(ON, &[], "loglevel=8 clearcpuid=297,308").unwrap();
         assert_eq!(l.matches("clearcpuid=").count(), 1);
         assert!(l.ends_with(",141,297"), "{l}");
         assert!(l.contains("loglevel=8"));
-        assert_eq!(build(true, &[], "clearcpuid=x").unwrap_err(), Error::BadClearCpuid("x".into()));
+        assert_eq!(build(ON, &[], "clearcpuid=x").unwrap_err(), Error::BadClearCpuid("x".into()));
     }
 
     #[test]
     fn virtio_devices_are_announced() {
         let d = VirtioMmioDevice { base: 0xd000_0000, size: 0x1000, irq: 5 };
-        let l = build(false, &[d], "").unwrap();
+        let l = build(HostCompat::Off, &[d], "").unwrap();
         assert!(l.contains("virtio_mmio.device=4K@0xd0000000:5"));
     }
 
     #[test]
     fn too_long_is_an_error() {
         let extra = "x".repeat(CMDLINE_MAX_SIZE);
-        assert!(matches!(build(false, &[], &extra), Err(Error::TooLong { .. })));
+        assert!(matches!(build(HostCompat::Off, &[], &extra), Err(Error::TooLong { .. })));
     }
 }

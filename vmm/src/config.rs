@@ -66,6 +66,9 @@ pub struct VmConfig {
     pub extra_cmdline: String,
     pub console: ConsoleConfig,
     pub host_compat: HostCompat,
+    /// Offer the paravirtual memory interface (vmm/src/devices/pv.rs) when
+    /// host compatibility is on.
+    pub paravirt_memory: bool,
     /// Stop the VM after this long (exit code 124).
     pub timeout: Option<Duration>,
     /// Sample the guest RIP at this interval and print a profile resolved

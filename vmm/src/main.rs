@@ -209,6 +209,15 @@ enum BenchCommand {
         #[arg(long = "mib", default_values_t = [1u64, 16])]
         sizes: Vec<u64>,
     },
+    /// Guest vs host cost of syscalls, fork, exec, page faults, populate,
+    /// huge pages, pipe copies and the restore path (issue 9's goals).
+    Guest {
+        #[command(flatten)]
+        node: NodeRef,
+        /// Size of the process checkpointed and restored for the restore row.
+        #[arg(long, default_value_t = 4)]
+        restore_mib: u64,
+    },
     /// Migration: the data path (guest RAM -> authenticated link -> guest RAM)
     /// beside memcpy and plain loopback TCP; with --from/--to, real migrations
     /// of a running process with and without pre-copy (freeze time).
@@ -299,6 +308,11 @@ struct NodeArgs {
     /// Kernel arguments that work around the development hosts' paravirtualized KVM.
     #[arg(long, value_enum, default_value = "auto")]
     host_compat: CompatArg,
+    /// Do not offer the guest kernel the paravirtual memory interface (page
+    /// clearing and copying by the VMM, offered with --host-compat): the
+    /// guest then uses its own code (slower where it is emulated).
+    #[arg(long)]
+    no_paravirt_memory: bool,
     /// Stop the node after this many seconds (exit code 124).
     #[arg(long)]
     timeout: Option<f64>,
@@ -361,6 +375,7 @@ impl NodeArgs {
                 CompatArg::On => HostCompat::On,
                 CompatArg::Off => HostCompat::Off,
             },
+            paravirt_memory: !self.no_paravirt_memory,
             timeout: self.timeout.map(Duration::from_secs_f64),
             profile: match self.profile {
                 Some(0) => return Err("--profile needs an interval of at least 1 ms".into()),
@@ -458,6 +473,9 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Checkpoint { node, sizes }) => {
             pmivmm::bench::checkpoint::run(&pmivmm::bench::checkpoint::CheckpointBench { node: node.name, sizes_mib: sizes })
                 .map(|()| 0)
+        }
+        Command::Bench(BenchCommand::Guest { node, restore_mib }) => {
+            pmivmm::bench::guest::run(&pmivmm::bench::guest::GuestBench { node: node.name, restore_mib }).map(|()| 0)
         }
         Command::Bench(BenchCommand::Migrate { mib, from, to, runs }) => {
             let nodes = from.zip(to);

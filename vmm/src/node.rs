@@ -155,7 +155,14 @@ pub fn run(config: &VmConfig) -> anyhow::Result<VmExit> {
         eprint!("{}", profile::report(&Samples(after), &symbols, 20, interval));
     }
     if let Some(pv) = &vm.pv {
-        tracing::info!(node = %config.name, "the VMM cleared {} guest pages (paravirtual clear_page)", lock(pv).cleared);
+        let pv = lock(pv);
+        tracing::info!(
+            node = %config.name,
+            "paravirtual memory: the VMM cleared {} guest pages and made {} copies ({} KiB)",
+            pv.cleared,
+            pv.copies,
+            pv.copied / 1024
+        );
     }
     runtime.shutdown_background();
     if seccomp::sigsys::refused() > 0 {

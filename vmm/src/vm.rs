@@ -194,8 +194,13 @@ pub fn build(config: &VmConfig, console: ConsoleSink) -> Result<Vm> {
         None => None,
     };
 
+    let vcpu = fd.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
     let host_compat = config.host_compat.enabled();
-    let line = cmdline::build(host_compat, &virtio, &extra_cmdline)?;
+    let compat = match host_compat {
+        true => cmdline::HostCompat::On { tsc_khz: vcpu.get_tsc_khz().ok() },
+        false => cmdline::HostCompat::Off,
+    };
+    let line = cmdline::build(compat, &virtio, &extra_cmdline)?;
     let kcmdline = linux_loader::cmdline::Cmdline::try_from(&line, layout::CMDLINE_MAX_SIZE)
         .map_err(|e| Error::Kernel { path: config.kernel.clone(), reason: format!("command line: {e}") })?;
     load_cmdline(&memory, GuestAddress(layout::CMDLINE_ADDR), &kcmdline)
@@ -213,7 +218,6 @@ pub fn build(config: &VmConfig, console: ConsoleSink) -> Result<Vm> {
     memory.write_slice(&paging::identity_page_tables(), GuestAddress(layout::PML4_ADDR))?;
 
     // The boot vCPU.
-    let vcpu = fd.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
     let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
     vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
     let mut sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
@@ -229,9 +233,9 @@ pub fn build(config: &VmConfig, console: ConsoleSink) -> Result<Vm> {
     pio.insert(ports::SERIAL_COM1, 8, serial.clone())?;
     pio.insert(ports::I8042_DATA, ports::I8042_COMMAND - ports::I8042_DATA + 1, Arc::new(Mutex::new(I8042)))?;
     pio.insert(ports::CMOS_INDEX, 2, Arc::new(Mutex::new(Cmos::default())))?;
-    // Paravirtual page clearing, only where guest kernel stores are emulated:
-    // on hardware KVM the guest clears a page faster than an exit costs.
-    let pv = host_compat.then(|| Arc::new(Mutex::new(PvInterface::new(memory.clone()))));
+    // Paravirtual page clearing and copying, only where guest kernel code is
+    // emulated: on hardware KVM the guest does it faster than an exit costs.
+    let pv = (host_compat && config.paravirt_memory).then(|| Arc::new(Mutex::new(PvInterface::new(memory.clone()))));
     if let Some(pv) = &pv {
         pio.insert(pv::PORT, pv::PORT_LEN, pv.clone())?;
     }

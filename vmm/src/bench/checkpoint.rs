@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use pmivmm_proto::{AgentClient, ExecEvent, ExecRequest};
+use pmivmm_proto::AgentClient;
 
 use crate::checkpoint::{CheckpointReport, RestoreReport};
 use crate::commands::tables;
@@ -22,24 +22,7 @@ pub struct CheckpointBench {
 
 use crate::agent::Agent as Client;
 
-/// Runs `script` with sh in the node and returns its stdout.
-fn sh(vsock: &std::path::Path, script: &str) -> anyhow::Result<String> {
-    let client: Client = AgentClient::connect(vsock)?;
-    let mut s = client.exec(ExecRequest {
-        argv: vec!["sh".into(), "-c".into(), script.into()],
-        env: vec![],
-        cwd: Some("/tmp".into()),
-        stdin: false,
-    })?;
-    let mut out = Vec::new();
-    loop {
-        match s.next_event()? {
-            ExecEvent::Stdout(b) => out.extend(b),
-            ExecEvent::Stderr(_) => {}
-            ExecEvent::Exited(_) => return Ok(String::from_utf8_lossy(&out).into_owned()),
-        }
-    }
-}
+use super::sh;
 
 fn ms(us: u64) -> String {
     format!("{:.1}", us as f64 / 1000.0)
@@ -55,7 +38,7 @@ fn mbps(bytes: u64, us: u64) -> String {
 
 /// One size: start, wait until the buffer is filled, checkpoint, restore,
 /// kill the restored copy.
-fn one(node: &str, paths: &NodePaths, mib: u64) -> anyhow::Result<(CheckpointReport, RestoreReport)> {
+pub(super) fn one(node: &str, paths: &NodePaths, mib: u64) -> anyhow::Result<(CheckpointReport, RestoreReport)> {
     let vsock = paths.vsock();
     let out = format!("/tmp/bench-memory-{mib}.out");
     let pid: u32 = sh(&vsock, &format!("memory {mib} 1000000 > {out} 2>&1 & echo $!"))?

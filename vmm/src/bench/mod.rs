@@ -5,7 +5,29 @@ pub mod boot;
 pub mod channel;
 pub mod checkpoint;
 pub mod cluster;
+pub mod guest;
 pub mod migrate;
+
+use pmivmm_proto::{AgentClient, ExecEvent, ExecRequest};
+
+/// Runs `script` with sh in the node and returns its stdout.
+fn sh(vsock: &std::path::Path, script: &str) -> anyhow::Result<String> {
+    let client: crate::agent::Agent = AgentClient::connect(vsock)?;
+    let mut s = client.exec(ExecRequest {
+        argv: vec!["sh".into(), "-c".into(), script.into()],
+        env: vec![],
+        cwd: Some("/tmp".into()),
+        stdin: false,
+    })?;
+    let mut out = Vec::new();
+    loop {
+        match s.next_event()? {
+            ExecEvent::Stdout(b) => out.extend(b),
+            ExecEvent::Stderr(_) => {}
+            ExecEvent::Exited(_) => return Ok(String::from_utf8_lossy(&out).into_owned()),
+        }
+    }
+}
 
 /// Minimum and median of a sample (None when empty).
 pub fn min_median(mut v: Vec<f64>) -> Option<(f64, f64)> {
