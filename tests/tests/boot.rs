@@ -44,7 +44,7 @@ fn paravirtual_memory_and_the_guests_own_code_agree() {
     plain.wait_console("pmivmm-agent ready", BOOT_TIMEOUT);
     let host_busybox = std::process::Command::new("md5sum").arg("/bin/busybox").output().unwrap();
     let host_busybox = String::from_utf8_lossy(&host_busybox.stdout).split(' ').next().unwrap().to_owned();
-    let check = "md5sum /bin/busybox /sbin/pmivmm-agent /bin/pmivmm-workloads && memory 2 3";
+    let check = "sh -c 'md5sum /bin/busybox /sbin/pmivmm-agent /bin/pmivmm-workloads && memory 2 3'";
     let (code, with_pv) = reference(&pv.name, check);
     assert_eq!(code, 0, "{with_pv}");
     let (code, without) = reference(&plain.name, check);
