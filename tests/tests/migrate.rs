@@ -139,10 +139,22 @@ fn signals_to_the_deputy_reach_the_process() {
     assert!(process(a, home_pid).is_none(), "the deputy still exists");
 }
 
+/// A fault armed in a node's next incoming migration; disarmed when dropped,
+/// so a fault that did not fire (a test that failed before reaching it)
+/// cannot hit the next test's migration.
+struct ArmedFault(PathBuf);
+
+impl Drop for ArmedFault {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// Arms a fault in `node`'s next incoming migration.
-fn arm_fault(node: &str, fault: &str) {
-    let dir = pmivmm::rundir::NodePaths::existing(node).unwrap().dir;
-    std::fs::write(dir.join("fault"), fault).unwrap();
+fn arm_fault(node: &str, fault: &str) -> ArmedFault {
+    let path = pmivmm::rundir::NodePaths::existing(node).unwrap().dir.join("fault");
+    std::fs::write(&path, fault).unwrap();
+    ArmedFault(path)
 }
 
 #[test]
@@ -153,7 +165,7 @@ fn failed_migrations_leave_the_process_running_at_home() {
     let job = Job::start(a, "counter 250");
     job.wait_output();
     for point in ["offer", "image", "commit"] {
-        arm_fault(b, &format!("{point} drop"));
+        let _fault = arm_fault(b, &format!("{point} drop"));
         let (ok, _, err) = migrate(a, job.pid, b, &[]);
         assert!(!ok, "the migration with a fault at {point} succeeded");
         assert!(err.contains("not moved"), "{point}: {err}");
@@ -162,7 +174,7 @@ fn failed_migrations_leave_the_process_running_at_home() {
     }
     // The link drops after the process started on B: the source asks B and
     // learns that it runs there.
-    arm_fault(b, "running drop");
+    let _fault = arm_fault(b, "running drop");
     let (ok, report, err) = migrate(a, job.pid, b, &[]);
     assert!(ok, "in-doubt migration: {err}");
     eprintln!("{}", report.trim());
@@ -177,7 +189,7 @@ fn a_target_vmm_that_dies_mid_migration_loses_nothing() {
     let job = Job::start(a, "counter 150");
     job.wait_output();
     // C's VMM exits once the process runs there, before it says so.
-    arm_fault(c, "running exit");
+    let _fault = arm_fault(c, "running exit");
     let (ok, _, err) = migrate(a, job.pid, c, &[]);
     assert!(!ok, "migration to a dying node succeeded");
     assert!(err.contains("not moved"), "{err}");
