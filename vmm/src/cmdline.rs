@@ -25,17 +25,6 @@ pub const BASE_ARGS: &str =
 /// emulate are hidden. See ../shared/kvm-host.md. Not needed on hardware KVM.
 pub const HOST_COMPAT_ARGS: &str = "noxsave nopti mitigations=off";
 
-/// On kvm_pvm the guest cannot calibrate its TSC (no PIT/HPET reference
-/// works), marks it unstable and falls back to the jiffies clocksource: a
-/// 10 ms clock that loses ticks while the emulated kernel is busy, and a
-/// periodic tick that costs ~20% of a host core per idle node. Given the TSC
-/// rate KVM runs the guest at (`tsc_early_khz`) and trusting it
-/// (`tsc=reliable`: there is no second clocksource to watch it against), the
-/// guest keeps time with the TSC and stops ticking when idle (NO_HZ_IDLE).
-pub fn tsc_args(tsc_khz: u32) -> String {
-    format!("tsc_early_khz={tsc_khz} tsc=reliable")
-}
-
 /// Passed to init (and by the agent to every process it starts) on kvm_pvm:
 /// guest user code runs natively and sees AVX, but the guest kernel, booted
 /// with `noxsave`, switches tasks with FXSAVE/FXRSTOR, so the upper halves of
@@ -52,8 +41,8 @@ pub const HOST_COMPAT_GLIBC_TUNABLES: &str = "GLIBC_TUNABLES=glibc.cpu.hwcaps=-A
 /// and ERMS (297) and FSRM (580): with them the kernel's memcpy/memset use
 /// `rep movsb/stosb`, which the emulator runs one byte per iteration; without
 /// them `rep movsq/stosq`, eight bytes per iteration (a guest syscall took
-/// 2-5 ms instead of ~0.5 ms once the kernel called memcpy/memset for every
-/// block copy, patch 0004).
+/// 1.4-2.3 ms instead of ~0.5 ms once the kernel called memcpy/memset for
+/// every block copy, patch 0004).
 /// The kernel honours only the last `clearcpuid=`, so all bits, these and the
 /// user's, are merged into one option by [`build`].
 pub const HOST_COMPAT_CLEARCPUID: &[u32] =
@@ -81,6 +70,15 @@ pub struct VirtioMmioDevice {
 pub enum HostCompat {
     Off,
     /// On, with the guest TSC rate when KVM reports it.
+    ///
+    /// On kvm_pvm the guest cannot calibrate its TSC (no PIT/HPET reference
+    /// works), marks it unstable and falls back to the jiffies clocksource: a
+    /// 10 ms clock that loses ticks while the emulated kernel is busy, and a
+    /// periodic tick that costs ~20% of a host core per idle node. Given the
+    /// TSC rate KVM runs the guest at (`tsc_early_khz=`) and trusting it
+    /// (`tsc=reliable`: there is no second clocksource to watch it against),
+    /// the guest keeps time with the TSC and stops ticking when idle
+    /// (NO_HZ_IDLE).
     On { tsc_khz: Option<u32> },
 }
 
@@ -91,7 +89,8 @@ pub fn build(compat: HostCompat, devices: &[VirtioMmioDevice], extra: &str) -> R
     if let HostCompat::On { tsc_khz } = compat {
         args.extend(HOST_COMPAT_ARGS.split_whitespace().map(str::to_owned));
         if let Some(khz) = tsc_khz {
-            args.extend(tsc_args(khz).split_whitespace().map(str::to_owned));
+            args.push(format!("tsc_early_khz={khz}"));
+            args.push("tsc=reliable".to_owned());
         }
         args.push(HOST_COMPAT_GLIBC_TUNABLES.to_owned());
         clear.extend_from_slice(HOST_COMPAT_CLEARCPUID);

@@ -194,11 +194,14 @@ pub fn build(config: &VmConfig, console: ConsoleSink) -> Result<Vm> {
         None => None,
     };
 
+    // The boot vCPU (created before the command line, which carries its TSC
+    // rate on kvm_pvm).
     let vcpu = fd.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
     let host_compat = config.host_compat.enabled();
-    let compat = match host_compat {
-        true => cmdline::HostCompat::On { tsc_khz: vcpu.get_tsc_khz().ok() },
-        false => cmdline::HostCompat::Off,
+    let compat = if host_compat {
+        cmdline::HostCompat::On { tsc_khz: vcpu.get_tsc_khz().ok() }
+    } else {
+        cmdline::HostCompat::Off
     };
     let line = cmdline::build(compat, &virtio, &extra_cmdline)?;
     let kcmdline = linux_loader::cmdline::Cmdline::try_from(&line, layout::CMDLINE_MAX_SIZE)
@@ -217,7 +220,6 @@ pub fn build(config: &VmConfig, console: ConsoleSink) -> Result<Vm> {
     memory.write_slice(&gdt::gdt_bytes(), GuestAddress(layout::GDT_ADDR))?;
     memory.write_slice(&paging::identity_page_tables(), GuestAddress(layout::PML4_ADDR))?;
 
-    // The boot vCPU.
     let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
     vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
     let mut sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;

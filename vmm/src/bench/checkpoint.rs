@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use pmivmm_proto::AgentClient;
 
+use super::sh;
+use crate::agent::Agent as Client;
 use crate::checkpoint::{CheckpointReport, RestoreReport};
 use crate::commands::tables;
 use crate::control;
@@ -19,10 +21,6 @@ pub struct CheckpointBench {
     /// Process sizes (MiB of the memory workload's buffer).
     pub sizes_mib: Vec<u64>,
 }
-
-use crate::agent::Agent as Client;
-
-use super::sh;
 
 fn ms(us: u64) -> String {
     format!("{:.1}", us as f64 / 1000.0)

@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use pmivmm_proto::{AgentClient, ExecRequest, ExitStatus};
+use pmivmm_proto::{AgentClient, ExitStatus};
 
 use crate::commands::tables;
 use crate::control::{self, ClusterAction};
@@ -28,14 +28,7 @@ fn job_set(paths: &NodePaths, b: &ClusterBench) -> anyhow::Result<(Duration, Opt
     let start = Instant::now();
     let mut sessions = Vec::new();
     for _ in 0..b.jobs {
-        let client: Client = AgentClient::connect(&paths.vsock())?;
-        let s = client.exec(ExecRequest {
-            argv: vec!["burn".into(), b.units.to_string()],
-            env: vec![],
-            cwd: Some("/tmp".into()),
-            stdin: false,
-        })?;
-        sessions.push(s);
+        sessions.push(super::start(&paths.vsock(), &["burn", &b.units.to_string()])?);
     }
     let pids: Vec<u32> = sessions.iter().map(|s| s.pid()).collect();
     let waiters: Vec<_> = sessions

@@ -20,7 +20,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use pmivmm_proto::image::{PageKind, PageRef, PAGE_SIZE};
-use pmivmm_proto::{AgentClient, ExecEvent, ExecRequest};
+use pmivmm_proto::{AgentClient, ExecEvent};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::checkpoint::frames;
@@ -169,13 +169,7 @@ use crate::agent::Agent as Client;
 
 /// Starts a long `counter` on `node` and returns its PID once it printed.
 fn start_counter(paths: &NodePaths) -> anyhow::Result<(u32, std::thread::JoinHandle<()>)> {
-    let client: Client = AgentClient::connect(&paths.vsock())?;
-    let mut s = client.exec(ExecRequest {
-        argv: vec!["counter".into(), "1000000".into()],
-        env: vec![],
-        cwd: Some("/tmp".into()),
-        stdin: false,
-    })?;
+    let mut s = super::start(&paths.vsock(), &["counter", "1000000"])?;
     let pid = s.pid();
     // The first output: the workload is up.
     loop {

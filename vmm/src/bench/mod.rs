@@ -8,17 +8,25 @@ pub mod cluster;
 pub mod guest;
 pub mod migrate;
 
-use pmivmm_proto::{AgentClient, ExecEvent, ExecRequest};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
 
-/// Runs `script` with sh in the node and returns its stdout.
-fn sh(vsock: &std::path::Path, script: &str) -> anyhow::Result<String> {
+use pmivmm_proto::{AgentClient, ExecEvent, ExecRequest, ExecSession};
+
+/// Starts `argv` in the node of agent socket `vsock`, in /tmp, without stdin.
+fn start(vsock: &Path, argv: &[&str]) -> anyhow::Result<ExecSession<UnixStream, UnixStream>> {
     let client: crate::agent::Agent = AgentClient::connect(vsock)?;
-    let mut s = client.exec(ExecRequest {
-        argv: vec!["sh".into(), "-c".into(), script.into()],
+    Ok(client.exec(ExecRequest {
+        argv: argv.iter().map(|a| a.to_string()).collect(),
         env: vec![],
         cwd: Some("/tmp".into()),
         stdin: false,
-    })?;
+    })?)
+}
+
+/// Runs `script` with sh in the node and returns its stdout.
+fn sh(vsock: &Path, script: &str) -> anyhow::Result<String> {
+    let mut s = start(vsock, &["sh", "-c", script])?;
     let mut out = Vec::new();
     loop {
         match s.next_event()? {

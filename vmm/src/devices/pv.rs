@@ -1,6 +1,6 @@
 //! The VMM's paravirtual interface for the guest kernel (see
 //! kernel-config/patches/0003-x86-paravirtual-clear-page.patch and
-//! 0004-x86-paravirtual-memory-copy.patch), two 32-bit registers:
+//! 0004-x86-paravirtual-memory-copy.patch), three 32-bit registers:
 //! - offset 0, clearing: an IN returns [`MAGIC`] when the interface is
 //!   offered; an OUT of a page frame number asks the VMM to clear that frame,
 //!   which it does natively in one exit instead of the guest kernel clearing
@@ -51,9 +51,9 @@ enum Op {
     Fill,
 }
 
-/// A copy request as the guest kernel lays it out.
+/// A copy or fill request as the guest kernel lays it out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct CopyRequest {
+struct Request {
     dst: u64,
     src: u64,
     len: u64,
@@ -62,16 +62,16 @@ struct CopyRequest {
 /// Offset of the `done` word in the request block.
 const DONE: u64 = 24;
 
-impl CopyRequest {
+impl Request {
     fn parse(block: &[u8; 24]) -> Self {
         let word = |i: usize| u64::from_le_bytes(block[i * 8..i * 8 + 8].try_into().unwrap());
-        CopyRequest { dst: word(0), src: word(1), len: word(2) }
+        Request { dst: word(0), src: word(1), len: word(2) }
     }
 
-    /// Non-empty, no address overflow, source and destination apart.
-    fn is_sound_copy(&self) -> bool {
+    /// No address overflow, source and destination apart.
+    fn copy_ranges_apart(&self) -> bool {
         match (self.src.checked_add(self.len), self.dst.checked_add(self.len)) {
-            (Some(src_end), Some(dst_end)) => self.len > 0 && (src_end <= self.dst || dst_end <= self.src),
+            (Some(src_end), Some(dst_end)) => src_end <= self.dst || dst_end <= self.src,
             _ => false,
         }
     }
@@ -100,7 +100,7 @@ impl PvInterface {
             guest_warn!("pv: request block at {:#x} is not guest RAM", block.0);
             return;
         };
-        let req = CopyRequest::parse(&raw);
+        let req = Request::parse(&raw);
         if !self.perform(op, &req) {
             guest_warn!("pv: {op:?} request {req:x?} refused (not inside guest RAM, overlapping, empty or a bad byte)");
             return;
@@ -114,8 +114,8 @@ impl PvInterface {
         }
     }
 
-    fn perform(&self, op: Op, req: &CopyRequest) -> bool {
-        let Ok(len) = usize::try_from(req.len) else {
+    fn perform(&self, op: Op, req: &Request) -> bool {
+        let Some(len) = usize::try_from(req.len).ok().filter(|&len| len > 0) else {
             return false;
         };
         let Ok(dst) = self.mem.get_slice(GuestAddress(req.dst), len) else {
@@ -123,7 +123,7 @@ impl PvInterface {
         };
         match op {
             Op::Copy => {
-                if !req.is_sound_copy() {
+                if !req.copy_ranges_apart() {
                     return false;
                 }
                 let Ok(src) = self.mem.get_slice(GuestAddress(req.src), len) else {
@@ -135,9 +135,6 @@ impl PvInterface {
                 let Ok(byte) = u8::try_from(req.src) else {
                     return false;
                 };
-                if len == 0 {
-                    return false;
-                }
                 // SAFETY: dst is a live mapping of `len` bytes of guest RAM
                 // (get_slice checked the range lies inside one region).
                 unsafe { std::ptr::write_bytes(dst.ptr_guard_mut().as_ptr(), byte, len) };
