@@ -28,7 +28,7 @@ use std::sync::Arc;
 
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use pmivmm_proto::frame::MAX_FRAME_LEN;
-use pmivmm_proto::image::{PageRef, ProcessImage};
+use pmivmm_proto::image::{Itimer, PageRef, ProcessImage};
 use pmivmm_proto::{ErrorKind, Response};
 
 use crate::checkpoint::{
@@ -63,6 +63,9 @@ pub struct Frozen {
     pub pid: i32,
     /// The signals pending in it at the checkpoint, which its image carries.
     pub carried: Vec<i32>,
+    /// Its interval timers, which the capture disarmed: re-armed if it
+    /// resumes.
+    pub itimers: [Itimer; 3],
 }
 
 struct Restoring {
@@ -253,9 +256,10 @@ impl Migrations {
             .chain(&signals.pending_process)
             .map(|info| info.signo as i32)
             .collect();
+        let itimers = image.itimers;
         let image = image.to_bytes();
         if !fits_in_frame(image.len(), &pages) {
-            let _ = resume_original(pid);
+            let _ = resume_original(pid, &itimers);
             return error(
                 ErrorKind::Failed,
                 format!(
@@ -266,19 +270,23 @@ impl Migrations {
                 ),
             );
         }
-        self.frozen.push(Frozen { pid, carried });
+        self.frozen.push(Frozen {
+            pid,
+            carried,
+            itimers,
+        });
         Response::Checkpointed { image, pages }
     }
 
     /// `ResumeOriginal { pid }` and `KillOriginal { pid }`.
     pub fn end_freeze(&mut self, pid: u32, kill: bool) -> Response {
-        let Some(Frozen { pid, .. }) = self.take_frozen(pid) else {
+        let Some(Frozen { pid, itimers, .. }) = self.take_frozen(pid) else {
             return not_frozen(pid);
         };
         let r = if kill {
             kill_original(pid)
         } else {
-            resume_original(pid)
+            resume_original(pid, &itimers)
         };
         match r {
             Ok(()) => Response::Ok,
@@ -406,8 +414,8 @@ impl Drop for Migrations {
             );
             precopy.release();
         }
-        for Frozen { pid, .. } in self.frozen.drain(..) {
-            if let Err(e) = resume_original(pid) {
+        for Frozen { pid, itimers, .. } in self.frozen.drain(..) {
+            if let Err(e) = resume_original(pid, &itimers) {
                 eprintln!("pmivmm-agent: cannot resume PID {pid} after its client left: {e}");
             } else {
                 eprintln!("pmivmm-agent: client left during a checkpoint; PID {pid} resumed");

@@ -63,3 +63,8 @@ mod tests {
         assert_eq!(field(text, "Mem"), None);
     }
 }
+
+/// The number of POSIX timers in /proc/PID/timers (one `ID:` line each).
+pub fn count_posix_timers(text: &str) -> u32 {
+    text.lines().filter(|line| line.starts_with("ID:")).count() as u32
+}

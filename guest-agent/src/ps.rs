@@ -1,6 +1,7 @@
 //! The process list, from one pass over /proc: `stat` and `cmdline` of
 //! every process, and for user processes that could migrate `status`
-//! (tracer), `maps` (shared memory) and the fd links (sockets, devices).
+//! (tracer), `maps` (shared memory), the fd links (sockets, devices) and
+//! `timers` (POSIX timers).
 //! Every read is an emulated syscall in the guest, so nothing else is read.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -12,7 +13,7 @@ use nix::unistd::{getpid, sysconf, SysconfVar};
 use pmivmm_proto::{Migratability, MigrationObstacle, ProcessInfo};
 
 use crate::deputy::deputies;
-use crate::procfs::{field, read_into};
+use crate::procfs::{count_posix_timers, field, read_into};
 
 /// PF_KTHREAD in the flags field of /proc/PID/stat.
 const PF_KTHREAD: u64 = 0x0020_0000;
@@ -156,7 +157,7 @@ fn parse_stat(text: &str) -> Option<Stat> {
     })
 }
 
-/// Tracing, shared memory, and open fds that cannot move.
+/// Tracing, shared memory, open fds that cannot move, and POSIX timers.
 fn resource_obstacles(
     dir: &Path,
     buf: &mut Vec<u8>,
@@ -175,6 +176,11 @@ fn resource_obstacles(
         .filter_map(|e| fs::read_link(e.ok()?.path()).ok())
         .map(|l| l.to_string_lossy().into_owned());
     out.extend(fd_obstacles(links));
+    read_into(&dir.join("timers"), buf)?;
+    let count = count_posix_timers(&String::from_utf8_lossy(buf));
+    if count > 0 {
+        out.push(MigrationObstacle::PosixTimers { count });
+    }
     Ok(())
 }
 

@@ -1,6 +1,6 @@
 /* hold MODE: sets up something that cannot migrate, prints "ready", then
  * prints "alive N" every 20 ms for about 4 s. MODE: thread, socket, shm,
- * sysv, pipe, device. */
+ * sysv, pipe, device, timer (a POSIX timer). */
 #include "common.h"
 #include <fcntl.h>
 #include <pthread.h>
@@ -8,6 +8,7 @@
 #include <sys/mman.h>
 #include <sys/shm.h>
 #include <sys/socket.h>
+#include <time.h>
 
 static void *idle(void *arg)
 {
@@ -42,6 +43,10 @@ int main(int argc, char **argv)
 	} else if (!strcmp(mode, "device")) {
 		if (open("/dev/urandom", O_RDONLY) < 0)
 			fail("open");
+	} else if (!strcmp(mode, "timer")) {
+		timer_t t;
+		if (timer_create(CLOCK_MONOTONIC, 0, &t))
+			fail("timer_create");
 	} else {
 		fail("unknown mode");
 	}

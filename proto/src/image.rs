@@ -19,7 +19,7 @@ use std::collections::BTreeSet;
 use serde::{Deserialize, Serialize};
 
 /// The version of the image format. Bump on any change to these types.
-pub const IMAGE_VERSION: u32 = 1;
+pub const IMAGE_VERSION: u32 = 2;
 
 /// The page size of the x86_64 guests.
 pub const PAGE_SIZE: u64 = 4096;
@@ -45,6 +45,9 @@ pub mod limits {
     /// Pending signals kept per queue (the kernel's default `RLIMIT_SIGPENDING`
     /// of a small guest is a few thousand).
     pub const MAX_PENDING: usize = 8192;
+    /// Interval timer values: their nanoseconds fit the kernel's `ktime_t`
+    /// (~292 years; `alarm(UINT_MAX)` fits).
+    pub const MAX_ITIMER_US: u64 = i64::MAX as u64 / 1000;
 }
 
 /// Size of the legacy FXSAVE area (`NT_PRFPREG`), also the first part of an
@@ -93,6 +96,14 @@ pub struct ProcessImage {
     pub signals: SignalState,
     /// The registered restartable-sequences area (glibc registers one).
     pub rseq: Option<Rseq>,
+    /// The interval timers of `setitimer(2)`, indexed by `ITIMER_REAL`,
+    /// `ITIMER_VIRTUAL`, `ITIMER_PROF`. Capture disarms them (reading them
+    /// at once), so the time the process stays frozen does not count.
+    pub itimers: [Itimer; 3],
+    /// The alternate signal stack, if one is set.
+    pub sigaltstack: Option<AltStack>,
+    /// The execution domain and its flags (`personality(2)`).
+    pub personality: u32,
     /// Sorted by descriptor number.
     pub fds: Vec<FileDescriptor>,
     pub cwd: String,
@@ -297,6 +308,34 @@ pub struct Rseq {
     pub signature: u32,
 }
 
+/// One interval timer, in microseconds: the time to its next expiry (0:
+/// disarmed) and the period it is reloaded with (0: one-shot).
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Itimer {
+    pub value_us: u64,
+    pub interval_us: u64,
+}
+
+impl Itimer {
+    /// Whether `setitimer` must set it (a fresh process has all three zero).
+    pub fn is_set(&self) -> bool {
+        self.value_us != 0 || self.interval_us != 0
+    }
+}
+
+/// A `sigaltstack(2)` registration.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AltStack {
+    pub sp: u64,
+    pub size: u64,
+    /// `SS_AUTODISARM`.
+    pub autodisarm: bool,
+}
+
+/// The `personality(2)` bits a restorer accepts: the persona (`PER_MASK`)
+/// and the flags of linux/personality.h (`UNAME26` to `ADDR_LIMIT_3GB`).
+pub const PERSONALITY_BITS: u32 = 0x0fff_00ff;
+
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct FileDescriptor {
     pub fd: i32,
@@ -419,6 +458,20 @@ impl ProcessImage {
             if r.pointer >= USER_SPACE_END || !(32..=4096).contains(&r.size) {
                 return Err(ImageError::BadField("rseq area"));
             }
+        }
+        let itimer_ok = |t: &Itimer| {
+            t.value_us <= limits::MAX_ITIMER_US && t.interval_us <= limits::MAX_ITIMER_US
+        };
+        if !self.itimers.iter().all(itimer_ok) {
+            return Err(ImageError::BadField("interval timer value"));
+        }
+        if let Some(s) = &self.sigaltstack {
+            if s.size == 0 || s.size > USER_SPACE_END || s.sp > USER_SPACE_END - s.size {
+                return Err(ImageError::BadField("alternate signal stack"));
+            }
+        }
+        if self.personality & !PERSONALITY_BITS != 0 {
+            return Err(ImageError::BadField("personality"));
         }
         self.validate_fds()?;
         self.validate_rlimits()
@@ -742,6 +795,20 @@ mod tests {
             }],
             signals: SignalState::default(),
             rseq: None,
+            itimers: [
+                Itimer {
+                    value_us: 15_000,
+                    interval_us: 20_000,
+                },
+                Itimer::default(),
+                Itimer::default(),
+            ],
+            sigaltstack: Some(AltStack {
+                sp: 0x500000,
+                size: 4096,
+                autodisarm: false,
+            }),
+            personality: 0x0040000,
             fds: vec![FileDescriptor {
                 fd: 0,
                 kind: FdKind::Stdio,
@@ -867,6 +934,21 @@ mod tests {
                 },
                 "rseq",
             ),
+            (
+                |i| i.itimers[2].interval_us = u64::MAX,
+                "interval timer",
+            ),
+            (
+                |i| {
+                    i.sigaltstack = Some(AltStack {
+                        sp: USER_SPACE_END - 4096,
+                        size: 8192,
+                        autodisarm: true,
+                    })
+                },
+                "alternate signal stack",
+            ),
+            (|i| i.personality = 0xffff_ffff, "personality"),
         ];
         for (corrupt, expected) in cases {
             let mut image = sample();

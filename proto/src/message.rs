@@ -349,6 +349,11 @@ pub enum MigrationObstacle {
     SpecialFiles {
         kinds: Vec<String>,
     },
+    /// It has POSIX timers (`timer_create`), which a restorer cannot
+    /// recreate with their IDs.
+    PosixTimers {
+        count: u32,
+    },
     /// It is being traced by this PID.
     Traced {
         tracer: u32,
@@ -381,6 +386,9 @@ impl fmt::Display for MigrationObstacle {
             }
             MigrationObstacle::SpecialFiles { kinds } => {
                 write!(f, "has open special files: {}", kinds.join(", "))
+            }
+            MigrationObstacle::PosixTimers { count } => {
+                write!(f, "has {count} POSIX timer(s) (timer_create), which cannot be restored")
             }
             MigrationObstacle::Traced { tracer } => write!(f, "is traced by PID {tracer}"),
             MigrationObstacle::Uninspectable { error } => write!(f, "cannot be inspected: {error}"),

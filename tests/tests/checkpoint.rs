@@ -130,6 +130,30 @@ fn page_protections_survive() {
     round_trip("mprotect", "mprotect 120");
 }
 
+/// Interval timers (real, virtual, profiling, alarm), a handler on the
+/// alternate signal stack and a personality flag.
+#[test]
+fn timers_and_alternate_stack_survive() {
+    round_trip("timers", "timers 60");
+}
+
+/// POSIX timers cannot be recreated: refused, and the process runs on.
+#[test]
+fn posix_timer_is_refused_and_left_running() {
+    let node = node();
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let out = "/tmp/hold-timer.out";
+    let pid = launch(node, "hold timer", out);
+    sh(node, &format!("while [ ! -s {out} ]; do sleep 0.05; done"));
+    let dir = scratch_dir("ck-posix-timer").join("ckpt");
+    let (ok, _, err) = checkpoint(node, pid, &dir, &[]);
+    assert!(!ok);
+    assert!(err.contains("refused") && err.contains("1 POSIX timer(s)"), "{err}");
+    assert!(!dir.join("descriptor").exists());
+    wait_gone(node, pid, Duration::from_secs(120));
+    assert!(sh(node, &format!("cat {out}")).ends_with("alive 199\nRESULT 200\n"));
+}
+
 #[test]
 fn checkpoint_of_a_missing_pid_fails_clearly() {
     let dir = scratch_dir("ck-missing").join("ckpt");

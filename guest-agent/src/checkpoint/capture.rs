@@ -7,11 +7,17 @@
 //! resumes it. All three calls for one process must come from one thread.
 //!
 //! Syscalls are costly in the guest: /proc files are read once each, the
-//! pagemap once per VMA, and only three kinds of syscalls are injected into
-//! the process: `brk(0)` (the kernel's exact break is not in /proc), and for
-//! processes that catch signals an `mmap` of a scratch page, one
-//! `rt_sigaction` per caught signal and a `munmap` (no /proc file shows
-//! handlers, flags and masks; ignored signals are known from `SigIgn`).
+//! pagemap once per VMA, and only what no /proc file shows is read with
+//! syscalls injected into the process: `brk(0)` (the kernel's exact break),
+//! then, with a scratch page mapped for their results, one `rt_sigaction`
+//! per caught signal (handlers, flags and masks; ignored signals are known
+//! from `SigIgn`), `sigaltstack` and one `setitimer` per interval timer.
+//!
+//! `setitimer` with a zero value reads a timer and disarms it at once: the
+//! timers of a captured process stand still, so no expiry falls between
+//! reading them and reading the pending signals, and none reaches a
+//! deputy. [`resume_original`] re-arms them; a killed original or a deputy
+//! keeps them disarmed (the restored process has them).
 
 use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
@@ -20,8 +26,9 @@ use libc::user_regs_struct;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use pmivmm_proto::image::{
-    FdKind, FileDescriptor, MmLayout, PageKind, PageRef, ProcessImage, Rlimit, SigAction,
-    SignalState, Vma, VmaKind, IMAGE_VERSION, MAX_SIGNAL, PAGE_SIZE, PROT_READ, PROT_WRITE,
+    AltStack, FdKind, FileDescriptor, Itimer, MmLayout, PageKind, PageRef, ProcessImage, Rlimit,
+    SigAction, SigInfo, SignalState, Vma, VmaKind, IMAGE_VERSION, MAX_SIGNAL, PAGE_SIZE, PROT_READ,
+    PROT_WRITE,
 };
 use pmivmm_proto::MigrationObstacle;
 
@@ -49,6 +56,11 @@ pub enum CheckpointError {
     NoSyscallInsn { pid: i32 },
     #[error("cannot clear the soft-dirty bits of PID {pid}: {source}")]
     ClearRefs { pid: i32, source: std::io::Error },
+    #[error("PID {pid} was resumed, but its interval timers could not be re-armed: {source}")]
+    Rearm {
+        pid: i32,
+        source: Box<CheckpointError>,
+    },
     #[error("cannot stat mapped file {path}: {source}")]
     MappedFile {
         path: String,
@@ -71,6 +83,19 @@ fn join(obstacles: &[MigrationObstacle]) -> String {
 pub const KERNEL_SIGACTION_LEN: usize = 32;
 pub const SIGSET_LEN: u64 = 8;
 const SIG_IGN: u64 = 1;
+/// `struct itimerval` (interval, then value; each seconds and microseconds).
+const ITIMERVAL_LEN: usize = 32;
+/// `stack_t` of x86_64: `ss_sp`, `ss_flags` (padded), `ss_size`.
+pub const STACK_T_LEN: usize = 24;
+pub const SS_AUTODISARM: u32 = 1 << 31;
+
+/// Where the results of the injected reads go in the scratch page.
+const SCRATCH_SIGACTIONS: u64 = 0;
+const SCRATCH_ALTSTACK: u64 = SCRATCH_SIGACTIONS + MAX_SIGNAL as u64 * KERNEL_SIGACTION_LEN as u64;
+const SCRATCH_ITIMERS: u64 = SCRATCH_ALTSTACK + STACK_T_LEN as u64;
+/// Never written: the zero `itimerval` that disarms a timer.
+const SCRATCH_ZERO_ITIMER: u64 = SCRATCH_ITIMERS + 3 * ITIMERVAL_LEN as u64;
+const SCRATCH_USED: usize = SCRATCH_ZERO_ITIMER as usize + ITIMERVAL_LEN;
 
 /// Freezes `pid` and captures it. Returns the image and every present page
 /// with its frame (the VMM copies the [`PageKind::Data`] ones, in order; they
@@ -124,12 +149,38 @@ pub(super) fn capture_stopped(
     }
 }
 
-/// Lets a captured process run on (the migration failed).
-pub fn resume_original(pid: i32) -> Result<(), CheckpointError> {
-    Ok(Tracee {
+/// Lets a captured process run on (the migration failed), with its
+/// interval timers (the image's `itimers`, disarmed by the capture)
+/// re-armed.
+pub fn resume_original(pid: i32, itimers: &[Itimer; 3]) -> Result<(), CheckpointError> {
+    let tracee = Tracee {
         pid: Pid::from_raw(pid),
-    }
-    .detach()?)
+    };
+    let rearmed = if itimers.iter().any(Itimer::is_set) {
+        rearm(tracee, itimers).map_err(|source| CheckpointError::Rearm {
+            pid,
+            source: Box::new(source),
+        })
+    } else {
+        Ok(())
+    };
+    tracee.detach()?;
+    rearmed
+}
+
+/// Sets the interval timers of a captured process, then puts back its
+/// registers and signal mask.
+fn rearm(tracee: Tracee, itimers: &[Itimer; 3]) -> Result<(), CheckpointError> {
+    let regs = tracee.regs()?;
+    let mask = tracee.sigmask()?;
+    let injector = injector_for(tracee)?;
+    tracee.set_sigmask(!0)?;
+    let armed = with_scratch(&injector, |scratch| {
+        Ok(set_itimers(&injector, scratch, itimers)?)
+    });
+    tracee.set_sigmask(mask)?;
+    tracee.set_regs(&regs)?;
+    armed
 }
 
 /// Kills a captured process (the target confirmed) and collects its end.
@@ -223,6 +274,10 @@ pub(super) fn inspect_stopped(pid: i32) -> Result<Inspection, CheckpointError> {
     );
     let vmas = vmas(&procfs::maps(pid)?, &mut obstacles)?;
     let fds = fds(pid, &mut obstacles)?;
+    let count = procfs::posix_timers(pid)?;
+    if count > 0 {
+        obstacles.push(MigrationObstacle::PosixTimers { count });
+    }
     refuse_if_any(pid, obstacles)?;
     Ok(Inspection {
         stat,
@@ -259,21 +314,35 @@ fn capture_frozen(
         vmas,
         fds,
     } = inspect_stopped(pid)?;
-
+    let exe = procfs::link(pid, "exe")?;
+    let argv = procfs::nul_separated(pid, "cmdline")?;
+    let environ = procfs::nul_separated(pid, "environ")?;
+    let cwd = procfs::link(pid, "cwd")?;
+    let limits = procfs::limits(pid)?;
+    let personality = procfs::personality(pid)?;
     let fpu = tracee.fpu()?;
     let rseq = tracee.rseq()?;
-    let pending_thread = tracee.pending(false)?;
-    let pending_process = tracee.pending(true)?;
 
     // Signals are blocked while syscalls are injected, so that none is
     // delivered half-way; the caller restores the mask.
     tracee.set_sigmask(!0)?;
     let injector = Injector::new(tracee, *regs, syscall_insn(pid, &vmas)?);
     let brk = injector.call(|| "brk(0)".into(), libc::SYS_brk, &[0])?;
-    let actions = sigactions(&injector, &status)?;
-    fail_point("after-injection")?;
-
-    let pages = present_pages(&Pagemap::open(pid)?, &vmas, select)?;
+    let injected = with_scratch(&injector, |scratch| {
+        read_injected(&injector, scratch, &status)
+    })?;
+    let (pending_thread, pending_process, pages) =
+        match pending_and_pages(tracee, &vmas, select) {
+            Ok(found) => found,
+            Err(e) => {
+                // The process will be resumed: its timers run on (should
+                // this fail too, the capture's error is the one to report).
+                let _ = with_scratch(&injector, |scratch| {
+                    Ok(set_itimers(&injector, scratch, &injected.itimers)?)
+                });
+                return Err(e);
+            }
+        };
     let data = runs(
         pages
             .iter()
@@ -284,9 +353,9 @@ fn capture_frozen(
         version: IMAGE_VERSION,
         source_pid: pid,
         comm: status.name,
-        exe: procfs::link(pid, "exe")?,
-        argv: procfs::nul_separated(pid, "cmdline")?,
-        environ: procfs::nul_separated(pid, "environ")?,
+        exe,
+        argv,
+        environ,
         // Set by the caller.
         regs: regs_to_image(regs),
         fpu,
@@ -308,15 +377,18 @@ fn capture_frozen(
         pages: data,
         signals: SignalState {
             blocked: 0,
-            actions,
+            actions: injected.actions,
             pending_thread,
             pending_process,
         },
         rseq,
+        itimers: injected.itimers,
+        sigaltstack: injected.sigaltstack,
+        personality,
         fds,
-        cwd: procfs::link(pid, "cwd")?,
+        cwd,
         umask: status.umask,
-        rlimits: procfs::limits(pid)?
+        rlimits: limits
             .into_iter()
             .map(|(resource, soft, hard)| Rlimit {
                 resource,
@@ -326,6 +398,20 @@ fn capture_frozen(
             .collect(),
     };
     Ok((image, pages))
+}
+
+/// Pending signals of the thread and of the process (read once the timers
+/// stand still), and the present pages of `vmas` that `select` asks for.
+fn pending_and_pages(
+    tracee: Tracee,
+    vmas: &[Vma],
+    select: Select,
+) -> Result<(Vec<SigInfo>, Vec<SigInfo>, Vec<PageRef>), CheckpointError> {
+    fail_point("after-injection")?;
+    let pending_thread = tracee.pending(false)?;
+    let pending_process = tracee.pending(true)?;
+    let pages = present_pages(&Pagemap::open(tracee.pid.as_raw())?, vmas, select)?;
+    Ok((pending_thread, pending_process, pages))
 }
 
 /// The VMAs of a process, noting what cannot be recreated.
@@ -522,12 +608,78 @@ fn syscall_insn(pid: i32, vmas: &[Vma]) -> Result<u64, CheckpointError> {
     Err(CheckpointError::NoSyscallInsn { pid })
 }
 
-/// Dispositions of every signal that is not `SIG_DFL`.
-fn sigactions(injector: &Injector, status: &Status) -> Result<Vec<SigAction>, CheckpointError> {
+/// Runs `f` with a fresh page mapped in the process (`f` gets its address),
+/// unmapped after.
+fn with_scratch<T>(
+    injector: &Injector,
+    f: impl FnOnce(u64) -> Result<T, CheckpointError>,
+) -> Result<T, CheckpointError> {
+    let prot = (libc::PROT_READ | libc::PROT_WRITE) as u64;
+    let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
+    let scratch = injector.call(
+        || "mmap of a scratch page".into(),
+        libc::SYS_mmap,
+        &[0, PAGE_SIZE, prot, flags, u64::MAX, 0],
+    )?;
+    let out = f(scratch);
+    let unmapped = injector.call(
+        || "munmap of the scratch page".into(),
+        libc::SYS_munmap,
+        &[scratch, PAGE_SIZE],
+    );
+    let out = out?;
+    unmapped?;
+    Ok(out)
+}
+
+/// What only injected syscalls tell.
+struct Injected {
+    /// Dispositions of every signal that is not `SIG_DFL`.
+    actions: Vec<SigAction>,
+    sigaltstack: Option<AltStack>,
+    /// As they were when `setitimer` disarmed them.
+    itimers: [Itimer; 3],
+}
+
+/// Reads signal dispositions, the alternate signal stack and the interval
+/// timers (disarming them) into `scratch`, a page of the process.
+fn read_injected(
+    injector: &Injector,
+    scratch: u64,
+    status: &Status,
+) -> Result<Injected, CheckpointError> {
     let is_set = |mask: u64, sig: u32| mask & (1 << (sig - 1)) != 0;
     let caught: Vec<u32> = (1..=MAX_SIGNAL)
         .filter(|&s| is_set(status.sig_caught, s))
         .collect();
+    for (i, &sig) in caught.iter().enumerate() {
+        let old = scratch + SCRATCH_SIGACTIONS + (i * KERNEL_SIGACTION_LEN) as u64;
+        injector.call(
+            || format!("rt_sigaction({sig})"),
+            libc::SYS_rt_sigaction,
+            &[sig as u64, 0, old, SIGSET_LEN],
+        )?;
+    }
+    injector.call(
+        || "sigaltstack".into(),
+        libc::SYS_sigaltstack,
+        &[0, scratch + SCRATCH_ALTSTACK],
+    )?;
+    for which in 0..3 {
+        let old = scratch + SCRATCH_ITIMERS + which * ITIMERVAL_LEN as u64;
+        injector.call(
+            || format!("setitimer({which}) to read and disarm it"),
+            libc::SYS_setitimer,
+            &[which, scratch + SCRATCH_ZERO_ITIMER, old],
+        )?;
+    }
+    let mut buf = vec![0u8; SCRATCH_USED];
+    injector.peek(scratch, &mut buf)?;
+    let word = |at: u64| {
+        let at = at as usize;
+        u64::from_ne_bytes(buf[at..at + 8].try_into().expect("8 bytes"))
+    };
+
     let mut actions: Vec<SigAction> = (1..=MAX_SIGNAL)
         .filter(|&s| is_set(status.sig_ignored, s))
         .map(|signo| SigAction {
@@ -538,42 +690,76 @@ fn sigactions(injector: &Injector, status: &Status) -> Result<Vec<SigAction>, Ch
             mask: 0,
         })
         .collect();
-    if !caught.is_empty() {
-        let len = caught.len() * KERNEL_SIGACTION_LEN;
-        let prot = (libc::PROT_READ | libc::PROT_WRITE) as u64;
-        let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
-        let scratch = injector.call(
-            || "mmap of a scratch page".into(),
-            libc::SYS_mmap,
-            &[0, PAGE_SIZE, prot, flags, u64::MAX, 0],
-        )?;
-        for (i, &sig) in caught.iter().enumerate() {
-            let old = scratch + (i * KERNEL_SIGACTION_LEN) as u64;
+    for (i, &signo) in caught.iter().enumerate() {
+        let at = SCRATCH_SIGACTIONS + (i * KERNEL_SIGACTION_LEN) as u64;
+        actions.push(SigAction {
+            signo,
+            handler: word(at),
+            flags: word(at + 8),
+            restorer: word(at + 16),
+            mask: word(at + 24),
+        });
+    }
+    actions.sort_by_key(|a| a.signo);
+
+    let ss_flags = word(SCRATCH_ALTSTACK + 8) as u32;
+    let sigaltstack = (ss_flags & libc::SS_DISABLE as u32 == 0).then(|| AltStack {
+        sp: word(SCRATCH_ALTSTACK),
+        size: word(SCRATCH_ALTSTACK + 16),
+        autodisarm: ss_flags & SS_AUTODISARM != 0,
+    });
+
+    let timeval_us = |at: u64| word(at) * 1_000_000 + word(at + 8);
+    let itimers = [0, 1, 2].map(|which| {
+        let at = SCRATCH_ITIMERS + which * ITIMERVAL_LEN as u64;
+        let interval_us = timeval_us(at);
+        let mut value_us = timeval_us(at + 16);
+        // A periodic ITIMER_REAL that expired reads 0 until its SIGALRM
+        // (pending, and captured) is dequeued: the kernel restarts it only
+        // then, and `setitimer` with a zero value would leave it stopped
+        // for good. It is kept due one period later instead.
+        if which == libc::ITIMER_REAL as u64 && value_us == 0 {
+            value_us = interval_us;
+        }
+        Itimer {
+            interval_us,
+            value_us,
+        }
+    });
+    Ok(Injected {
+        actions,
+        sigaltstack,
+        itimers,
+    })
+}
+
+/// Sets the interval timers that [`Itimer::is_set`] says, their
+/// `itimerval`s written at `at` in the process (`3 * ITIMERVAL_LEN` bytes).
+pub(super) fn set_itimers(
+    injector: &Injector,
+    at: u64,
+    itimers: &[Itimer; 3],
+) -> Result<(), InjectError> {
+    if !itimers.iter().any(Itimer::is_set) {
+        return Ok(());
+    }
+    let mut vals = Vec::with_capacity(3 * ITIMERVAL_LEN);
+    for t in itimers {
+        for us in [t.interval_us, t.value_us] {
+            vals.extend_from_slice(&(us / 1_000_000).to_ne_bytes());
+            vals.extend_from_slice(&(us % 1_000_000).to_ne_bytes());
+        }
+    }
+    injector.poke(at, &vals)?;
+    for (which, t) in itimers.iter().enumerate() {
+        if t.is_set() {
+            let new = at + (which * ITIMERVAL_LEN) as u64;
             injector.call(
-                || format!("rt_sigaction({sig})"),
-                libc::SYS_rt_sigaction,
-                &[sig as u64, 0, old, SIGSET_LEN],
+                || format!("setitimer({which})"),
+                libc::SYS_setitimer,
+                &[which as u64, new, 0],
             )?;
         }
-        let mut buf = vec![0u8; len];
-        injector.peek(scratch, &mut buf)?;
-        injector.call(
-            || "munmap of the scratch page".into(),
-            libc::SYS_munmap,
-            &[scratch, PAGE_SIZE],
-        )?;
-        for (&signo, raw) in caught.iter().zip(buf.chunks_exact(KERNEL_SIGACTION_LEN)) {
-            let word =
-                |i: usize| u64::from_ne_bytes(raw[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
-            actions.push(SigAction {
-                signo,
-                handler: word(0),
-                flags: word(1),
-                restorer: word(2),
-                mask: word(3),
-            });
-        }
-        actions.sort_by_key(|a| a.signo);
     }
-    Ok(actions)
+    Ok(())
 }

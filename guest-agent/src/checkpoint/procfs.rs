@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use pmivmm_proto::image::{PROT_EXEC, PROT_READ, PROT_WRITE};
 
-use crate::procfs::{field, read_into};
+use crate::procfs::{count_posix_timers, field, read_into};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProcfsError {
@@ -220,6 +220,21 @@ fn parse_fdinfo(text: &str) -> Option<(u64, i32)> {
     Some((pos, flags))
 }
 
+/// The execution domain and flags of `personality(2)`, from
+/// /proc/PID/personality (`%08x`).
+pub fn personality(pid: i32) -> Result<u32, ProcfsError> {
+    let (path, text) = read_text(pid, "personality")?;
+    u32::from_str_radix(text.trim(), 16).map_err(|_| ProcfsError::Parse {
+        path,
+        what: "personality",
+    })
+}
+
+/// How many POSIX timers (`timer_create`) the process has.
+pub fn posix_timers(pid: i32) -> Result<u32, ProcfsError> {
+    Ok(count_posix_timers(&read_text(pid, "timers")?.1))
+}
+
 /// The open descriptor numbers, ascending.
 pub fn fd_numbers(pid: i32) -> Result<Vec<i32>, ProcfsError> {
     numeric_entries(&proc_path(pid, "fd"))
@@ -363,5 +378,17 @@ mod tests {
         assert!(own_maps().unwrap().iter().any(|m| m.name == "[stack]"));
         assert_eq!(limits(me).unwrap().len(), 16);
         assert!(fd_numbers(me).unwrap().contains(&0));
+        // SAFETY: personality(0xffffffff) only reads the caller's persona.
+        let own = unsafe { libc::personality(0xffff_ffff) };
+        assert_eq!(personality(me).unwrap(), own as u32);
+        assert_eq!(posix_timers(me).unwrap(), 0);
+    }
+
+    #[test]
+    fn counts_posix_timers() {
+        let text = "ID: 0\nsignal: 14/0000000000000000\nnotify: signal/pid.7\nClockID: 1\n\
+                    ID: 1\nsignal: 10/0000000000000000\nnotify: thread/tid.7\nClockID: 0\n";
+        assert_eq!(count_posix_timers(text), 2);
+        assert_eq!(count_posix_timers(""), 0);
     }
 }

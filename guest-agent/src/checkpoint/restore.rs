@@ -8,8 +8,10 @@
 //! is unmapped, the vdso/vvar are moved to the image's addresses if they
 //! differ, the image's VMAs are recreated and the pages that will receive
 //! contents are populated; their frames are returned. [`finish_restore`]
-//! then restores descriptors, cwd, limits, signals, FPU state, unmaps the
-//! scratch area, sets the registers and detaches.
+//! then restores descriptors, cwd, limits, signals, the alternate signal
+//! stack, the personality, FPU state, the interval timers (last, so that
+//! they start as close as possible to the process), unmaps the scratch
+//! area, sets the registers and detaches.
 //!
 //! A [`RestoredChild`] that is dropped before [`finish_restore`] succeeded is
 //! killed: there is never a half-restored process. The child is traced with
@@ -30,7 +32,7 @@ use pmivmm_proto::image::{
 };
 use pmivmm_proto::ExitStatus;
 
-use super::capture::{KERNEL_SIGACTION_LEN, SIGSET_LEN};
+use super::capture::{set_itimers, KERNEL_SIGACTION_LEN, SIGSET_LEN, SS_AUTODISARM, STACK_T_LEN};
 use super::inject::{InjectError, Injector};
 use super::pagemap::{Pagemap, PagemapError};
 use super::procfs::{self, MapsEntry, ProcfsError};
@@ -235,6 +237,17 @@ pub fn finish_restore(mut child: RestoredChild, image: &ProcessImage) -> Result<
         })?;
     }
     restore_signals(&child, image)?;
+    restore_altstack(&child, image)?;
+    // SAFETY: personality(0xffffffff) only reads the agent's persona, which
+    // the child inherited.
+    let inherited = unsafe { libc::personality(0xffff_ffff) } as u32;
+    if image.personality != inherited {
+        child.injector.call(
+            || format!("personality({:#x})", image.personality),
+            libc::SYS_personality,
+            &[image.personality as u64],
+        )?;
+    }
     if let Some(r) = &image.rseq {
         let args = [r.pointer, r.size as u64, 0, r.signature as u64];
         child
@@ -249,6 +262,7 @@ pub fn finish_restore(mut child: RestoredChild, image: &ProcessImage) -> Result<
         )?;
     }
     child.tracee.set_fpu(&image.fpu)?;
+    set_itimers(&child.injector, child.data(), &image.itimers)?;
     let scratch = child.scratch;
     child.injector.call(
         || "munmap of the scratch area".into(),
@@ -776,6 +790,26 @@ fn restore_signals(child: &RestoredChild, image: &ProcessImage) -> Result<(), Re
             )?;
         }
     }
+    Ok(())
+}
+
+/// Sets the image's alternate signal stack, or none: the child inherited
+/// the agent thread's.
+fn restore_altstack(child: &RestoredChild, image: &ProcessImage) -> Result<(), RestoreError> {
+    let (sp, flags, size) = match image.sigaltstack {
+        Some(s) => (s.sp, if s.autodisarm { SS_AUTODISARM } else { 0 }, s.size),
+        None => (0, libc::SS_DISABLE as u32, 0),
+    };
+    let mut stack = Vec::with_capacity(STACK_T_LEN);
+    for word in [sp, flags as u64, size] {
+        stack.extend_from_slice(&word.to_ne_bytes());
+    }
+    child.injector.poke(child.data(), &stack)?;
+    child.injector.call(
+        || format!("sigaltstack({sp:#x}, {size} bytes)"),
+        libc::SYS_sigaltstack,
+        &[child.data(), 0],
+    )?;
     Ok(())
 }
 

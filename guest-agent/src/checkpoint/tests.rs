@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use pmivmm_proto::image::{
-    FpuKind, FpuState, ImageError, PageKind, PageRef, PageRun, ProcessImage, FXSAVE_AREA_LEN,
+    FpuKind, FpuState, ImageError, Itimer, PageKind, PageRef, PageRun, ProcessImage, FXSAVE_AREA_LEN,
     PAGE_SIZE,
 };
 use pmivmm_proto::MigrationObstacle;
@@ -257,6 +257,55 @@ fn sleeping_process_round_trips() {
     round_trip("sleeper", "sleeper", &[], &[], 50..900);
 }
 
+/// Interval timers (periodic real, virtual and profiling, then a one-shot
+/// alarm), a handler on the alternate signal stack and a personality flag.
+#[test]
+fn timers_round_trip() {
+    round_trip("timers", "timers", &["30"], &[], 50..1600);
+}
+
+/// A periodic ITIMER_REAL that expired while its SIGALRM is blocked reads
+/// as stopped until the signal is taken (the kernel restarts it then): it
+/// must run on after the restore, the signal still pending.
+#[test]
+fn expired_timer_with_its_signal_pending_round_trips() {
+    require_root();
+    let expected = uninterrupted("timers-held", "timers", &["20"], &[]);
+    let w = Workload::start("timers-held", "timers", &["20"], &[]);
+    w.wait_for("holding SIGALRM\n");
+    std::thread::sleep(Duration::from_millis(60));
+    let mut captured = None;
+    let got = migrate(w, |image| captured = Some(image.clone()));
+    let image = captured.unwrap();
+    let period = Itimer {
+        value_us: 20_000,
+        interval_us: 20_000,
+    };
+    assert_eq!(image.itimers[0], period);
+    let pending = &image.signals.pending_process;
+    assert!(pending.iter().any(|s| s.signo == libc::SIGALRM as u32));
+    assert_eq!(got, expected);
+}
+
+/// The capture reads the timers by disarming them: an original that is
+/// resumed runs on with them re-armed (here the periodic ITIMER_REAL the
+/// workload waits for).
+#[test]
+fn resumed_original_keeps_its_timers() {
+    require_root();
+    let expected = uninterrupted("timers-resume", "timers", &["20"], &[]);
+    let mut w = Workload::start("timers-resume", "timers", &["20"], &[]);
+    w.wait_for("real tick 2\n");
+    let (image, _) = capture(w.pid()).unwrap();
+    assert!(image.itimers[0].value_us > 0 && image.itimers[0].interval_us == 20_000);
+    assert!(image.sigaltstack.is_some_and(|s| s.size == 64 << 10));
+    assert_eq!(image.personality, libc::ADDR_NO_RANDOMIZE as u32);
+    std::thread::sleep(Duration::from_millis(100));
+    resume_original(w.pid(), &image.itimers).unwrap();
+    assert!(w.child.wait().unwrap().success(), "{}", w.output());
+    assert_eq!(w.output(), expected);
+}
+
 #[test]
 fn file_offsets_round_trip() {
     let target = work_dir().join(format!("files-{}.data", std::process::id()));
@@ -324,14 +373,22 @@ fn pipes_and_devices_beyond_stdio_are_refused() {
     );
 }
 
-/// A capture that fails half-way (syscalls already injected) resumes the
-/// process, which then runs to the same end as an uninterrupted one.
+#[test]
+fn posix_timers_are_refused() {
+    refused("timer", |o| {
+        matches!(o, MigrationObstacle::PosixTimers { count: 1 })
+    });
+}
+
+/// A capture that fails half-way (syscalls already injected, the timers
+/// disarmed) resumes the process, which then runs to the same end as an
+/// uninterrupted one.
 #[test]
 fn failed_capture_resumes_the_original() {
     require_root();
-    let expected = uninterrupted("failpoint", "counter", &[], &[]);
-    let mut w = Workload::start("failpoint", "counter", &[], &[]);
-    std::thread::sleep(random_delay(50..600));
+    let expected = uninterrupted("failpoint", "timers", &["20"], &[]);
+    let mut w = Workload::start("failpoint", "timers", &["20"], &[]);
+    std::thread::sleep(random_delay(50..1500));
     FAIL_AT.with(|f| f.set(Some("after-injection")));
     let result = capture(w.pid());
     FAIL_AT.with(|f| f.set(None));
@@ -350,9 +407,9 @@ fn resumed_original_runs_on() {
     let expected = uninterrupted("resume", "memory", &["2"], &[]);
     let mut w = Workload::start("resume", "memory", &["2"], &[]);
     std::thread::sleep(random_delay(50..300));
-    capture(w.pid()).unwrap();
+    let (image, _) = capture(w.pid()).unwrap();
     std::thread::sleep(Duration::from_millis(100));
-    resume_original(w.pid()).unwrap();
+    resume_original(w.pid(), &image.itimers).unwrap();
     assert!(w.child.wait().unwrap().success());
     assert_eq!(w.output(), expected);
 }
