@@ -130,6 +130,12 @@ fn page_protections_survive() {
     round_trip("mprotect", "mprotect 120");
 }
 
+/// Relative and absolute sleeps, interrupted by the checkpoint.
+#[test]
+fn sleeping_process_survives() {
+    round_trip("sleeper", "sleeper 20");
+}
+
 /// Interval timers (real, virtual, profiling, alarm), a handler on the
 /// alternate signal stack and a personality flag.
 #[test]
