@@ -38,9 +38,23 @@ pub fn field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
     })
 }
 
+/// The path of a file that was deleted while open, from the target of its
+/// /proc/PID/fd link (`/path (deleted)`).
+pub fn deleted_file(link: &str) -> Option<&str> {
+    link.strip_suffix(" (deleted)")
+        .filter(|p| p.starts_with('/'))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn deleted_files_are_recognised() {
+        assert_eq!(deleted_file("/share/x (deleted)"), Some("/share/x"));
+        assert_eq!(deleted_file("/share/x"), None);
+        assert_eq!(deleted_file("anon_inode:[x] (deleted)"), None);
+    }
 
     #[test]
     fn read_into_reads_files_larger_than_one_read() {

@@ -13,7 +13,7 @@ use nix::unistd::{getpid, sysconf, SysconfVar};
 use pmivmm_proto::{Migratability, MigrationObstacle, ProcessInfo};
 
 use crate::deputy::deputies;
-use crate::procfs::{count_posix_timers, field, read_into};
+use crate::procfs::{count_posix_timers, deleted_file, field, read_into};
 
 /// PF_KTHREAD in the flags field of /proc/PID/stat.
 const PF_KTHREAD: u64 = 0x0020_0000;
@@ -172,9 +172,14 @@ fn resource_obstacles(
     }
     read_into(&dir.join("maps"), buf)?;
     out.extend(shared_memory(&String::from_utf8_lossy(buf)));
-    let links = fs::read_dir(dir.join("fd"))?
-        .filter_map(|e| fs::read_link(e.ok()?.path()).ok())
-        .map(|l| l.to_string_lossy().into_owned());
+    let links = fs::read_dir(dir.join("fd"))?.filter_map(|e| {
+        let e = e.ok()?;
+        let fd = e.file_name().to_str()?.parse().ok()?;
+        Some((
+            fd,
+            fs::read_link(e.path()).ok()?.to_string_lossy().into_owned(),
+        ))
+    });
     out.extend(fd_obstacles(links));
     read_into(&dir.join("timers"), buf)?;
     let count = count_posix_timers(&String::from_utf8_lossy(buf));
@@ -211,14 +216,17 @@ fn shared_memory(maps: &str) -> Vec<MigrationObstacle> {
     out
 }
 
-/// Sockets, devices and special files among the targets of /proc/PID/fd
-/// links. Regular files and pipes are fine.
-fn fd_obstacles(links: impl Iterator<Item = String>) -> Vec<MigrationObstacle> {
+/// Sockets, devices, special and deleted files among the targets of
+/// /proc/PID/fd links (by fd number). Regular files and pipes are fine.
+fn fd_obstacles(links: impl Iterator<Item = (i32, String)>) -> Vec<MigrationObstacle> {
     let mut sockets = 0;
     let mut devices = BTreeSet::new();
     let mut special = BTreeSet::new();
-    for link in links {
-        if link.starts_with("socket:") {
+    let mut deleted = BTreeMap::new();
+    for (fd, link) in links {
+        if let Some(path) = deleted_file(&link) {
+            deleted.insert(fd, path.to_owned());
+        } else if link.starts_with("socket:") {
             sockets += 1;
         } else if link.starts_with("/dev/") && !HARMLESS_DEVICES.contains(&link.as_str()) {
             devices.insert(link);
@@ -240,6 +248,11 @@ fn fd_obstacles(links: impl Iterator<Item = String>) -> Vec<MigrationObstacle> {
             kinds: special.into_iter().collect(),
         });
     }
+    out.extend(
+        deleted
+            .into_iter()
+            .map(|(fd, path)| MigrationObstacle::DeletedFile { fd, path }),
+    );
     out
 }
 
@@ -297,9 +310,10 @@ mod tests {
             "/dev/vda",
             "anon_inode:[eventfd]",
             "/tmp/f",
+            "/tmp/gone (deleted)",
         ];
         assert_eq!(
-            fd_obstacles(links.iter().map(|s| s.to_string())),
+            fd_obstacles((0..).zip(links.iter().map(|s| s.to_string()))),
             [
                 MigrationObstacle::Sockets { count: 2 },
                 MigrationObstacle::Devices {
@@ -307,6 +321,10 @@ mod tests {
                 },
                 MigrationObstacle::SpecialFiles {
                     kinds: vec!["anon_inode:[eventfd]".into()]
+                },
+                MigrationObstacle::DeletedFile {
+                    fd: 7,
+                    path: "/tmp/gone".into()
                 },
             ]
         );

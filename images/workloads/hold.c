@@ -1,6 +1,7 @@
 /* hold MODE: sets up something that cannot migrate, prints "ready", then
  * prints "alive N" every 20 ms for about 4 s. MODE: thread, socket, shm,
- * sysv, pipe, device, timer (a POSIX timer). */
+ * sysv, pipe, device, timer (a POSIX timer), deleted (a file it has open is
+ * removed). */
 #include "common.h"
 #include <fcntl.h>
 #include <pthread.h>
@@ -47,6 +48,11 @@ int main(int argc, char **argv)
 		timer_t t;
 		if (timer_create(CLOCK_MONOTONIC, 0, &t))
 			fail("timer_create");
+	} else if (!strcmp(mode, "deleted")) {
+		char path[64];
+		snprintf(path, sizeof path, "/tmp/pmivmm-hold-%d", (int)getpid());
+		if (open(path, O_RDWR | O_CREAT | O_TRUNC, 0600) < 0 || unlink(path))
+			fail("deleted");
 	} else {
 		fail("unknown mode");
 	}

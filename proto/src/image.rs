@@ -19,7 +19,7 @@ use std::collections::BTreeSet;
 use serde::{Deserialize, Serialize};
 
 /// The version of the image format. Bump on any change to these types.
-pub const IMAGE_VERSION: u32 = 2;
+pub const IMAGE_VERSION: u32 = 3;
 
 /// The page size of the x86_64 guests.
 pub const PAGE_SIZE: u64 = 4096;
@@ -353,6 +353,10 @@ pub enum FdKind {
         flags: i32,
         offset: u64,
     },
+    /// Another descriptor of the same open file as `of` (an earlier
+    /// [`FdKind::Path`] entry): `dup`ed, so the two share one offset and
+    /// one set of flags, as they did. `cloexec` is this descriptor's own.
+    Dup { of: i32, cloexec: bool },
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
@@ -676,6 +680,7 @@ impl ProcessImage {
             });
         }
         let mut prev = -1;
+        let mut reopened = BTreeSet::new();
         for f in &self.fds {
             let bad = |reason| ImageError::BadFd { fd: f.fd, reason };
             if f.fd <= prev || f.fd >= limits::MAX_FD_NUMBER {
@@ -690,7 +695,12 @@ impl ProcessImage {
                     if *offset > i64::MAX as u64 {
                         return Err(bad("offset too large"));
                     }
+                    reopened.insert(f.fd);
                 }
+                FdKind::Dup { of, .. } if !reopened.contains(of) => {
+                    return Err(bad("duplicate of no earlier file opened by path"))
+                }
+                FdKind::Dup { .. } => {}
             }
         }
         Ok(())
@@ -824,6 +834,23 @@ mod tests {
     }
 
     #[test]
+    fn duplicated_descriptors_follow_their_file() {
+        let mut image = sample();
+        let path = FdKind::Path {
+            path: "/share/out".into(),
+            // O_WRONLY | O_APPEND
+            flags: 0o2001,
+            offset: 12,
+        };
+        let dup = |of| FdKind::Dup { of, cloexec: true };
+        for (fd, kind) in [(1, path), (2, dup(1)), (10, dup(1))] {
+            image.fds.push(FileDescriptor { fd, kind });
+        }
+        image.validate().unwrap();
+        assert_eq!(ProcessImage::from_bytes(&image.to_bytes()).unwrap(), image);
+    }
+
+    #[test]
     fn a_sane_image_passes_and_survives_postcard() {
         let image = sample();
         image.validate().unwrap();
@@ -892,6 +919,18 @@ mod tests {
                     })
                 },
                 "repeated",
+            ),
+            (
+                |i| {
+                    i.fds.push(FileDescriptor {
+                        fd: 5,
+                        kind: FdKind::Dup {
+                            of: 0,
+                            cloexec: false,
+                        },
+                    })
+                },
+                "duplicate of no earlier",
             ),
             (|i| i.cwd = "relative".into(), "not absolute"),
             (|i| i.regs.cs = 0x10, "segment"),

@@ -344,6 +344,12 @@ pub enum MigrationObstacle {
     Devices {
         paths: Vec<String>,
     },
+    /// A file it has open was deleted (or replaced) since it was opened: a
+    /// target could not reopen it by path.
+    DeletedFile {
+        fd: i32,
+        path: String,
+    },
     /// It has open fds of kinds that cannot be recreated (eventfd, epoll,
     /// signalfd, timerfd, ...): the /proc/PID/fd link targets.
     SpecialFiles {
@@ -383,6 +389,9 @@ impl fmt::Display for MigrationObstacle {
             MigrationObstacle::Sockets { count } => write!(f, "has {count} open socket(s)"),
             MigrationObstacle::Devices { paths } => {
                 write!(f, "has open devices: {}", paths.join(", "))
+            }
+            MigrationObstacle::DeletedFile { fd, path } => {
+                write!(f, "has fd {fd} open on {path}, which was deleted while open (it cannot be reopened by path)")
             }
             MigrationObstacle::SpecialFiles { kinds } => {
                 write!(f, "has open special files: {}", kinds.join(", "))

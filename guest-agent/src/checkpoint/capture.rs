@@ -36,6 +36,7 @@ use super::inject::{find_syscall_insn, InjectError, Injector};
 use super::pagemap::{runs, Pagemap, PagemapError, Select};
 use super::procfs::{self, MapsEntry, ProcfsError, Stat, Status, PF_KTHREAD};
 use super::tracee::{regs_to_image, rewind_interrupted_syscall, PtraceError, Tracee};
+use crate::procfs::deleted_file;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
@@ -64,6 +65,12 @@ pub enum CheckpointError {
     #[error("cannot stat mapped file {path}: {source}")]
     MappedFile {
         path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot tell whether fds {} and {} of PID {pid} share one open file (kcmp): {source}", fds.0, fds.1)]
+    Kcmp {
+        pid: i32,
+        fds: (i32, i32),
         source: std::io::Error,
     },
     #[cfg(test)]
@@ -499,6 +506,9 @@ fn harmless_device(path: &str) -> bool {
 /// Descriptors 0-2 that are regular files are reopened like the others
 /// (path, flags, offset: output redirected to a file continues in it);
 /// anything else on 0-2 is stdio, which the restorer's caller provides.
+/// Descriptors that share one open file (`dup`, `2>&1`) are found with
+/// `kcmp` among those with the same path, and restored as duplicates: one
+/// offset. A file deleted while open cannot be reopened by path.
 fn fds(
     pid: i32,
     obstacles: &mut Vec<MigrationObstacle>,
@@ -509,31 +519,31 @@ fn fds(
     let mut out = Vec::new();
     for fd in procfs::fd_numbers(pid)? {
         let link_path = std::path::PathBuf::from(format!("/proc/{pid}/fd/{fd}"));
+        let target = procfs::read_link(&link_path)?;
+        if let Some(path) = deleted_file(&target) {
+            obstacles.push(MigrationObstacle::DeletedFile {
+                fd,
+                path: path.into(),
+            });
+            continue;
+        }
         if fd <= 2 {
-            let target = procfs::read_link(&link_path)?;
             let regular = target.starts_with('/')
-                && !target.ends_with(" (deleted)")
                 && std::fs::metadata(&link_path)
                     .is_ok_and(|m| m.mode() & libc::S_IFMT == libc::S_IFREG);
             let kind = if regular {
-                let (offset, flags) = procfs::fdinfo(pid, fd)?;
-                FdKind::Path {
-                    path: target,
-                    flags,
-                    offset,
-                }
+                reopen(pid, fd, target, &out)?
             } else {
                 FdKind::Stdio
             };
             out.push(FileDescriptor { fd, kind });
             continue;
         }
-        let target = procfs::read_link(&link_path)?;
         if target.starts_with("socket:") {
             sockets += 1;
             continue;
         }
-        if !target.starts_with('/') || target.ends_with(" (deleted)") {
+        if !target.starts_with('/') {
             special.push(format!("{target} on fd {fd}"));
             continue;
         }
@@ -555,15 +565,8 @@ fn fds(
             special.push(format!("{target} on fd {fd}"));
             continue;
         }
-        let (offset, flags) = procfs::fdinfo(pid, fd)?;
-        out.push(FileDescriptor {
-            fd,
-            kind: FdKind::Path {
-                path: target,
-                flags,
-                offset,
-            },
-        });
+        let kind = reopen(pid, fd, target, &out)?;
+        out.push(FileDescriptor { fd, kind });
     }
     if sockets > 0 {
         obstacles.push(MigrationObstacle::Sockets { count: sockets });
@@ -575,6 +578,51 @@ fn fds(
         obstacles.push(MigrationObstacle::SpecialFiles { kinds: special });
     }
     Ok(out)
+}
+
+/// How descriptor `fd` of `pid`, open on `path`, is restored: as a
+/// duplicate of an earlier descriptor (in `earlier`) of the same open file,
+/// else by path with its flags and offset.
+fn reopen(
+    pid: i32,
+    fd: i32,
+    path: String,
+    earlier: &[FileDescriptor],
+) -> Result<FdKind, CheckpointError> {
+    let (offset, flags) = procfs::fdinfo(pid, fd)?;
+    for e in earlier {
+        if matches!(&e.kind, FdKind::Path { path: p, .. } if *p == path)
+            && same_file(pid, e.fd, fd)?
+        {
+            return Ok(FdKind::Dup {
+                of: e.fd,
+                cloexec: flags & libc::O_CLOEXEC != 0,
+            });
+        }
+    }
+    Ok(FdKind::Path {
+        path,
+        flags,
+        offset,
+    })
+}
+
+/// `kcmp` type: whether two descriptors refer to one open file description.
+const KCMP_FILE: libc::c_int = 0;
+
+/// Whether descriptors `a` and `b` of `pid` share one open file.
+fn same_file(pid: i32, a: i32, b: i32) -> Result<bool, CheckpointError> {
+    // SAFETY: kcmp only compares kernel objects of the given process; it
+    // reads and writes no memory of ours.
+    let r = unsafe { libc::syscall(libc::SYS_kcmp, pid, pid, KCMP_FILE, a, b) };
+    if r < 0 {
+        return Err(CheckpointError::Kcmp {
+            pid,
+            fds: (a, b),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(r == 0)
 }
 
 /// An injector for a process this thread holds stopped (a deputy): its

@@ -714,22 +714,32 @@ fn set_mm(child: &RestoredChild, image: &ProcessImage) -> Result<(), RestoreErro
     Ok(())
 }
 
-/// Reopens files by path at their descriptor number and offset. Opening in
+/// Reopens files by path at their descriptor number and offset, and
+/// duplicates the descriptors that shared an open file. Opening in
 /// ascending order with no other descriptor above 2 makes `open` return the
 /// wanted number whenever the numbers are dense.
 fn restore_fds(child: &RestoredChild, image: &ProcessImage) -> Result<(), RestoreError> {
+    let inject = &child.injector;
     for f in &image.fds {
-        let FdKind::Path {
-            path,
-            flags,
-            offset,
-        } = &f.kind
-        else {
-            continue;
+        let (path, flags, offset) = match &f.kind {
+            FdKind::Stdio => continue,
+            FdKind::Dup { of, cloexec } => {
+                let cloexec = if *cloexec { libc::O_CLOEXEC as u64 } else { 0 };
+                inject.call(
+                    || format!("dup3 of fd {of} to {}", f.fd),
+                    libc::SYS_dup3,
+                    &[*of as u64, f.fd as u64, cloexec],
+                )?;
+                continue;
+            }
+            FdKind::Path {
+                path,
+                flags,
+                offset,
+            } => (path, flags, offset),
         };
         let open_flags = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_NOCTTY);
         let fd = child.call_with_path("open", libc::SYS_open, path, &[open_flags as u64])?;
-        let inject = &child.injector;
         if *offset != 0 {
             inject.call(
                 || format!("lseek of {path}"),

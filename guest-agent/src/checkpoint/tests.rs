@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use pmivmm_proto::image::{
-    FpuKind, FpuState, ImageError, Itimer, PageKind, PageRef, PageRun, ProcessImage, FXSAVE_AREA_LEN,
-    PAGE_SIZE,
+    FdKind, FpuKind, FpuState, ImageError, Itimer, PageKind, PageRef, PageRun, ProcessImage,
+    FXSAVE_AREA_LEN, PAGE_SIZE,
 };
 use pmivmm_proto::MigrationObstacle;
 
@@ -312,6 +312,32 @@ fn file_offsets_round_trip() {
     round_trip("files", "files", &[target.to_str().unwrap()], &[], 50..500);
 }
 
+/// Descriptors that share one open file (`dup2`, and the harness's stdout
+/// and stderr) are captured as duplicates; O_APPEND is kept.
+#[test]
+fn shared_and_appending_descriptors_are_captured_as_such() {
+    require_root();
+    let target = work_dir().join(format!("files-dup-{}.data", std::process::id()));
+    let w = Workload::start("files-dup", "files", &[target.to_str().unwrap()], &[]);
+    w.wait_for("wrote 1\n");
+    let (image, _) = capture(w.pid()).unwrap_or_else(|e| panic!("capture failed: {e}"));
+    kill_original(w.pid()).unwrap();
+    let kind = |fd| {
+        image
+            .fds
+            .iter()
+            .find(|f| f.fd == fd)
+            .map(|f| f.kind.clone())
+    };
+    let dup = |of| Some(FdKind::Dup { of, cloexec: false });
+    assert_eq!(kind(2), dup(1));
+    assert_eq!(kind(11), dup(10));
+    assert!(matches!(kind(3), Some(FdKind::Path { flags, .. }) if flags & libc::O_APPEND != 0));
+    assert!(
+        matches!(kind(4), Some(FdKind::Path { flags, .. }) if flags & libc::O_ACCMODE == libc::O_RDWR)
+    );
+}
+
 /// Starts `hold MODE`, expects capture and a first pre-copy round to refuse
 /// it naming `expected`, and checks that it was left running, untraced, and
 /// finishes normally.
@@ -378,6 +404,14 @@ fn posix_timers_are_refused() {
     refused("timer", |o| {
         matches!(o, MigrationObstacle::PosixTimers { count: 1 })
     });
+}
+
+#[test]
+fn file_deleted_while_open_is_refused() {
+    refused(
+        "deleted",
+        |o| matches!(o, MigrationObstacle::DeletedFile { path, .. } if path.starts_with("/tmp/pmivmm-hold-")),
+    );
 }
 
 /// A capture that fails half-way (syscalls already injected, the timers
