@@ -89,8 +89,20 @@ pub struct Node {
 impl Node {
     /// Starts `pmivmm --node` named `t<pid>-<tag>`, with its console and log
     /// in a scratch directory. The VMM is killed if the thread that started
-    /// it exits.
+    /// it exits. It shares nothing unless `extra` has a `--share` (the
+    /// default share, the test's working directory, is not the tests' to use).
     pub fn start(tag: &str, extra: &[&str]) -> Node {
+        let no_share: &[&str] = if extra.contains(&"--share") { &[] } else { &["--no-share"] };
+        Node::spawn(tag, None, &[extra, no_share].concat())
+    }
+
+    /// Starts a node like [`Node::start`], run in `cwd` and given the
+    /// default share, which is then `cwd`.
+    pub fn start_in(tag: &str, cwd: &Path, extra: &[&str]) -> Node {
+        Node::spawn(tag, Some(cwd), extra)
+    }
+
+    fn spawn(tag: &str, cwd: Option<&Path>, extra: &[&str]) -> Node {
         require_kvm();
         let name = &format!("t{}-{tag}", std::process::id());
         let dir = scratch_dir(tag);
@@ -103,6 +115,9 @@ impl Node {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
+        if let Some(dir) = cwd {
+            cmd.current_dir(dir);
+        }
         // SAFETY: prctl is async-signal-safe; the closure touches nothing else.
         unsafe {
             cmd.pre_exec(|| {

@@ -1,8 +1,11 @@
 //! `pmivmm --node --share DIR` with a real node VM: the guest mounts DIR at
 //! the same path, runs a static program from it that writes a result the
 //! host reads, sees host changes at once (cache=none), and cannot reach
-//! host files outside DIR through `..` or symlinks the host planted.
-//! One node for the whole file (a boot costs ~45 s on the development hosts).
+//! host files outside DIR through `..` or symlinks the host planted. A
+//! second node, started in DIR without `--share` (the default share is the
+//! working directory), sees the first one's writes at once and the other
+//! way round. Two nodes, booted together, for the whole file (a boot costs
+//! ~45 s on the development hosts).
 
 use std::fs;
 use std::os::unix::fs::{symlink, MetadataExt};
@@ -44,7 +47,7 @@ fn exec(node: &Node, cwd: &Path, script: &str) -> (Option<i32>, String, String) 
 }
 
 #[test]
-fn share_runs_programs_and_confines_the_guest() {
+fn share_runs_programs_confines_the_guest_and_joins_two_nodes() {
     let top = scratch_dir("share-dir");
     let share = top.join("share");
     let outside = top.join("outside");
@@ -60,12 +63,15 @@ fn share_runs_programs_and_confines_the_guest() {
     let share = share.canonicalize().unwrap();
 
     let mut node = Node::start("share", &["--timeout", "900", "--share", share.to_str().unwrap()]);
-    node.wait_console("pmivmm-agent ready", BOOT_TIMEOUT);
-    assert!(
-        node.console().contains(&format!("pmivmm-agent: share mounted at {}", share.display())),
-        "--- console\n{}",
-        node.console()
-    );
+    let mut other = Node::start_in("share-default", &share, &["--timeout", "900"]);
+    for n in [&mut node, &mut other] {
+        n.wait_console("pmivmm-agent ready", BOOT_TIMEOUT);
+        assert!(
+            n.console().contains(&format!("pmivmm-agent: share mounted at {}", share.display())),
+            "--- console\n{}",
+            n.console()
+        );
+    }
 
     // A static program from the share, run in the share, writes a result file.
     let (code, out, err) = exec(&node, &share, "./prog one two && cat result.txt");
@@ -100,8 +106,22 @@ fn share_runs_programs_and_confines_the_guest() {
     assert_ne!(code, Some(0), "the guest created a symlink");
     assert!(fs::symlink_metadata(share.join("guest-link")).is_err());
 
-    let (st, _, err) = run_pmivmm(&["stop", "--node", &node.name]);
-    assert!(st.success(), "{err}");
-    node.wait_exit(std::time::Duration::from_secs(60));
+    // Two nodes on one share see each other's writes at once, also to a
+    // file the reader has read before (no cached copy in either guest).
+    let (code, _, err) = exec(&node, &share, "echo one > both && cat both");
+    assert_eq!(code, Some(0), "stderr: {err}");
+    let (code, out, err) = exec(&other, &share, "cat both && echo two >> both");
+    assert_eq!((code, out.as_str()), (Some(0), "one\n"), "stderr: {err}");
+    let (code, out, err) = exec(&node, &share, "cat both && echo three > both");
+    assert_eq!((code, out.as_str()), (Some(0), "one\ntwo\n"), "stderr: {err}");
+    let (code, out, err) = exec(&other, &share, "cat both");
+    assert_eq!((code, out.as_str()), (Some(0), "three\n"), "stderr: {err}");
+    assert_eq!(fs::read_to_string(share.join("both")).unwrap(), "three\n");
+
+    for n in [&mut node, &mut other] {
+        let (st, _, err) = run_pmivmm(&["stop", "--node", &n.name]);
+        assert!(st.success(), "{err}");
+        n.wait_exit(std::time::Duration::from_secs(60));
+    }
     let _ = fs::remove_dir_all(&top);
 }

@@ -1,6 +1,7 @@
 //! Configuration of a node VM, separate from the code that builds it.
 
-use std::path::PathBuf;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Where the guest console goes.
@@ -114,6 +115,39 @@ impl ShareConfig {
     pub fn new(host_dir: PathBuf) -> Self {
         ShareConfig { host_dir, tag: Self::DEFAULT_TAG.to_owned() }
     }
+
+    /// The share of a node started without `--share`: the directory pmivmm runs in, as a command run
+    /// from there sees it. Named as the shell names it (`$PWD`, symlinks kept, when that is the same
+    /// directory), so that the guest finds the user's files at the path the user knows. Err says why
+    /// that directory cannot be shared (`/`, a directory the guest needs for itself, a path the
+    /// kernel command line cannot carry).
+    pub fn working_dir() -> Result<Self, String> {
+        let cwd = std::env::current_dir().map_err(|e| format!("cannot find the working directory: {e}"))?;
+        let same_dir = |p: &Path| {
+            let (a, b) = (std::fs::metadata(p), std::fs::metadata(&cwd));
+            matches!((a, b), (Ok(a), Ok(b)) if (a.dev(), a.ino()) == (b.dev(), b.ino()))
+        };
+        let dir = match std::env::var_os("PWD").map(PathBuf::from) {
+            Some(pwd) if pwd.is_absolute() && same_dir(&pwd) => pwd,
+            _ => cwd,
+        };
+        let share = ShareConfig::new(dir);
+        crate::devices::virtio::p9::guest_path(&share).map_err(|e| e.to_string())?;
+        Ok(share)
+    }
+}
+
+/// Directories of the guest that a share mounted on them or on one of their parents would hide
+/// (its programs, its configuration, its kernel file systems).
+const GUEST_SYSTEM_DIRS: [&str; 9] =
+    ["/bin", "/sbin", "/usr/bin", "/usr/sbin", "/etc", "/init", "/dev", "/proc", "/sys"];
+/// Guest kernel file systems, where no share can be mounted.
+const GUEST_KERNEL_FS: [&str; 3] = ["/dev", "/proc", "/sys"];
+
+/// The guest directory that a share mounted at `dir` (absolute) would hide or lie in, if any.
+pub fn guest_dir_in_the_way(dir: &Path) -> Option<&'static str> {
+    let hidden = GUEST_SYSTEM_DIRS.iter().find(|d| Path::new(d).starts_with(dir));
+    hidden.or_else(|| GUEST_KERNEL_FS.iter().find(|d| dir.starts_with(d))).copied()
 }
 
 /// The node's virtio-vsock device and its Unix-socket backend.
@@ -185,6 +219,19 @@ pub fn default_initrd() -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shares_that_would_hide_guest_directories() {
+        let in_the_way = |d: &str| guest_dir_in_the_way(Path::new(d));
+        assert_eq!(in_the_way("/"), Some("/bin"));
+        assert_eq!(in_the_way("/usr"), Some("/usr/bin"));
+        assert_eq!(in_the_way("/etc"), Some("/etc"));
+        assert_eq!(in_the_way("/proc/self"), Some("/proc"));
+        assert_eq!(in_the_way("/home/ann/src"), None);
+        assert_eq!(in_the_way("/usr/local/src"), None);
+        assert_eq!(in_the_way("/tmp"), None);
+        assert_eq!(in_the_way("/binaries"), None);
+    }
 
     #[test]
     fn memory_sizes() {

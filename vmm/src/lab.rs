@@ -32,6 +32,7 @@ use anyhow::{bail, Context};
 
 use crate::cluster::membership::Health;
 use crate::cluster::ClusterView;
+use crate::config::ShareConfig;
 use crate::control::{self, NodeState};
 use crate::rundir::{self, NodePaths};
 
@@ -60,9 +61,13 @@ pub enum LabCommand {
         /// Guest RAM of each node, in MiB or with a unit (256M, 1G).
         #[arg(long, default_value = "256M", value_parser = crate::config::parse_mem_mib)]
         mem: u64,
-        /// Share a host directory with every node (mounted at the same path).
-        #[arg(long, value_name = "DIR")]
+        /// Share a host directory with every node (mounted at the same path)
+        /// [default: the directory pmivmm runs in, as for `pmivmm --node`].
+        #[arg(long, value_name = "DIR", conflicts_with = "no_share")]
         share: Option<PathBuf>,
+        /// Share nothing with the nodes.
+        #[arg(long)]
+        no_share: bool,
         /// Give up waiting for the nodes after this many seconds (they keep
         /// running; `pmivmm lab down` stops them).
         #[arg(long, value_name = "SECONDS", default_value_t = 900)]
@@ -76,8 +81,8 @@ pub enum LabCommand {
 /// Runs a `pmivmm lab` command.
 pub fn run(cmd: LabCommand) -> anyhow::Result<()> {
     match cmd {
-        LabCommand::Up { nodes, mem, share, timeout } => {
-            up(&UpOptions { nodes, mem_mib: mem, share, timeout: Duration::from_secs(timeout) })
+        LabCommand::Up { nodes, mem, share, no_share, timeout } => {
+            up(&UpOptions { nodes, mem_mib: mem, share, no_share, timeout: Duration::from_secs(timeout) })
         }
         LabCommand::Down => down(),
     }
@@ -262,9 +267,13 @@ pub fn node_command(exe: &Path, node: LabNode, mem_mib: u64, share: Option<&Path
     }
     argv.push("--console".into());
     argv.push(console_file(log_dir, node).into());
-    if let Some(dir) = share {
-        argv.push("--share".into());
-        argv.push(dir.into());
+    // Explicit either way: the node's own default would be the directory `ip` runs it in.
+    match share {
+        Some(dir) => {
+            argv.push("--share".into());
+            argv.push(dir.into());
+        }
+        None => argv.push("--no-share".into()),
     }
     argv
 }
@@ -302,6 +311,7 @@ struct UpOptions {
     nodes: u32,
     mem_mib: u64,
     share: Option<PathBuf>,
+    no_share: bool,
     timeout: Duration,
 }
 
@@ -361,9 +371,13 @@ fn up(opts: &UpOptions) -> anyhow::Result<()> {
     for (what, path) in [("guest kernel", crate::config::default_kernel()), ("initramfs", crate::config::default_initrd())] {
         anyhow::ensure!(path.exists(), "no {what} at {} (scripts/node.sh builds it)", path.display());
     }
-    let share = match &opts.share {
-        Some(d) => Some(fs::canonicalize(d).with_context(|| format!("cannot share {}", d.display()))?),
-        None => None,
+    let share = match (&opts.share, opts.no_share) {
+        (Some(d), _) => Some(fs::canonicalize(d).with_context(|| format!("cannot share {}", d.display()))?),
+        (None, true) => None,
+        (None, false) => ShareConfig::working_dir()
+            .inspect_err(|why| println!("pmivmm lab: no share: {why} (--share DIR shares another)"))
+            .ok()
+            .map(|s| s.host_dir),
     };
     if let Some(d) = &share {
         anyhow::ensure!(d.is_dir(), "cannot share {}: not a directory", d.display());
@@ -375,6 +389,9 @@ fn up(opts: &UpOptions) -> anyhow::Result<()> {
     let start = Instant::now();
     let n = opts.nodes;
     println!("pmivmm lab: {n} node(s) of {} MiB on bridge {BRIDGE} ({HOST_ADDR}/{PREFIX_LEN})", opts.mem_mib);
+    if let Some(d) = &share {
+        println!("  share: {} (mounted at the same path in every node)", d.display());
+    }
     let cmds = up_commands(n);
     for cmd in &cmds {
         if let Err(e) = ip(cmd) {
@@ -803,7 +820,7 @@ mod tests {
         assert_eq!(
             s(node_command(exe, LabNode(1), 256, None, logs)),
             "netns exec pmivmm-lab-n1 /usr/bin/pmivmm --node --name lab1 --mem 256M --listen 10.77.0.11:7000 \
-             --console /run/pmivmm/.lab/lab1.console"
+             --console /run/pmivmm/.lab/lab1.console --no-share"
         );
         assert_eq!(
             s(node_command(exe, LabNode(3), 512, Some(Path::new("/srv/share")), logs)),

@@ -326,9 +326,14 @@ struct NodeArgs {
     system_map: Option<PathBuf>,
     /// Share a host directory with the node (virtio-9p): the guest mounts it at
     /// the same path, read-write; files it creates belong to the user running
-    /// pmivmm, and it cannot reach anything outside DIR. [default: no share]
-    #[arg(long, value_name = "DIR")]
+    /// pmivmm, and it cannot reach anything outside DIR. [default: the
+    /// directory pmivmm runs in, unless that is / or hides a directory the
+    /// guest needs (/etc, /usr, ...): then no share]
+    #[arg(long, value_name = "DIR", conflicts_with = "no_share")]
     share: Option<PathBuf>,
+    /// Share nothing with the node (not even the working directory).
+    #[arg(long)]
+    no_share: bool,
     /// Address other nodes' VMMs reach this node at for migrations (port 0: any
     /// free port; the chosen address is in the node's run directory).
     #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:0")]
@@ -386,7 +391,13 @@ impl NodeArgs {
                 None => None,
             },
             vsock: Some(VsockConfig::new(paths.vsock())),
-            share: self.share.map(ShareConfig::new),
+            share: match (self.share, self.no_share) {
+                (Some(dir), _) => Some(ShareConfig::new(dir)),
+                (None, true) => None,
+                (None, false) => ShareConfig::working_dir()
+                    .inspect_err(|why| tracing::info!("no share: {why} (--share DIR shares another)"))
+                    .ok(),
+            },
             peer: PeerConfig {
                 listen: self.listen,
                 cluster_key: self.cluster_key.unwrap_or_else(pmivmm::rundir::default_cluster_key),

@@ -17,7 +17,7 @@
 pub mod msg;
 pub mod server;
 
-use std::path::PathBuf;
+use std::path::{Component, PathBuf};
 use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueT};
@@ -27,7 +27,7 @@ use vmm_sys_util::epoll::Epoll;
 use self::server::{FileServer, MAX_MSIZE};
 use super::worker::{self, Active, Commands, WorkerThread};
 use super::{read_config_bytes, ActivateError, ActiveQueue, Interrupt, VirtioDevice};
-use crate::config::ShareConfig;
+use crate::config::{self, ShareConfig};
 use crate::guest_warn;
 
 /// Virtio device id of 9p.
@@ -47,9 +47,14 @@ pub enum Error {
     Dir { path: PathBuf, source: std::io::Error },
     #[error(
         "cannot share {0}: the guest mounts the share at the same path, passed on the kernel command line, \
-         so it must be valid UTF-8 without white space, quotes or control characters"
+         so it must be valid UTF-8 without white space, quotes, control characters or `..`"
     )]
     BadPath(PathBuf),
+    #[error(
+        "cannot share {path}: the guest mounts the share at the same path, where it would hide or lie in \
+         the guest's own {guest_dir}; share a directory below it, or another one"
+    )]
+    InTheWay { path: PathBuf, guest_dir: &'static str },
     #[error("the 9p mount tag {0:?} is invalid (1 to {MAX_TAG_LEN} letters, digits, '-', '_' or '.')")]
     BadTag(String),
     #[error("setting up the 9p device's event loop: {0}")]
@@ -75,8 +80,13 @@ pub fn guest_path(config: &ShareConfig) -> Result<String, Error> {
     let dir = std::path::absolute(&config.host_dir)
         .map_err(|source| Error::Dir { path: config.host_dir.clone(), source })?;
     let s = dir.to_str().ok_or_else(|| Error::BadPath(dir.clone()))?;
-    if s.chars().any(|c| c.is_whitespace() || c.is_control() || c == '"' || c == '\'' || c == '\\') {
+    if s.chars().any(|c| c.is_whitespace() || c.is_control() || c == '"' || c == '\'' || c == '\\')
+        || dir.components().any(|c| c == Component::ParentDir)
+    {
         return Err(Error::BadPath(dir.clone()));
+    }
+    if let Some(guest_dir) = config::guest_dir_in_the_way(&dir) {
+        return Err(Error::InTheWay { path: dir, guest_dir });
     }
     Ok(s.to_owned())
 }

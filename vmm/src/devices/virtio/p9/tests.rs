@@ -387,6 +387,10 @@ fn config_space_is_the_mount_tag() {
     let spaced = fs.dir.join("a b");
     std::fs::create_dir(&spaced).unwrap();
     assert!(matches!(create(&share_config(&spaced)), Err(Error::BadPath(_))));
+    assert!(matches!(create(&share_config(&fs.dir.join("../x/.."))), Err(Error::BadPath(_))));
+    for hides in ["/", "/usr", "/etc"] {
+        assert!(matches!(create(&share_config(Path::new(hides))), Err(Error::InTheWay { .. })), "{hides}");
+    }
     let args = cmdline_args(&share_config(&fs.dir)).unwrap();
     assert_eq!(args, format!("PMIVMM_SHARE={} PMIVMM_SHARE_TAG=pmivmm", fs.dir.display()));
     // Relative paths become absolute; symlinks are kept (the guest mounts at the path given).
