@@ -247,6 +247,15 @@ enum BenchCommand {
         #[arg(long, default_value_t = 150)]
         units: u32,
     },
+    /// Write and read throughput of a file in a running node's share (virtio-9p)
+    /// beside the same dd on the host; where the node's time goes.
+    Share {
+        #[command(flatten)]
+        node: NodeRef,
+        /// Size of the file, in MiB.
+        #[arg(long, default_value_t = 64)]
+        mib: u64,
+    },
     /// Throughput and latency of a running node's vsock channel beside a Unix socket.
     Channel {
         #[command(flatten)]
@@ -494,6 +503,9 @@ fn main() -> ExitCode {
         }
         Command::Bench(BenchCommand::Cluster { node, jobs, units }) => {
             pmivmm::bench::cluster::run(&pmivmm::bench::cluster::ClusterBench { node: node.name, jobs, units }).map(|()| 0)
+        }
+        Command::Bench(BenchCommand::Share { node, mib }) => {
+            pmivmm::bench::share::run(&pmivmm::bench::share::ShareBench { node: node.name, mib }).map(|()| 0)
         }
         Command::Bench(BenchCommand::Channel { node, mib, rounds }) => {
             pmivmm::bench::channel::run(&pmivmm::bench::channel::ChannelBench { node: node.name, mib, rounds })

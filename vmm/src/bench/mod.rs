@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod cluster;
 pub mod guest;
 pub mod migrate;
+pub mod share;
 
 use std::os::unix::net::UnixStream;
 use std::path::Path;
