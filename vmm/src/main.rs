@@ -181,6 +181,14 @@ enum Command {
     /// Fuzz the decoders of untrusted input (peer, agent, vsock, mmio, p9,
     /// checkpoint) and report executions, outcome classes and crashes.
     Fuzz(pmivmm::fuzz::command::FuzzArgs),
+    /// Migration soak on running nodes: self-checking jobs started on the
+    /// first node migrate back and forth for --duration seconds, every other
+    /// migration with a fault injected at the target (drop the link, stall,
+    /// corrupt a frame; at the offer, image, commit or running point); then
+    /// every job must have finished with the output and exit status of an
+    /// uninterrupted run, or still run correctly on exactly one node. Prints
+    /// the counts; exits 1 if a job was lost, duplicated or corrupted.
+    Soak(commands::soak::SoakArgs),
     /// Benchmarks that print tables.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -487,6 +495,7 @@ fn main() -> ExitCode {
             commands::mon::run(&node.name, Duration::from_millis(interval)).map(|()| 0)
         }
         Command::Lab(cmd) => pmivmm::lab::run(cmd).map(|()| 0),
+        Command::Soak(args) => commands::soak::run(&args).map(|r| if r.clean() { 0 } else { 1 }),
         Command::Fuzz(args) => pmivmm::fuzz::command::run(&args).map(|clean| if clean { 0 } else { 1 }),
         Command::Bench(BenchCommand::Boot { runs, mem, node_args }) => {
             pmivmm::bench::boot::run(&pmivmm::bench::boot::BootBench { runs, mem, node_args }).map(|()| 0)

@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod cluster;
 pub mod migrate;
 pub mod mon;
+pub mod soak;
 mod exec;
 pub mod tables;
 

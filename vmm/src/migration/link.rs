@@ -21,6 +21,8 @@ pub struct SyncReader {
 pub struct SyncWriter {
     rt: Handle,
     inner: PeerWriter,
+    /// A corrupted frame was (or is about to be) sent: the peer drops the link.
+    corrupted: bool,
 }
 
 /// Connects to the peer at `addr` and authenticates; returns the peer's
@@ -39,7 +41,7 @@ pub fn connect(
 pub fn split(rt: &Handle, link: PeerLink) -> (String, SyncReader, SyncWriter) {
     let peer = link.peer_name().to_owned();
     let (r, w) = link.into_split();
-    (peer, SyncReader { rt: rt.clone(), inner: r }, SyncWriter { rt: rt.clone(), inner: w })
+    (peer, SyncReader { rt: rt.clone(), inner: r }, SyncWriter { rt: rt.clone(), inner: w, corrupted: false })
 }
 
 impl SyncReader {
@@ -68,5 +70,17 @@ impl SyncWriter {
     /// or bytes).
     pub fn send_data<D: FrameData + ?Sized>(&mut self, msg: &PeerMsg, data: &D) -> Result<(), Error> {
         Ok(self.rt.block_on(self.inner.send_with_data(msg, data))?)
+    }
+
+    /// Fault injection: the next message goes out corrupted, and the peer
+    /// will drop the link when it reads it.
+    pub fn corrupt_next(&mut self) {
+        self.corrupted = true;
+        self.inner.corrupt_next_frame();
+    }
+
+    /// Whether [`SyncWriter::corrupt_next`] poisoned this link.
+    pub fn corrupted(&self) -> bool {
+        self.corrupted
     }
 }

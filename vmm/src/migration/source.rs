@@ -25,7 +25,7 @@ const MAX_ROUNDS: usize = 5;
 /// faults every page in, ~2.5 ms a page on emulated hosts).
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(900);
 /// How long the target may take to answer an offer.
-const ACCEPT_TIMEOUT: Duration = Duration::from_secs(30);
+pub(super) const ACCEPT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the source tries to learn the outcome of a migration whose link
 /// broke after `Commit`.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(60);

@@ -76,14 +76,22 @@ impl MigrationNode {
     }
 }
 
-/// Fault injection for the failure-safety tests: a file `fault` in the
-/// node's run directory holding `<point> <action>` arms one fault for the
-/// next incoming migration (the file is removed when it fires). Points:
-/// `offer` (offer received), `image` (process prepared), `commit` (pages
-/// written, not started), `running` (started, `Running` not sent yet).
-/// Actions: `drop` (close the link) or `exit` (the VMM dies at once, with
-/// its VM). Only root can write the run directory of a root node.
-fn fault_point(node: &MigrationNode, point: &str) -> Result<(), Error> {
+/// How long a `stall` fault sleeps: longer than the source waits for the
+/// answer to its offer (at later points the source waits longer, and the
+/// stall only slows the migration down).
+const STALL: Duration = Duration::from_secs(super::source::ACCEPT_TIMEOUT.as_secs() + 5);
+
+/// Fault injection for the failure-safety tests and `pmivmm soak`: a file
+/// `fault` in the node's run directory holding `<point> <action>` arms one
+/// fault for the next incoming migration (the file is removed when it
+/// fires). Points: `offer` (offer received), `image` (process prepared),
+/// `commit` (pages written, not started), `running` (started, `Running` not
+/// sent yet). Actions: `drop` (close the link), `exit` (the VMM dies at
+/// once, with its VM), `stall` (sleep for [`STALL`], then go on) or
+/// `corrupt` (the next message to the source goes out with a flipped bit;
+/// its authentication rejects it and the link). Only root can write the run
+/// directory of a root node.
+fn fault_point(node: &MigrationNode, point: &str, tx: &mut SyncWriter) -> Result<(), Error> {
     let Some(path) = node.fault_file.as_deref() else { return Ok(()) };
     let Ok(armed) = std::fs::read_to_string(path) else { return Ok(()) };
     let mut words = armed.split_whitespace();
@@ -95,6 +103,16 @@ fn fault_point(node: &MigrationNode, point: &str) -> Result<(), Error> {
         Some("exit") => {
             tracing::error!("fault injection: the VMM exits at migration point {point}");
             std::process::exit(1);
+        }
+        Some("stall") => {
+            tracing::warn!("fault injection: stalling the migration for {STALL:?} at point {point}");
+            thread::sleep(STALL);
+            Ok(())
+        }
+        Some("corrupt") => {
+            tracing::warn!("fault injection: corrupting the next frame to the source at point {point}");
+            tx.corrupt_next();
+            Ok(())
         }
         _ => {
             tracing::warn!("fault injection: dropping the migration link at point {point}");
@@ -116,7 +134,7 @@ pub fn receive(node: &Arc<MigrationNode>, source: String, offer: Offer, mut rx: 
                 offer.home.node,
                 offer.home.pid
             );
-            let home_link = match fault_point(node, "running") {
+            let home_link = match fault_point(node, "running", &mut tx) {
                 // The source is left in doubt and asks (`Query`); the relay
                 // attaches to the home by itself.
                 Err(_) => home_link,
@@ -124,8 +142,13 @@ pub fn receive(node: &Arc<MigrationNode>, source: String, offer: Offer, mut rx: 
                     if tx.send(&PeerMsg::Running { pid }).is_err() {
                         tracing::warn!("migration {id:#x}: the source left before it heard that PID {pid} runs");
                     }
-                    // When the source is the home, this link is the home link.
-                    home_link.or(Some(relay::HomeLink::Remote(rx, tx)))
+                    if tx.corrupted() {
+                        // The source rejects this link and asks, as above.
+                        home_link
+                    } else {
+                        // When the source is the home, this link is the home link.
+                        home_link.or(Some(relay::HomeLink::Remote(rx, tx)))
+                    }
                 }
             };
             relay::start(node, pid, offer.home, session, home_link);
@@ -157,7 +180,7 @@ fn run(
     if node.cluster.is_blocked() {
         return Err(Error::Blocked(node.name.clone()));
     }
-    fault_point(node, "offer")?;
+    fault_point(node, "offer", tx)?;
     tx.send(&PeerMsg::Accepted)?;
     let limit = (node.memory_bytes() / PAGE_SIZE) as usize;
     let mut store = PageStore::new(limit);
@@ -175,7 +198,7 @@ fn run(
                 frames::check_order(&targets, &parsed.pages)?;
                 frames::check_frames(&node.memory, &targets)?;
                 prepared = Some((agent, targets));
-                fault_point(node, "image")?;
+                fault_point(node, "image", tx)?;
             }
             PeerMsg::Commit => {
                 let Some((agent, targets)) = prepared else {
@@ -187,7 +210,7 @@ fn run(
                 } else {
                     Some(relay::attach_home(node, &offer.home)?)
                 };
-                fault_point(node, "commit")?;
+                fault_point(node, "commit", tx)?;
                 if !node.begin_commit(offer.id) {
                     return Err(Error::Refused("the source gave the migration up".into()));
                 }

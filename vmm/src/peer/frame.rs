@@ -132,12 +132,22 @@ pub(super) struct FrameWriter<W> {
     piece: Vec<u8>,
     peer: Arc<str>,
     broken: bool,
+    /// Fault injection: flip a bit of the next frame after sealing it.
+    corrupt_next: bool,
 }
 
 impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     pub(super) fn new(io: W, key: [u8; 32], peer: Arc<str>) -> Self {
         let sealer = Sealer::new(&key);
-        FrameWriter { io, sealer, seq: 0, header: Vec::new(), piece: Vec::new(), peer, broken: false }
+        let (header, piece) = (Vec::new(), Vec::new());
+        FrameWriter { io, sealer, seq: 0, header, piece, peer, broken: false, corrupt_next: false }
+    }
+
+    /// Fault injection (the migration soak and failure-safety tests): the
+    /// next frame goes out with one bit of its sealed message flipped, so
+    /// that the peer's authentication rejects it.
+    pub(super) fn corrupt_next(&mut self) {
+        self.corrupt_next = true;
     }
 
     /// Sends one frame and flushes it.
@@ -164,6 +174,10 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         prefix[..4].copy_from_slice(&(header.len() as u32).to_le_bytes());
         prefix[4..].copy_from_slice(&(data_len as u32).to_le_bytes());
         let header_tag = self.sealer.seal(self.seq, 0, &prefix, &mut header);
+        if mem::take(&mut self.corrupt_next) {
+            // A message encodes to one byte at least.
+            header[0] ^= 1;
+        }
 
         self.broken = true;
         let mut piece = mem::take(&mut self.piece);
@@ -414,6 +428,18 @@ mod tests {
                 assert_frame_error(end, |e| matches!(e, FrameError::BadMac));
             }
         }
+    }
+
+    #[tokio::test]
+    async fn injected_corruption_hits_only_the_next_frame() {
+        let mut writer = FrameWriter::new(Vec::new(), KEY, "test".into());
+        writer.send(&msg(1), &[][..]).await.unwrap();
+        writer.corrupt_next();
+        writer.send(&msg(2), &[][..]).await.unwrap();
+        assert!(!writer.corrupt_next);
+        let (frames, end) = decode(KEY, &writer.io).await;
+        assert_eq!(frames, vec![(msg(1), Vec::new())]);
+        assert_frame_error(end, |e| matches!(e, FrameError::BadMac));
     }
 
     #[tokio::test]

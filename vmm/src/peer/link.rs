@@ -168,6 +168,12 @@ impl PeerWriter {
     pub async fn shutdown(&mut self) -> Result<(), Error> {
         self.frames.shutdown().await
     }
+
+    /// Fault injection: the next frame is sent with a flipped bit (the peer
+    /// rejects it and the link).
+    pub fn corrupt_next_frame(&mut self) {
+        self.frames.corrupt_next();
+    }
 }
 
 impl PeerReader {
