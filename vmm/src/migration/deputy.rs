@@ -5,11 +5,15 @@
 //! relays (output, exit status) and sends the signals it receives to that
 //! host. Hosts attach and leave as the process moves on: a process moving
 //! from n2 to n3 has both links for a moment (n3 attaches before n2 hands
-//! off). When no host is attached for [`REATTACH_GRACE`], the process is
-//! lost (its host died) and the deputy is killed, so that its parent learns
-//! of it instead of waiting forever.
+//! off). Output reaches home in the order the process wrote it: a newer
+//! host's output is held back until the older hosts have handed off (or
+//! their links broke), up to [`MAX_HELD`] bytes. When no host is attached
+//! for [`REATTACH_GRACE`], the process is lost (its host died) and the
+//! deputy is killed, so that its parent learns of it instead of waiting
+//! forever.
 
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -26,6 +30,12 @@ use crate::devices::lock;
 const REATTACH_GRACE: Duration = Duration::from_secs(45);
 /// A relay link may be silent this long (a process printing nothing).
 const LINK_IDLE: Duration = Duration::from_secs(3600);
+/// Output of newer hosts held back while an older host has not handed off;
+/// beyond this it is written out of order rather than kept.
+const MAX_HELD: usize = 1 << 20;
+
+/// One attachment of a host to a deputy; later attachments have larger ids.
+pub type HostId = u64;
 
 /// What the process's hosts report.
 pub enum RelayEvent {
@@ -65,20 +75,29 @@ impl RelayEvent {
 pub struct DeputyHandle {
     /// The process's PID at home (the deputy's).
     pub pid: u32,
-    events: Mutex<Sender<RelayEvent>>,
+    events: Mutex<Sender<(HostId, RelayEvent)>>,
     /// Where signals go: one route per attached host, newest last.
     routes: Mutex<Vec<Sender<ToHost>>>,
+    next_host: AtomicU64,
 }
 
 impl DeputyHandle {
-    pub fn deliver(&self, event: RelayEvent) {
-        let _ = lock(&self.events).send(event);
+    pub fn deliver(&self, host: HostId, event: RelayEvent) {
+        let _ = lock(&self.events).send((host, event));
     }
 
-    /// The process runs at home again (as another local process).
-    pub fn attach_local(&self, signals: Sender<ToHost>) {
+    /// A new host: `Attached` goes before anything the host reports.
+    fn attach(&self, signals: Sender<ToHost>) -> HostId {
+        let host = self.next_host.fetch_add(1, Ordering::SeqCst);
+        self.deliver(host, RelayEvent::Attached);
         lock(&self.routes).push(signals);
-        self.deliver(RelayEvent::Attached);
+        host
+    }
+
+    /// The process runs at home again (as another local process); its
+    /// events are delivered with the returned id.
+    pub fn attach_local(&self, signals: Sender<ToHost>) -> HostId {
+        self.attach(signals)
     }
 
     /// A host attached over a peer link.
@@ -100,6 +119,7 @@ impl DeputyHandle {
                 }
             })
             .map_err(Error::Thread)?;
+        let host = self.attach(signals);
         let me = self.clone();
         thread::Builder::new()
             .name(format!("deputy-link-{pid}"))
@@ -120,14 +140,15 @@ impl DeputyHandle {
                 };
                 // After these the link carries nothing more.
                 let last = !matches!(event, RelayEvent::Output { .. });
-                me.deliver(event);
+                me.deliver(host, event);
                 if last {
                     return;
                 }
             })
-            .map_err(Error::Thread)?;
-        lock(&self.routes).push(signals);
-        self.deliver(RelayEvent::Attached);
+            .map_err(|e| {
+                self.deliver(host, RelayEvent::LinkLost);
+                Error::Thread(e)
+            })?;
         Ok(())
     }
 
@@ -174,7 +195,8 @@ pub fn start(
     link: Option<(SyncReader, SyncWriter)>,
 ) -> Result<(), Error> {
     let (tx, rx) = mpsc::channel();
-    let handle = Arc::new(DeputyHandle { pid, events: Mutex::new(tx), routes: Mutex::default() });
+    let handle =
+        Arc::new(DeputyHandle { pid, events: Mutex::new(tx), routes: Mutex::default(), next_host: AtomicU64::new(0) });
     lock(&node.deputies).insert(token, handle.clone());
     if let Some((r, w)) = link {
         handle.attach_remote(r, w)?;
@@ -208,31 +230,76 @@ fn forward_signals(mut events: Events, handle: &DeputyHandle) {
     }
 }
 
-fn run(pid: u32, rx: Receiver<RelayEvent>, mut control: Control) {
-    let mut hosts = 0usize;
+/// The attached hosts, oldest first, each with the output it sent while an
+/// older host was still attached.
+#[derive(Default)]
+struct Hosts {
+    attached: Vec<(HostId, Vec<(u8, Vec<u8>)>)>,
+    held: usize,
+}
+
+impl Hosts {
+    /// Output of `host`: what to write now (its own, if it is the oldest).
+    fn output(&mut self, host: HostId, fd: u8, data: Vec<u8>) -> Vec<(u8, Vec<u8>)> {
+        match self.attached.iter().position(|(h, _)| *h == host) {
+            Some(0) => vec![(fd, data)],
+            Some(i) if self.held + data.len() <= MAX_HELD => {
+                self.held += data.len();
+                self.attached[i].1.push((fd, data));
+                Vec::new()
+            }
+            // A host not attached (any more), or too much held back:
+            // everything held first, then this.
+            _ => {
+                let mut out = self.take_held();
+                out.push((fd, data));
+                out
+            }
+        }
+    }
+
+    /// `host` is gone: the output the next host held back can go.
+    fn leave(&mut self, host: HostId) -> Vec<(u8, Vec<u8>)> {
+        self.attached.retain(|(h, _)| *h != host);
+        match self.attached.first_mut() {
+            Some((_, held)) => {
+                self.held -= held.iter().map(|(_, d)| d.len()).sum::<usize>();
+                std::mem::take(held)
+            }
+            None => Vec::new(),
+        }
+    }
+
+    /// Everything held back, oldest host first.
+    fn take_held(&mut self) -> Vec<(u8, Vec<u8>)> {
+        self.held = 0;
+        self.attached.iter_mut().flat_map(|(_, held)| std::mem::take(held)).collect()
+    }
+}
+
+fn run(pid: u32, rx: Receiver<(HostId, RelayEvent)>, mut control: Control) {
+    let mut hosts = Hosts::default();
     let mut alone_since = Some(Instant::now());
     loop {
         let event = match alone_since {
             None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
             Some(t) => rx.recv_timeout(REATTACH_GRACE.saturating_sub(t.elapsed())),
         };
-        let result = match event {
-            Ok(RelayEvent::Attached) => {
-                hosts += 1;
-                Ok(())
+        let write = match event {
+            Ok((host, RelayEvent::Attached)) => {
+                hosts.attached.push((host, Vec::new()));
+                Vec::new()
             }
-            Ok(RelayEvent::Output { fd, data }) => control.output(fd, &data),
-            Ok(RelayEvent::Exited(status)) => {
+            Ok((host, RelayEvent::Output { fd, data })) => hosts.output(host, fd, data),
+            Ok((_, RelayEvent::Exited(status))) => {
+                write_output(pid, &mut control, hosts.take_held());
                 tracing::info!("migrated PID {pid} ended ({status}); its deputy ends the same way");
                 if let Err(e) = control.exit(status) {
                     tracing::error!("deputy {pid}: cannot end it: {e}");
                 }
                 return;
             }
-            Ok(RelayEvent::Handoff | RelayEvent::LinkLost) => {
-                hosts = hosts.saturating_sub(1);
-                Ok(())
-            }
+            Ok((host, RelayEvent::Handoff | RelayEvent::LinkLost)) => hosts.leave(host),
             Err(_) => {
                 tracing::error!(
                     "migrated PID {pid}: no host has been attached for {REATTACH_GRACE:?}, the process is lost; \
@@ -242,13 +309,65 @@ fn run(pid: u32, rx: Receiver<RelayEvent>, mut control: Control) {
                 return;
             }
         };
-        if let Err(e) = result {
+        write_output(pid, &mut control, write);
+        alone_since = match (hosts.attached.is_empty(), alone_since) {
+            (false, _) => None,
+            (true, None) => Some(Instant::now()),
+            (true, since) => since,
+        };
+    }
+}
+
+fn write_output(pid: u32, control: &mut Control, output: Vec<(u8, Vec<u8>)>) {
+    for (fd, data) in output {
+        if let Err(e) = control.output(fd, &data) {
             tracing::warn!("deputy {pid}: {e}");
         }
-        alone_since = match (hosts, alone_since) {
-            (0, None) => Some(Instant::now()),
-            (0, since) => since,
-            _ => None,
-        };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn out(fd: u8, s: &str) -> (u8, Vec<u8>) {
+        (fd, s.as_bytes().to_vec())
+    }
+
+    fn attached(ids: &[HostId]) -> Hosts {
+        let mut hosts = Hosts::default();
+        hosts.attached.extend(ids.iter().map(|&h| (h, Vec::new())));
+        hosts
+    }
+
+    #[test]
+    fn a_new_hosts_output_waits_for_the_old_hosts_handoff() {
+        let mut hosts = attached(&[1, 2]);
+        assert!(hosts.output(2, 1, b"new 1\n".to_vec()).is_empty());
+        assert_eq!(hosts.output(1, 1, b"old last\n".to_vec()), vec![out(1, "old last\n")]);
+        assert!(hosts.output(2, 2, b"new 2\n".to_vec()).is_empty());
+        assert_eq!(hosts.leave(1), vec![out(1, "new 1\n"), out(2, "new 2\n")]);
+        assert_eq!(hosts.held, 0);
+        assert_eq!(hosts.output(2, 1, b"new 3\n".to_vec()), vec![out(1, "new 3\n")]);
+    }
+
+    #[test]
+    fn held_output_goes_first_at_the_exit_and_beyond_the_limit() {
+        let mut hosts = attached(&[1, 2, 3]);
+        assert!(hosts.output(3, 1, b"c".to_vec()).is_empty());
+        assert!(hosts.output(2, 1, b"b".to_vec()).is_empty());
+        assert_eq!(hosts.take_held(), vec![out(1, "b"), out(1, "c")]);
+        assert!(hosts.output(2, 1, vec![b'x'; MAX_HELD]).is_empty());
+        let flushed = hosts.output(3, 1, b"y".to_vec());
+        assert_eq!(flushed, vec![(1, vec![b'x'; MAX_HELD]), out(1, "y")]);
+        assert_eq!(hosts.held, 0);
+    }
+
+    #[test]
+    fn output_of_a_host_not_attached_is_written_at_once() {
+        let mut hosts = attached(&[4]);
+        assert_eq!(hosts.output(9, 2, b"late\n".to_vec()), vec![out(2, "late\n")]);
+        let mut none = Hosts::default();
+        assert_eq!(none.leave(4), vec![]);
     }
 }

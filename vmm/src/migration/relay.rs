@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use pmivmm_proto::{ExecEvent, ExecOutput, ExitStatus};
 
-use super::deputy::{DeputyHandle, RelayEvent, ToHost};
+use super::deputy::{DeputyHandle, HostId, RelayEvent, ToHost};
 use super::link::{self, SyncReader, SyncWriter};
 use super::protocol::{check_signal, HomeRef, PeerMsg};
 use super::{source, Error, MigrationNode};
@@ -86,7 +86,7 @@ pub fn attach_home(node: &Arc<MigrationNode>, home: &HomeRef) -> Result<HomeLink
 enum HomeSink {
     /// The current remote home link; `None` while it is being re-attached.
     Remote(Arc<Mutex<Option<SyncWriter>>>),
-    Local(Arc<DeputyHandle>),
+    Local(Arc<DeputyHandle>, HostId),
 }
 
 impl HomeSink {
@@ -110,9 +110,9 @@ impl HomeSink {
                     thread::sleep(Duration::from_millis(200));
                 }
             }
-            HomeSink::Local(d) => {
+            HomeSink::Local(d, host) => {
                 if let Some(event) = RelayEvent::from_peer(msg, data) {
-                    d.deliver(event);
+                    d.deliver(*host, event);
                 }
                 Ok(())
             }
@@ -129,8 +129,8 @@ pub fn start(node: &Arc<MigrationNode>, pid: u32, home: HomeRef, session: Sessio
     let (signals_tx, signals_rx) = mpsc::channel();
     let sink = match link {
         Some(HomeLink::Local(deputy)) => {
-            deputy.attach_local(signals_tx);
-            HomeSink::Local(deputy)
+            let host = deputy.attach_local(signals_tx);
+            HomeSink::Local(deputy, host)
         }
         remote => {
             let (rx, tx) = match remote {

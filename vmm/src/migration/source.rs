@@ -90,9 +90,17 @@ pub fn migrate(node: &Arc<MigrationNode>, pid: u32, addr: &str, opts: Options) -
         total_us: us(start.elapsed()),
     };
     // The process runs on the target: this copy must never run again.
-    if visiting.is_some() {
-        // The target attached itself to the home before it answered; this
-        // node's copy and its relay go.
+    if let Some(home) = visiting {
+        // A process leaving its home again: the target took this link as
+        // its home link (as on the first departure), so the deputy here
+        // reads the process's output from it. Elsewhere the target attached
+        // itself to the home before it answered. Then this node's copy and
+        // its relay go.
+        if let (true, Some((rx, tx))) = (home.node == node.name, t.link) {
+            node.deputy(home.token)
+                .and_then(|deputy| deputy.attach_remote(rx, tx))
+                .map_err(|e| Error::AfterCommit(Box::new(e)))?;
+        }
         node.relay_moving_away(pid);
         agent.kill_original(pid).map_err(|e| Error::AfterCommit(Box::new(Error::Agent(e))))?;
     } else {
