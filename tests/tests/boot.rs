@@ -24,7 +24,7 @@ fn node_boots_to_a_ready_agent_and_stops_cleanly() {
     assert!(st.success(), "{err}");
     let status = node.wait_exit(Duration::from_secs(60));
     assert_eq!(status.code(), Some(0), "{}", node.vmm_log());
-    assert!(node.vmm_log().contains("the guest powered off"));
+    assert!(node.vmm_log().contains("the guest powered off"), "{}", node.vmm_log());
     let (_, out, _) = run_pmivmm(&["nodes"]);
     assert!(!out.contains(&name), "{name} still listed after stop:\n{out}");
 }
