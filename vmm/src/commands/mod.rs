@@ -121,11 +121,17 @@ pub fn stop(name: &str, timeout: Duration) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A run directory whose control socket does not answer: a node that is just
-/// starting (its directory is seconds old) or one whose VMM died; the latter
-/// is removed.
+/// A run directory whose control socket did not answer a status request: a
+/// node that is just starting (its directory is seconds old), one whose VMM
+/// is busy (its control socket still accepts connections: a long checkpoint
+/// or restore, a loaded host) or one whose VMM died (nothing listens any
+/// more); only the last is removed.
 fn stale(base: &std::path::Path, name: &str) -> String {
     let dir = base.join(name);
+    let listening = NodePaths::under(base, name).is_ok_and(|p| std::os::unix::net::UnixStream::connect(p.control()).is_ok());
+    if listening {
+        return "busy (control socket accepts but does not answer)".into();
+    }
     let age = std::fs::metadata(&dir).and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok());
     if age.is_some_and(|a| a > Duration::from_secs(30)) && std::fs::remove_dir_all(&dir).is_ok() {
         "dead (VMM gone; removed its run directory)".into()
@@ -156,4 +162,28 @@ pub fn nodes() -> anyhow::Result<()> {
     });
     print!("{}", tables::render(&["NAME", "STATE", "VMM PID", "MEMORY", "UPTIME", "BOOTED IN", "CID"], rows));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A node whose control socket accepts but does not answer (busy, or
+    /// speaking another control version) keeps its run directory; one where
+    /// nothing listens any more loses it once it is old enough.
+    #[test]
+    fn only_dead_nodes_lose_their_run_directory() {
+        let base = std::env::temp_dir().join(format!("pmivmm-stale-{}", std::process::id()));
+        let busy = NodePaths::under(&base, "busy").unwrap();
+        let _guard = busy.create().unwrap();
+        let _listener = std::os::unix::net::UnixListener::bind(busy.control()).unwrap();
+        assert!(stale(&base, "busy").starts_with("busy"));
+        assert!(busy.dir.is_dir());
+        // Nothing listens: young directories are kept (a node starting).
+        let dead = NodePaths::under(&base, "dead").unwrap();
+        let _dead_guard = dead.create().unwrap();
+        assert!(stale(&base, "dead").starts_with("starting or dead"));
+        assert!(dead.dir.is_dir());
+        let _ = std::fs::remove_dir_all(&base);
+    }
 }
