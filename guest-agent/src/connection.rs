@@ -340,13 +340,14 @@ impl<S: Stream> Connection<S> {
                 self.power_off_requested = true;
                 Some(Response::Ok)
             }
-            Request::Checkpoint { pid } => Some(self.migrations.checkpoint(pid)),
+            Request::Checkpoint { pid, page_walk } => Some(self.migrations.checkpoint(pid, page_walk)),
             Request::ResumeOriginal { pid } => Some(self.migrations.end_freeze(pid, false)),
             Request::KillOriginal { pid } => Some(self.migrations.end_freeze(pid, true)),
             Request::PrepareRestore {
                 image,
                 forward_stdio,
-            } => Some(self.migrations.prepare(&image, forward_stdio)),
+                page_walk,
+            } => Some(self.migrations.prepare(&image, forward_stdio, page_walk)),
             Request::FinishRestore => match self.migrations.finish() {
                 Finished::Reply(reply) => Some(reply),
                 Finished::Forward(streamed) => {
@@ -363,7 +364,12 @@ impl<S: Stream> Connection<S> {
                     }
                 }
             },
-            Request::PrecopyRound { pid, first } => Some(self.migrations.precopy_round(pid, first)),
+            Request::PrecopyRound {
+                pid,
+                first,
+                page_walk,
+            } => Some(self.migrations.precopy_round(pid, first, page_walk)),
+            Request::PrecopyContinue { pid } => Some(self.migrations.precopy_continue(pid)),
             Request::BecomeDeputy { pid, node } => Some(self.become_deputy(pid, node)),
         }
     }

@@ -28,7 +28,7 @@ use std::sync::Arc;
 
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use pmivmm_proto::frame::MAX_FRAME_LEN;
-use pmivmm_proto::image::{Itimer, PageRef, ProcessImage};
+use pmivmm_proto::image::{Itimer, Pages, ProcessImage};
 use pmivmm_proto::{ErrorKind, Response};
 
 use crate::checkpoint::{
@@ -38,11 +38,13 @@ use crate::checkpoint::{
 use crate::exec::{stdio_pipe, Streamed};
 use crate::reaper::{self, Waker};
 
-/// Upper bound of the encoded size of one [`PageRef`] (two varint u64s of
-/// at most 10 bytes, the kind and the dirty flag).
+/// Upper bound of the encoded size of one [`pmivmm_proto::image::PageRef`]
+/// (two varint u64s of at most 10 bytes, the kind and the dirty flag) and
+/// of one [`pmivmm_proto::image::WalkRange`] (two varints and a flag).
 const MAX_PAGE_REF_LEN: usize = 22;
-/// Room for the reply's variant tag and length prefixes.
-const REPLY_OVERHEAD: usize = 64;
+/// Room for the reply's variant tag, length prefixes and a walk's root,
+/// levels and mode.
+const REPLY_OVERHEAD: usize = 96;
 
 /// What one connection has seized, frozen or half-built.
 #[derive(Default)]
@@ -91,14 +93,18 @@ fn error(kind: ErrorKind, message: impl Into<String>) -> Response {
     }
 }
 
-/// Whether a reply with this image and page list fits in one frame.
-fn fits_in_frame(image_len: usize, pages: &[PageRef]) -> bool {
-    pages
-        .len()
+/// Whether a reply with this image and these pages fits in one frame.
+fn fits_in_frame(image_len: usize, pages: &Pages) -> bool {
+    page_entries(pages)
         .checked_mul(MAX_PAGE_REF_LEN)
         .and_then(|n| n.checked_add(image_len))
         .and_then(|n| n.checked_add(REPLY_OVERHEAD))
         .is_some_and(|n| n <= MAX_FRAME_LEN as usize)
+}
+
+/// Listed pages and walk ranges: the entries of a reply.
+fn page_entries(pages: &Pages) -> usize {
+    pages.listed.len() + pages.walk.as_ref().map_or(0, |w| w.ranges.len())
 }
 
 /// The reply to a request for a process that `Checkpoint` did not freeze.
@@ -140,9 +146,10 @@ fn checkpoint_target(pid: u32, frozen: &[Frozen]) -> Result<i32, Response> {
 }
 
 impl Migrations {
-    /// `PrecopyRound { pid, first }`. `first` on a process already in
-    /// pre-copy on this connection starts over: every present page.
-    pub fn precopy_round(&mut self, pid: u32, first: bool) -> Response {
+    /// `PrecopyRound { pid, first, page_walk }`. `first` on a process
+    /// already in pre-copy on this connection starts over: every present
+    /// page.
+    pub fn precopy_round(&mut self, pid: u32, first: bool, page_walk: bool) -> Response {
         let pid = match checkpoint_target(pid, &self.frozen) {
             Ok(pid) => pid,
             Err(reply) => return reply,
@@ -151,9 +158,9 @@ impl Migrations {
             Some(i) => self
                 .precopies
                 .swap_remove(i)
-                .round(first)
+                .round(first, page_walk)
                 .map_err(checkpoint_error),
-            None if first => self.start_precopy(pid),
+            None if first => self.start_precopy(pid, page_walk),
             None => {
                 return error(
                     ErrorKind::BadRequest,
@@ -174,7 +181,7 @@ impl Migrations {
                 ErrorKind::Failed,
                 format!(
                     "{} pages of PID {pid} do not fit in one reply; it was let go",
-                    pages.len()
+                    page_entries(&pages)
                 ),
             );
         }
@@ -182,8 +189,26 @@ impl Migrations {
         Response::PrecopyPages { pages }
     }
 
+    /// `PrecopyContinue { pid }`: the host walked the held round's pages.
+    /// On failure the process is let go.
+    pub fn precopy_continue(&mut self, pid: u32) -> Response {
+        let Some(i) = self.precopies.iter().position(|p| p.pid() as u32 == pid) else {
+            return error(
+                ErrorKind::BadRequest,
+                format!("PID {pid} is not in pre-copy on this connection"),
+            );
+        };
+        match self.precopies[i].continue_round() {
+            Ok(()) => Response::Ok,
+            Err(e) => {
+                self.precopies.swap_remove(i).release();
+                checkpoint_error(e)
+            }
+        }
+    }
+
     /// The first round of `pid`, whose stops then wake this connection.
-    fn start_precopy(&mut self, pid: i32) -> Result<(Precopy, Vec<PageRef>), Response> {
+    fn start_precopy(&mut self, pid: i32, page_walk: bool) -> Result<(Precopy, Pages), Response> {
         if self.waker.is_none() {
             let flags = EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK;
             let waker = EventFd::from_flags(flags).map_err(|e| {
@@ -194,7 +219,7 @@ impl Migrations {
             })?;
             self.waker = Some(Arc::new(waker));
         }
-        let (precopy, pages) = Precopy::start(pid).map_err(checkpoint_error)?;
+        let (precopy, pages) = Precopy::start(pid, page_walk).map_err(checkpoint_error)?;
         if let (Some(reaper), Some(waker)) = (reaper::running(), &self.waker) {
             reaper.wake_on_status(pid, Arc::clone(waker));
             // Stops reported before the waker was set.
@@ -238,14 +263,14 @@ impl Migrations {
 
     /// `Checkpoint { pid }`, of a process in pre-copy on this connection
     /// too.
-    pub fn checkpoint(&mut self, pid: u32) -> Response {
+    pub fn checkpoint(&mut self, pid: u32, page_walk: bool) -> Response {
         let pid = match checkpoint_target(pid, &self.frozen) {
             Ok(pid) => pid,
             Err(reply) => return reply,
         };
         let captured = match self.precopies.iter().position(|p| p.pid() == pid) {
-            Some(i) => self.precopies.swap_remove(i).capture(),
-            None => capture(pid),
+            Some(i) => self.precopies.swap_remove(i).capture(page_walk),
+            None => capture(pid, page_walk),
         };
         let (image, pages) = match captured {
             Ok(captured) => captured,
@@ -266,7 +291,7 @@ impl Migrations {
                     "PID {pid} is too large to checkpoint in one message: image of {} bytes and {} \
                      pages exceed the frame limit of {MAX_FRAME_LEN} bytes; it was resumed",
                     image.len(),
-                    pages.len()
+                    page_entries(&pages)
                 ),
             );
         }
@@ -302,7 +327,7 @@ impl Migrations {
     }
 
     /// `PrepareRestore { image, forward_stdio }`.
-    pub fn prepare(&mut self, image: &[u8], forward_stdio: bool) -> Response {
+    pub fn prepare(&mut self, image: &[u8], forward_stdio: bool, page_walk: bool) -> Response {
         if self.restoring.is_some() {
             return error(
                 ErrorKind::Busy,
@@ -337,7 +362,7 @@ impl Migrations {
             Some([stdout, stderr]) => [null.as_fd(), stdout.1.as_fd(), stderr.1.as_fd()],
             None => [null.as_fd(); 3],
         };
-        let (mut child, pages) = match prepare_restore(&image, stdio) {
+        let (mut child, pages) = match prepare_restore(&image, stdio, page_walk) {
             Ok(prepared) => prepared,
             Err(e) => {
                 return error(
@@ -351,7 +376,7 @@ impl Migrations {
         if !fits_in_frame(0, &pages) {
             return error(
                 ErrorKind::Failed,
-                format!("{} pages do not fit in one reply", pages.len()),
+                format!("{} pages do not fit in one reply", page_entries(&pages)),
             );
         }
         // The write ends go with `pipes`: the child has its copies.
@@ -434,7 +459,7 @@ impl Drop for Migrations {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pmivmm_proto::image::PageKind;
+    use pmivmm_proto::image::{PageKind, PageRef, PageWalk, Select, WalkMode, WalkRange};
 
     #[test]
     fn frame_limit_check() {
@@ -444,20 +469,38 @@ mod tests {
             kind: PageKind::Data,
             dirty: true,
         };
-        let precopy = Response::PrecopyPages {
-            pages: vec![page; 10],
+        let listed = |n| Pages {
+            listed: vec![page; n],
+            walk: None,
         };
+        let precopy = Response::PrecopyPages { pages: listed(10) };
         let len = pmivmm_proto::frame::encode_frame(&precopy).unwrap().len();
         assert!(len <= 10 * MAX_PAGE_REF_LEN + REPLY_OVERHEAD);
-        // The bound holds for the worst-case encoding.
+        // The bound holds for the worst-case encoding, walk ranges included.
+        let range = WalkRange {
+            start: u64::MAX,
+            end: u64::MAX,
+            soft_dirty: true,
+        };
+        let walk = PageWalk {
+            root: u64::MAX,
+            levels: u8::MAX,
+            mode: WalkMode::Present(Select::AllDirty),
+            ranges: vec![range; 5],
+        };
+        let pages = Pages {
+            listed: vec![page; 5],
+            walk: Some(walk),
+        };
+        assert_eq!(page_entries(&pages), 10);
         let resp = Response::Checkpointed {
             image: vec![0; 100],
-            pages: vec![page; 10],
+            pages,
         };
         let len = pmivmm_proto::frame::encode_frame(&resp).unwrap().len();
         assert!(len <= 100 + 10 * MAX_PAGE_REF_LEN + REPLY_OVERHEAD);
-        assert!(fits_in_frame(1000, &vec![page; 1000]));
+        assert!(fits_in_frame(1000, &listed(1000)));
         let too_many = MAX_FRAME_LEN as usize / MAX_PAGE_REF_LEN + 1;
-        assert!(!fits_in_frame(0, &vec![page; too_many]));
+        assert!(!fits_in_frame(0, &listed(too_many)));
     }
 }

@@ -540,11 +540,11 @@ fn checkpoint_requests_and_clients_that_leave_midway() {
     // A client that leaves while its checkpoint holds the process frozen:
     // the process is resumed.
     let mut c = client();
-    let (image, pages) = c.checkpoint(pid).unwrap();
-    assert!(!pages.is_empty());
+    let (image, pages) = c.checkpoint(pid, true).unwrap();
+    assert!(!pages.listed.is_empty());
     assert_ne!(tracer_pid(pid), Some(0), "not frozen under ptrace");
     assert!(matches!(
-        c.checkpoint(pid),
+        c.checkpoint(pid, true),
         Err(ClientError::Agent {
             kind: ErrorKind::Busy,
             ..
@@ -555,8 +555,8 @@ fn checkpoint_requests_and_clients_that_leave_midway() {
 
     // A client that leaves after PrepareRestore: the half-built child dies.
     let mut c = client();
-    let (child, frames) = c.prepare_restore(image, false).unwrap();
-    assert!(!frames.is_empty());
+    let (child, frames) = c.prepare_restore(image, false, true).unwrap();
+    assert!(!frames.listed.is_empty());
     assert!(Path::new(&format!("/proc/{child}")).exists());
     drop(c);
     wait_until("the half-restored child is gone", || {
@@ -580,13 +580,13 @@ fn checkpoint_requests_and_clients_that_leave_midway() {
         })
     ));
     assert!(matches!(
-        c.checkpoint(999_999_999),
+        c.checkpoint(999_999_999, true),
         Err(ClientError::Agent {
             kind: ErrorKind::NoSuchProcess,
             ..
         })
     ));
-    match c.checkpoint(1) {
+    match c.checkpoint(1, true) {
         Err(ClientError::Agent {
             kind: ErrorKind::Refused,
             message,
@@ -596,7 +596,7 @@ fn checkpoint_requests_and_clients_that_leave_midway() {
         other => panic!("{other:?}"),
     }
     assert!(matches!(
-        c.prepare_restore(vec![1, 2, 3], false),
+        c.prepare_restore(vec![1, 2, 3], false, true),
         Err(ClientError::Agent {
             kind: ErrorKind::BadRequest,
             ..
@@ -605,7 +605,7 @@ fn checkpoint_requests_and_clients_that_leave_midway() {
 
     // Checkpoint then kill: the exec session still learns how its process
     // ended (the reaper hands a tracee's exit to both).
-    c.checkpoint(pid).unwrap();
+    c.checkpoint(pid, true).unwrap();
     c.kill_original(pid).unwrap();
     loop {
         match session.next_event().unwrap() {
@@ -655,23 +655,23 @@ fn precopy_rounds_pass_the_running_process_its_signals() {
     let mut out = read_until(&mut session, "iter 2 ");
 
     let mut c = client();
-    let first = c.precopy_round(pid, true).unwrap();
-    assert!(!first.is_empty() && first.iter().all(|p| p.dirty));
+    let first = c.precopy_round(pid, true, true).unwrap();
+    assert!(!first.listed.is_empty() && first.listed.iter().all(|p| p.dirty));
     assert_ne!(tracer_pid(pid), Some(0), "not seized");
     out += &read_until(&mut session, "iter 12 ");
-    let second = c.precopy_round(pid, false).unwrap();
+    let second = c.precopy_round(pid, false, true).unwrap();
     assert!(
-        !second.is_empty(),
+        !second.listed.is_empty(),
         "the process ran: its stack at least is dirty"
     );
     assert!(matches!(
-        c.precopy_round(pid + 1_000_000, false),
+        c.precopy_round(pid + 1_000_000, false, true),
         Err(ClientError::Agent {
             kind: ErrorKind::NoSuchProcess,
             ..
         })
     ));
-    match c.precopy_round(1, true) {
+    match c.precopy_round(1, true, true) {
         Err(ClientError::Agent {
             kind: ErrorKind::Refused,
             message,
@@ -679,7 +679,7 @@ fn precopy_rounds_pass_the_running_process_its_signals() {
         other => panic!("{other:?}"),
     }
     assert!(matches!(
-        c.precopy_round(std::process::id(), false),
+        c.precopy_round(std::process::id(), false, true),
         Err(ClientError::Agent {
             kind: ErrorKind::BadRequest,
             ..
@@ -687,8 +687,8 @@ fn precopy_rounds_pass_the_running_process_its_signals() {
     ));
     out += &read_until(&mut session, "iter 20 ");
 
-    let (_, pages) = c.checkpoint(pid).unwrap();
-    assert!(!pages.is_empty());
+    let (_, pages) = c.checkpoint(pid, true).unwrap();
+    assert!(!pages.listed.is_empty());
     c.resume_original(pid).unwrap();
     let rest = session.wait_with_output().unwrap();
     assert_eq!(rest.status, ExitStatus::Code(0));
@@ -706,8 +706,8 @@ fn precopied_process_is_let_go_when_its_client_leaves() {
     wait_for_exec(pid, "counter");
     let mut out = read_until(&mut session, "tick 1\n");
     let mut c = client();
-    c.precopy_round(pid, true).unwrap();
-    c.precopy_round(pid, false).unwrap();
+    c.precopy_round(pid, true, true).unwrap();
+    c.precopy_round(pid, false, true).unwrap();
     drop(c);
     wait_until("the process is let go", || tracer_pid(pid) == Some(0));
     let rest = session.wait_with_output().unwrap();
@@ -744,10 +744,10 @@ fn restored_process_streams_its_output_on_the_restoring_connection() {
     let mem = ProcMem::open(pid as i32).unwrap();
     let read = |vaddr| read_page(&mem, vaddr);
     let mut copies = common::PageCopies::default();
-    copies.round(&c.precopy_round(pid, true).unwrap(), read);
+    copies.round(&c.precopy_round(pid, true, true).unwrap(), read);
     out += &read_until(&mut session, "iter 10 ");
-    copies.round(&c.precopy_round(pid, false).unwrap(), read);
-    let (image_bytes, pages) = c.checkpoint(pid).unwrap();
+    copies.round(&c.precopy_round(pid, false, true).unwrap(), read);
+    let (image_bytes, pages) = c.checkpoint(pid, true).unwrap();
     let image = ProcessImage::from_bytes(&image_bytes).unwrap();
     let data = copies.finish(&image, &pages, read);
     c.kill_original(pid).unwrap();
@@ -764,8 +764,8 @@ fn restored_process_streams_its_output_on_the_restoring_connection() {
     let stream = UnixStream::connect(agent_socket()).unwrap();
     let mut probe = stream.try_clone().unwrap();
     let mut r = AgentClient::over_unix_stream(stream).unwrap();
-    let (restored_pid, frames) = r.prepare_restore(image_bytes, true).unwrap();
-    assert_eq!(frames.len() as u64, image.page_count());
+    let (restored_pid, frames) = r.prepare_restore(image_bytes, true, true).unwrap();
+    assert_eq!(frames.listed.len() as u64, image.page_count());
     ProcMem::open(restored_pid as i32)
         .unwrap()
         .write_runs(&image.pages, &data)
@@ -813,7 +813,7 @@ fn parent_of_a_sleeper() -> (pmivmm_proto::ExecSession<UnixStream, UnixStream>, 
 /// node "n2".
 fn deputy_of(pid: u32) -> (DeputyEvents<UnixStream>, DeputyControl<UnixStream>) {
     let mut c = client();
-    c.checkpoint(pid).unwrap();
+    c.checkpoint(pid, true).unwrap();
     c.become_deputy(pid, "n2".into()).unwrap()
 }
 

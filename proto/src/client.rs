@@ -7,7 +7,7 @@ use std::path::Path;
 
 use crate::frame::{read_frame, write_frame, FrameError};
 use crate::hybrid_vsock::{self, HybridVsockError};
-use crate::image::PageRef;
+use crate::image::Pages;
 use crate::message::{
     ErrorKind, ExecRequest, ExitStatus, LoadInfo, ProcessInfo, Request, Response,
 };
@@ -123,8 +123,8 @@ impl<R: Read, W: Write> AgentClient<R, W> {
     /// (otherwise all dirty). The process stays frozen until
     /// [`Self::resume_original`] or [`Self::kill_original`] on this same
     /// client (or until it is dropped: then the agent resumes it).
-    pub fn checkpoint(&mut self, pid: u32) -> Result<(Vec<u8>, Vec<PageRef>), ClientError> {
-        match self.call(&Request::Checkpoint { pid })? {
+    pub fn checkpoint(&mut self, pid: u32, page_walk: bool) -> Result<(Vec<u8>, Pages), ClientError> {
+        match self.call(&Request::Checkpoint { pid, page_walk })? {
             Response::Checkpointed { image, pages } => Ok((image, pages)),
             other => Err(unexpected("Checkpointed", &other)),
         }
@@ -133,16 +133,24 @@ impl<R: Read, W: Write> AgentClient<R, W> {
     /// One pre-copy round of process `pid`, which keeps running: with
     /// `first` (the first round, which seizes it) every present page,
     /// otherwise the pages written since the previous round (all
-    /// [`PageRef::dirty`]). The process stays seized by this client until
+    /// [`crate::image::PageRef::dirty`]). The process stays seized by this client until
     /// [`Self::checkpoint`] freezes it (its pages then carry their dirty
     /// bits) or the client is dropped (then the agent lets it go). The
     /// first round fails with [`ErrorKind::Refused`] if the process cannot
-    /// be checkpointed; a failed later round lets it go.
-    pub fn precopy_round(&mut self, pid: u32, first: bool) -> Result<Vec<PageRef>, ClientError> {
-        match self.call(&Request::PrecopyRound { pid, first })? {
+    /// be checkpointed; a failed later round lets it go. `page_walk`: if the
+    /// pages include a walk, the process stays stopped until
+    /// [`Self::precopy_continue`].
+    pub fn precopy_round(&mut self, pid: u32, first: bool, page_walk: bool) -> Result<Pages, ClientError> {
+        match self.call(&Request::PrecopyRound { pid, first, page_walk })? {
             Response::PrecopyPages { pages } => Ok(pages),
             other => Err(unexpected("PrecopyPages", &other)),
         }
+    }
+
+    /// Lets a process held by [`Self::precopy_round`] for the VMM's walk run
+    /// on (its soft-dirty bits cleared).
+    pub fn precopy_continue(&mut self, pid: u32) -> Result<(), ClientError> {
+        self.call_ok(&Request::PrecopyContinue { pid })
     }
 
     /// Lets the process frozen by [`Self::checkpoint`] run on.
@@ -166,10 +174,12 @@ impl<R: Read, W: Write> AgentClient<R, W> {
         &mut self,
         image: Vec<u8>,
         forward_stdio: bool,
-    ) -> Result<(u32, Vec<PageRef>), ClientError> {
+        page_walk: bool,
+    ) -> Result<(u32, Pages), ClientError> {
         match self.call(&Request::PrepareRestore {
             image,
             forward_stdio,
+            page_walk,
         })? {
             Response::RestorePrepared { pid, pages } => Ok((pid, pages)),
             other => Err(unexpected("RestorePrepared", &other)),
@@ -495,8 +505,8 @@ mod tests {
         AgentClient::over_unix_stream(stream).unwrap()
     }
 
-    fn page(vaddr: u64) -> PageRef {
-        PageRef {
+    fn page(vaddr: u64) -> crate::image::PageRef {
+        crate::image::PageRef {
             vaddr,
             pfn: 7,
             kind: crate::image::PageKind::Data,
@@ -510,9 +520,13 @@ mod tests {
             let first = Request::PrecopyRound {
                 pid: 5,
                 first: true,
+                page_walk: false,
             };
             assert_eq!(expect_request(s), first);
-            let pages = vec![page(0x1000), page(0x2000)];
+            let pages = Pages {
+                listed: vec![page(0x1000), page(0x2000)],
+                walk: None,
+            };
             write_frame(s, &Response::PrecopyPages { pages }).unwrap();
             let refused = Response::Error {
                 kind: ErrorKind::Refused,
@@ -522,15 +536,16 @@ mod tests {
                 expect_request(s),
                 Request::PrecopyRound {
                     pid: 6,
-                    first: true
+                    first: true,
+                    page_walk: false
                 }
             );
             write_frame(s, &refused).unwrap();
         });
-        let pages = client.precopy_round(5, true).unwrap();
-        assert_eq!(pages, [page(0x1000), page(0x2000)]);
+        let pages = client.precopy_round(5, true, false).unwrap();
+        assert_eq!(pages.listed, [page(0x1000), page(0x2000)]);
         assert!(matches!(
-            client.precopy_round(6, true),
+            client.precopy_round(6, true, false),
             Err(ClientError::Agent {
                 kind: ErrorKind::Refused,
                 ..
@@ -595,12 +610,16 @@ mod tests {
                 expect_request(s),
                 Request::PrepareRestore {
                     image: vec![1],
-                    forward_stdio: true
+                    forward_stdio: true,
+                    page_walk: false
                 }
             );
             let prepared = Response::RestorePrepared {
                 pid: 9,
-                pages: vec![page(0x1000)],
+                pages: Pages {
+                    listed: vec![page(0x1000)],
+                    walk: None,
+                },
             };
             write_frame(s, &prepared).unwrap();
             assert_eq!(expect_request(s), Request::FinishRestore);
@@ -608,10 +627,8 @@ mod tests {
             write_frame(s, &Response::Stdout(b"out".to_vec())).unwrap();
             write_frame(s, &Response::Exited(ExitStatus::Code(3))).unwrap();
         });
-        assert_eq!(
-            client.prepare_restore(vec![1], true).unwrap(),
-            (9, vec![page(0x1000)])
-        );
+        let (pid, pages) = client.prepare_restore(vec![1], true, false).unwrap();
+        assert_eq!((pid, pages.listed), (9, vec![page(0x1000)]));
         let session = client.finish_restore_streaming().unwrap();
         assert_eq!(session.pid(), 9);
         let out = session.wait_with_output().unwrap();

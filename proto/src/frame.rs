@@ -123,12 +123,13 @@ mod tests {
             Request::Load,
             Request::Kill { pid: 42, signal: 9 },
             Request::Poweroff,
-            Request::Checkpoint { pid: 77 },
+            Request::Checkpoint { pid: 77, page_walk: true },
             Request::ResumeOriginal { pid: 77 },
             Request::KillOriginal { pid: 77 },
-            Request::PrepareRestore { image: vec![1, 2, 3], forward_stdio: true },
+            Request::PrepareRestore { image: vec![1, 2, 3], forward_stdio: true, page_walk: false },
             Request::FinishRestore,
-            Request::PrecopyRound { pid: 77, first: true },
+            Request::PrecopyRound { pid: 77, first: true, page_walk: true },
+            Request::PrecopyContinue { pid: 77 },
             Request::BecomeDeputy { pid: 77, node: "n2".into() },
             Request::DeputyOutput { fd: 1, data: b"out".to_vec() },
             Request::DeputyExit(ExitStatus::Signal { signal: 15, core_dumped: false }),
@@ -197,16 +198,33 @@ mod tests {
             }),
             Response::Checkpointed {
                 image: vec![9; 10],
-                pages: vec![crate::image::PageRef {
-                    vaddr: 0x7fff_0000_0000,
-                    pfn: 0x1234,
-                    kind: crate::image::PageKind::Data,
-                    dirty: true,
-                }],
+                pages: crate::image::Pages {
+                    listed: vec![crate::image::PageRef {
+                        vaddr: 0x7fff_0000_0000,
+                        pfn: 0x1234,
+                        kind: crate::image::PageKind::Data,
+                        dirty: true,
+                    }],
+                    walk: Some(crate::image::PageWalk {
+                        root: 0x83_2000,
+                        levels: 4,
+                        mode: crate::image::WalkMode::Present(crate::image::Select::All),
+                        ranges: vec![crate::image::WalkRange {
+                            start: 0x40_0000,
+                            end: 0x60_0000,
+                            soft_dirty: true,
+                        }],
+                    }),
+                },
             },
-            Response::RestorePrepared { pid: 5, pages: vec![] },
+            Response::RestorePrepared {
+                pid: 5,
+                pages: Default::default(),
+            },
             Response::Restored { pid: 5 },
-            Response::PrecopyPages { pages: vec![] },
+            Response::PrecopyPages {
+                pages: Default::default(),
+            },
             Response::DeputySignal { signal: 10 },
             Response::Error {
                 kind: ErrorKind::Refused,

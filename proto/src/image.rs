@@ -261,6 +261,76 @@ pub struct PageRef {
     pub dirty: bool,
 }
 
+/// The pages of a process as the agent reports them: pages it read from
+/// /proc/PID/pagemap, and address ranges whose pages the VMM finds itself by
+/// walking the process's page tables in guest RAM.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+pub struct Pages {
+    pub listed: Vec<PageRef>,
+    pub walk: Option<PageWalk>,
+}
+
+/// Address ranges whose pages the VMM finds by walking the process's page
+/// tables (the guest kernel tells where they are in /proc/PID/pmivmm_mm):
+/// one walk by native code instead of pagemap's per-page work in the guest
+/// kernel. The process is stopped while the VMM walks. Everything here is
+/// untrusted: the VMM checks the ranges and every table and page frame.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct PageWalk {
+    /// Guest-physical address of the top-level page table.
+    pub root: u64,
+    /// Paging levels: 4 or 5.
+    pub levels: u8,
+    pub mode: WalkMode,
+    /// Sorted, not overlapping, page-aligned user addresses.
+    pub ranges: Vec<WalkRange>,
+}
+
+/// Pages of private anonymous memory, all [`PageKind::Data`].
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WalkRange {
+    pub start: u64,
+    pub end: u64,
+    /// The kernel counts the whole VMA as written (VM_SOFTDIRTY: it is new
+    /// or changed since the soft-dirty bits were cleared).
+    pub soft_dirty: bool,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WalkMode {
+    /// The present pages that [`Select`] asks for.
+    Present(Select),
+    /// Every page of the ranges must be present: the frames a restore
+    /// writes into (all dirty).
+    Populated,
+}
+
+/// Which present pages are listed, and what their [`PageRef::dirty`] says.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Select {
+    /// Every present page, dirty: no pre-copy round cleared the bits.
+    AllDirty,
+    /// Every present page, with its soft-dirty bit.
+    All,
+    /// Only the present pages whose soft-dirty bit is set.
+    Dirty,
+}
+
+/// Sorted page addresses as runs of consecutive pages.
+pub fn page_runs(addrs: impl IntoIterator<Item = u64>) -> Vec<PageRun> {
+    let mut out: Vec<PageRun> = Vec::new();
+    for addr in addrs {
+        match out.last_mut() {
+            Some(run) if run.end() == addr => run.count += 1,
+            _ => out.push(PageRun {
+                start: addr,
+                count: 1,
+            }),
+        }
+    }
+    out
+}
+
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PageKind {
     /// Contents must travel (anonymous or modified private file page).
@@ -744,6 +814,14 @@ fn check_path(path: &str) -> Result<(), ImageError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn groups_pages_into_runs() {
+        let r = page_runs([0x1000, 0x2000, 0x3000, 0x5000]);
+        let run = |start, count| PageRun { start, count };
+        assert_eq!(r, vec![run(0x1000, 3), run(0x5000, 1)]);
+        assert!(page_runs([]).is_empty());
+    }
 
     fn sample() -> ProcessImage {
         let vma = |start: u64, end: u64, prot, kind| Vma {

@@ -10,7 +10,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::image::PageRef;
+use crate::image::Pages;
 
 /// A message from the host to the agent.
 ///
@@ -48,8 +48,11 @@ pub enum Request {
     /// or `Error` (`Refused` lists the obstacles; the process is untouched).
     /// The process stays frozen, traced by this connection, until
     /// `ResumeOriginal` or `KillOriginal` on the SAME connection; if the
-    /// connection closes first, the agent resumes it.
-    Checkpoint { pid: u32 },
+    /// connection closes first, the agent resumes it. `page_walk`: where
+    /// the guest kernel tells where the page tables are, private anonymous
+    /// memory is reported as ranges for the VMM to walk
+    /// ([`crate::image::PageWalk`]) instead of read from pagemap.
+    Checkpoint { pid: u32, page_walk: bool },
     /// Lets a process frozen by `Checkpoint` on this connection run on;
     /// replied with `Ok`.
     ResumeOriginal { pid: u32 },
@@ -66,8 +69,10 @@ pub enum Request {
     /// not reopen as regular files become pipes (stdin: /dev/null) whose
     /// output is streamed on this connection after `Restored`, exactly like
     /// an exec's: `Stdout` / `Stderr` chunks, then `Exited`. Without it they
-    /// are /dev/null.
-    PrepareRestore { image: Vec<u8>, forward_stdio: bool },
+    /// are /dev/null. `page_walk`: the frames are reported as a
+    /// [`crate::image::PageWalk`] where the guest kernel allows (as for
+    /// `Checkpoint`).
+    PrepareRestore { image: Vec<u8>, forward_stdio: bool, page_walk: bool },
     /// Restores the rest of the prepared process and lets it run; replied
     /// with `Restored` (then the forwarded output, see `PrepareRestore`).
     FinishRestore,
@@ -79,11 +84,19 @@ pub enum Request {
     /// Replied with `PrecopyPages`. The process stays seized (but running) by
     /// this connection; a later `Checkpoint { pid }` on the same connection
     /// freezes it for good and reports every present page with its
-    /// soft-dirty bit ([`PageRef::dirty`]: written since the last round). If
+    /// soft-dirty bit ([`crate::image::PageRef::dirty`]: written since the last round). If
     /// the connection closes first, or a later round fails, the agent lets
     /// it go. `first` again starts over (every present page). On a kernel
     /// without soft-dirty tracking every present page counts as dirty.
-    PrecopyRound { pid: u32, first: bool },
+    ///
+    /// `page_walk` (as for `Checkpoint`): if the reply leaves pages to the
+    /// VMM's walk, the process stays stopped (so that the walk reads the
+    /// soft-dirty bits before they are cleared) until `PrecopyContinue`.
+    PrecopyRound { pid: u32, first: bool, page_walk: bool },
+    /// After the VMM walked a round's page tables: clears the soft-dirty
+    /// bits and lets the process run on; replied with `Ok` (also when the
+    /// round held nothing).
+    PrecopyContinue { pid: u32 },
     /// Turns the process frozen by `Checkpoint { pid }` on this connection
     /// into the deputy of its migrated self, which now runs on `node`: it
     /// keeps its PID, its parent and its stdio, stays frozen and never runs
@@ -118,7 +131,7 @@ pub enum Request {
 impl Request {
     /// How many variants [`Request`] has: a decoded variant index at or past
     /// this is a request from a newer protocol version.
-    pub const VARIANTS: u32 = 17;
+    pub const VARIANTS: u32 = 18;
 }
 
 /// Starts a process in the guest.
@@ -171,17 +184,21 @@ pub enum Response {
     Load(LoadInfo),
     /// The reply to `Checkpoint`: the encoded image
     /// ([`crate::image::ProcessImage::to_bytes`]) and every present page with
-    /// its guest frame; the [`crate::image::PageKind::Data`] ones, in order,
-    /// are the pages of the image's `pages` runs.
+    /// its guest frame, listed or left to the VMM's walk; the
+    /// [`crate::image::PageKind::Data`] ones, in address order, are the
+    /// pages of the image's `pages` runs. With a walk, the agent's runs are
+    /// those of its listed pages only: the VMM adds the walked ones.
     Checkpointed {
         image: Vec<u8>,
-        pages: Vec<PageRef>,
+        pages: Pages,
     },
     /// The reply to `PrepareRestore`: the new process and, in the order of
-    /// the image's `pages` runs, the frame each saved page must be written to.
+    /// the image's `pages` runs, the frame each saved page must be written
+    /// to: listed, or a [`crate::image::WalkMode::Populated`] walk of
+    /// exactly those runs.
     RestorePrepared {
         pid: u32,
-        pages: Vec<PageRef>,
+        pages: Pages,
     },
     /// The reply to `FinishRestore`: the restored process runs.
     Restored {
@@ -190,7 +207,7 @@ pub enum Response {
     /// The reply to `PrecopyRound`: the present (first round) or dirtied
     /// pages with their frames, as of the moment the process was stopped.
     PrecopyPages {
-        pages: Vec<PageRef>,
+        pages: Pages,
     },
     /// A signal was sent to a deputy (see `BecomeDeputy`); it must reach
     /// the migrated process.

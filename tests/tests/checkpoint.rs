@@ -63,16 +63,25 @@ fn checkpoint(node: &str, pid: u32, dir: &Path, extra: &[&str]) -> (bool, String
     (st.success(), out, err)
 }
 
-fn restore(node: &str, dir: &Path) -> u32 {
-    let (st, out, err) = run_pmivmm(&["restore", "--node", node, dir.to_str().unwrap()]);
+fn restore(node: &str, dir: &Path, extra: &[&str]) -> u32 {
+    let mut args = vec!["restore", "--node", node, dir.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let (st, out, err) = run_pmivmm(&args);
     assert!(st.success(), "restore failed: {err}");
     eprintln!("{}", out.trim());
     let after = out.split(" as PID ").nth(1).unwrap_or_else(|| panic!("no PID in {out:?}"));
     after.split(':').next().unwrap().trim().parse().unwrap()
 }
 
-/// The uninterrupted run against a checkpointed-and-restored run of `cmd`.
+/// The uninterrupted run against a checkpointed-and-restored run of `cmd`,
+/// its pages found by the VMM's page-table walk.
 fn round_trip(name: &str, cmd: &str) {
+    round_trip_with(name, cmd, &[]);
+}
+
+/// [`round_trip`] with extra arguments for `pmivmm checkpoint` and
+/// `pmivmm restore` (`--pagemap`: the guest's pagemap lists every page).
+fn round_trip_with(name: &str, cmd: &str, extra: &[&str]) {
     let node = node();
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let reference = sh(node, &format!("cd /tmp && {}", cmd.replace("@", "ref")));
@@ -84,11 +93,21 @@ fn round_trip(name: &str, cmd: &str) {
     sh(node, &format!("while [ ! -s {out} ]; do sleep 0.05; done"));
     std::thread::sleep(random_delay(0, 250));
     let dir: PathBuf = scratch_dir(&format!("ck-{name}")).join("ckpt");
-    let (ok, report, err) = checkpoint(node, pid, &dir, &[]);
+    let (ok, report, err) = checkpoint(node, pid, &dir, extra);
     assert!(ok, "{name}: checkpoint of PID {pid} failed: {err}");
     eprintln!("{name}: {}", report.trim());
+    let walked: u64 = report
+        .split(" found by the VMM's page-table walk")
+        .next()
+        .and_then(|s| s.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{name}: no walked page count in {report:?}"));
+    match extra.contains(&"--pagemap") {
+        true => assert_eq!(walked, 0, "{name}: pages walked despite --pagemap"),
+        false => assert!(walked > 0, "{name}: no page found by the VMM's page-table walk (the guest kernel's pmivmm_mm?)"),
+    }
     assert!(alive(node, pid).is_none(), "{name}: the original still runs after the checkpoint");
-    let new_pid = restore(node, &dir);
+    let new_pid = restore(node, &dir, extra);
     wait_gone(node, new_pid, Duration::from_secs(300));
     let got = sh(node, &format!("cat {out}"));
     assert_eq!(got, reference, "{name}: the restored run's output differs from the uninterrupted run");
@@ -128,6 +147,13 @@ fn fpu_and_sse_state_survives() {
 #[test]
 fn page_protections_survive() {
     round_trip("mprotect", "mprotect 120");
+}
+
+/// The same with every page listed by the guest kernel's pagemap instead
+/// of the VMM's walk of the page tables.
+#[test]
+fn page_protections_survive_with_pagemap() {
+    round_trip_with("mprotect-pagemap", "mprotect 120", &["--pagemap"]);
 }
 
 /// Relative and absolute sleeps, interrupted by the checkpoint.
@@ -208,11 +234,11 @@ fn leave_running_keeps_the_original_and_a_corrupt_copy_is_refused() {
     assert!(!st.success());
     assert!(err.contains("checksum"), "{err}");
     let control = pmivmm::rundir::NodePaths::existing(node).unwrap().control();
-    let e = pmivmm::control::restore(&control, &dir).unwrap_err().to_string();
+    let e = pmivmm::control::restore(&control, &dir, true).unwrap_err().to_string();
     assert!(e.contains("checksum"), "{e}");
     let desc = dir.join("descriptor");
     std::fs::write(&desc, &std::fs::read(&desc).unwrap()[..30]).unwrap();
-    let e = pmivmm::control::restore(&control, &dir).unwrap_err().to_string();
+    let e = pmivmm::control::restore(&control, &dir, true).unwrap_err().to_string();
     assert!(e.contains("truncated"), "{e}");
     assert_eq!(agent(node).ps().unwrap().len(), before, "a process was started from a corrupt checkpoint");
 }

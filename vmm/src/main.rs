@@ -99,6 +99,11 @@ enum Command {
         /// Leave the original running instead of killing it.
         #[arg(long)]
         leave_running: bool,
+        /// Let the guest kernel list every page (/proc/PID/pagemap) instead
+        /// of the VMM walking the process's page tables (slower; for
+        /// comparison).
+        #[arg(long)]
+        pagemap: bool,
     },
     /// Restore a checkpoint directory as a new process of a node.
     Restore {
@@ -106,6 +111,11 @@ enum Command {
         node: NodeRef,
         /// Directory written by `pmivmm checkpoint`.
         dir: PathBuf,
+        /// Let the guest kernel name the frames to fill (/proc/PID/pagemap)
+        /// instead of the VMM walking the page tables (slower; for
+        /// comparison).
+        #[arg(long)]
+        pagemap: bool,
     },
     /// Move a running process to another node, live (openMosix's migrate). Its
     /// home keeps a deputy with its PID: output, exit status and signals go
@@ -460,13 +470,13 @@ fn main() -> ExitCode {
             commands::stop(&node.name, Duration::from_secs(timeout)).map(|()| 0)
         }
         Command::Nodes => commands::nodes().map(|()| 0),
-        Command::Checkpoint { node, pid, dir, leave_running } => {
-            commands::checkpoint::checkpoint(&node.name, pid, &dir, leave_running).map(|r| {
+        Command::Checkpoint { node, pid, dir, leave_running, pagemap } => {
+            commands::checkpoint::checkpoint(&node.name, pid, &dir, leave_running, !pagemap).map(|r| {
                 println!("{}", commands::checkpoint::describe_checkpoint(&r, &dir));
                 0
             })
         }
-        Command::Restore { node, dir } => commands::checkpoint::restore(&node.name, &dir).map(|r| {
+        Command::Restore { node, dir, pagemap } => commands::checkpoint::restore(&node.name, &dir, !pagemap).map(|r| {
             println!("{}", commands::checkpoint::describe_restore(&r));
             0
         }),

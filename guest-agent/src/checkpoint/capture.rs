@@ -26,14 +26,15 @@ use libc::user_regs_struct;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use pmivmm_proto::image::{
-    AltStack, FdKind, FileDescriptor, Itimer, MmLayout, PageKind, PageRef, ProcessImage, Rlimit,
-    SigAction, SigInfo, SignalState, Vma, VmaKind, IMAGE_VERSION, MAX_SIGNAL, PAGE_SIZE, PROT_READ,
-    PROT_WRITE,
+    page_runs, AltStack, FdKind, FileDescriptor, Itimer, MmLayout, PageKind, Pages, ProcessImage,
+    Rlimit, Select, SigAction, SigInfo, SignalState, Vma, VmaKind, WalkMode, IMAGE_VERSION,
+    MAX_SIGNAL, PAGE_SIZE, PROT_READ, PROT_WRITE,
 };
 use pmivmm_proto::MigrationObstacle;
 
 use super::inject::{find_syscall_insn, InjectError, Injector};
-use super::pagemap::{runs, Pagemap, PagemapError, Select};
+use super::pagemap::{tracked, Pagemap, PagemapError};
+use super::pagetables::{MmTables, PageTablesError};
 use super::procfs::{self, MapsEntry, ProcfsError, Stat, Status, PF_KTHREAD};
 use super::tracee::{regs_to_image, rewind_interrupted_syscall, PtraceError, Tracee};
 use crate::procfs::deleted_file;
@@ -53,6 +54,8 @@ pub enum CheckpointError {
     Inject(#[from] InjectError),
     #[error(transparent)]
     Pagemap(#[from] PagemapError),
+    #[error(transparent)]
+    PageTables(#[from] PageTablesError),
     #[error("PID {pid}: no `syscall` instruction in its vdso or code to run syscalls with")]
     NoSyscallInsn { pid: i32 },
     #[error("cannot clear the soft-dirty bits of PID {pid}: {source}")]
@@ -107,11 +110,12 @@ const SCRATCH_USED: usize = SCRATCH_ZERO_ITIMER as usize + ITIMERVAL_LEN;
 /// Freezes `pid` and captures it. Returns the image and every present page
 /// with its frame (the VMM copies the [`PageKind::Data`] ones, in order; they
 /// are the pages of [`ProcessImage::pages`]), all dirty (no pre-copy round
-/// ran).
-pub fn capture(pid: i32) -> Result<(ProcessImage, Vec<PageRef>), CheckpointError> {
+/// ran). `page_walk`: private anonymous memory is left to the VMM's walk
+/// where the kernel allows (see [`present_pages`]).
+pub fn capture(pid: i32, page_walk: bool) -> Result<(ProcessImage, Pages), CheckpointError> {
     check_before_seize(pid)?;
     let (tracee, _) = Tracee::seize_and_interrupt(Pid::from_raw(pid))?;
-    capture_stopped(tracee, Select::AllDirty)
+    capture_stopped(tracee, Select::AllDirty, page_walk)
 }
 
 /// The checks that refuse a process before it is even seized.
@@ -126,7 +130,8 @@ pub(super) fn check_before_seize(pid: i32) -> Result<(), CheckpointError> {
 pub(super) fn capture_stopped(
     tracee: Tracee,
     select: Select,
-) -> Result<(ProcessImage, Vec<PageRef>), CheckpointError> {
+    page_walk: bool,
+) -> Result<(ProcessImage, Pages), CheckpointError> {
     let original = match (tracee.regs(), tracee.sigmask()) {
         (Ok(regs), Ok(mask)) => (regs, mask),
         (Err(e), _) | (_, Err(e)) => {
@@ -136,7 +141,7 @@ pub(super) fn capture_stopped(
     };
     let mut resumed = original.0;
     let interrupted = rewind_interrupted_syscall(&mut resumed);
-    let result = capture_frozen(tracee, &original.0, select);
+    let result = capture_frozen(tracee, &original.0, select, page_walk);
     // Whatever happened, the process gets back its mask and registers (with
     // the syscall it was in rewound: see `rewind_interrupted_syscall`).
     let put_back = tracee
@@ -294,17 +299,24 @@ pub(super) fn inspect_stopped(pid: i32) -> Result<Inspection, CheckpointError> {
     })
 }
 
-/// The present pages of `vmas` that `select` asks for.
+/// The present pages of `vmas` that `select` asks for: with `tables`, the
+/// VMAs that [`MmTables::walks`] as ranges for the VMM's walk, the others
+/// read from pagemap.
 pub(super) fn present_pages(
     pagemap: &Pagemap,
     vmas: &[Vma],
     select: Select,
-) -> Result<Vec<PageRef>, CheckpointError> {
-    let mut pages = Vec::new();
-    for vma in vmas {
-        pagemap.present_pages(vma, select, &mut pages)?;
+    tables: Option<&MmTables>,
+) -> Result<Pages, CheckpointError> {
+    let mut listed = Vec::new();
+    for vma in vmas.iter().filter(|v| tables.is_none() || !MmTables::walks(v)) {
+        pagemap.present_pages(vma, select, &mut listed)?;
     }
-    Ok(pages)
+    let walk = tables.map(|t| {
+        let walked = vmas.iter().filter(|v| MmTables::walks(v));
+        t.walk_vmas(WalkMode::Present(tracked(select)), walked)
+    });
+    Ok(Pages { listed, walk })
 }
 
 /// The capture proper, on the frozen process. Its registers and signal mask
@@ -313,7 +325,8 @@ fn capture_frozen(
     tracee: Tracee,
     regs: &user_regs_struct,
     select: Select,
-) -> Result<(ProcessImage, Vec<PageRef>), CheckpointError> {
+    page_walk: bool,
+) -> Result<(ProcessImage, Pages), CheckpointError> {
     let pid = tracee.pid.as_raw();
     let Inspection {
         stat,
@@ -339,7 +352,7 @@ fn capture_frozen(
         read_injected(&injector, scratch, &status)
     })?;
     let (pending_thread, pending_process, pages) =
-        match pending_and_pages(tracee, &vmas, select) {
+        match pending_and_pages(tracee, &vmas, select, page_walk) {
             Ok(found) => found,
             Err(e) => {
                 // The process will be resumed: its timers run on (should
@@ -350,8 +363,9 @@ fn capture_frozen(
                 return Err(e);
             }
         };
-    let data = runs(
+    let data = page_runs(
         pages
+            .listed
             .iter()
             .filter(|p| p.kind == PageKind::Data)
             .map(|p| p.vaddr),
@@ -413,11 +427,14 @@ fn pending_and_pages(
     tracee: Tracee,
     vmas: &[Vma],
     select: Select,
-) -> Result<(Vec<SigInfo>, Vec<SigInfo>, Vec<PageRef>), CheckpointError> {
+    page_walk: bool,
+) -> Result<(Vec<SigInfo>, Vec<SigInfo>, Pages), CheckpointError> {
     fail_point("after-injection")?;
     let pending_thread = tracee.pending(false)?;
     let pending_process = tracee.pending(true)?;
-    let pages = present_pages(&Pagemap::open(tracee.pid.as_raw())?, vmas, select)?;
+    let pid = tracee.pid.as_raw();
+    let tables = MmTables::read(pid, page_walk)?;
+    let pages = present_pages(&Pagemap::open(pid)?, vmas, select, tables.as_ref())?;
     Ok((pending_thread, pending_process, pages))
 }
 

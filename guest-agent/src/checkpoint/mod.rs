@@ -17,6 +17,7 @@
 mod capture;
 mod inject;
 mod pagemap;
+mod pagetables;
 mod precopy;
 mod procfs;
 mod procmem;

@@ -7,7 +7,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::OnceLock;
 
-use pmivmm_proto::image::{PageKind, PageRef, PageRun, Vma, VmaKind, PAGE_SIZE};
+use pmivmm_proto::image::{PageKind, PageRef, PageRun, Select, Vma, VmaKind, PAGE_SIZE};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PagemapError {
@@ -31,18 +31,6 @@ const SOFT_DIRTY: u64 = 1 << 55;
 const PFN_MASK: u64 = (1 << 55) - 1;
 /// Entries per pread: 64 Ki entries (512 KiB) cover 256 MiB of address space.
 const CHUNK_PAGES: u64 = 64 << 10;
-
-/// Which present pages [`Pagemap::present_pages`] lists, and what their
-/// [`PageRef::dirty`] says.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Select {
-    /// Every present page, dirty: no pre-copy round cleared the bits.
-    AllDirty,
-    /// Every present page, with its soft-dirty bit.
-    All,
-    /// Only the present pages whose soft-dirty bit is set.
-    Dirty,
-}
 
 /// Whether this kernel tracks soft-dirty pages (CONFIG_MEM_SOFT_DIRTY).
 /// Without it the bit is never set, so every page must count as dirty:
@@ -73,6 +61,16 @@ pub fn soft_dirty_tracked() -> bool {
         }
         dirty
     })
+}
+
+/// `select` where the kernel tracks soft-dirty pages; otherwise every page
+/// counts as dirty (see [`soft_dirty_tracked`]).
+pub fn tracked(select: Select) -> Select {
+    if soft_dirty_tracked() {
+        select
+    } else {
+        Select::AllDirty
+    }
 }
 
 pub struct Pagemap {
@@ -125,11 +123,7 @@ impl Pagemap {
         select: Select,
         out: &mut Vec<PageRef>,
     ) -> Result<(), PagemapError> {
-        let select = if soft_dirty_tracked() {
-            select
-        } else {
-            Select::AllDirty
-        };
+        let select = tracked(select);
         let (private_file, vdso) = match vma.kind {
             VmaKind::Vvar { .. } => return Ok(()),
             VmaKind::File { .. } if vma.shared => return Ok(()),
@@ -195,43 +189,9 @@ impl Pagemap {
     }
 }
 
-/// Sorted page addresses as runs of consecutive pages.
-pub fn runs(addrs: impl IntoIterator<Item = u64>) -> Vec<PageRun> {
-    let mut out: Vec<PageRun> = Vec::new();
-    for addr in addrs {
-        match out.last_mut() {
-            Some(run) if run.end() == addr => run.count += 1,
-            _ => out.push(PageRun {
-                start: addr,
-                count: 1,
-            }),
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn groups_pages_into_runs() {
-        let r = runs([0x1000, 0x2000, 0x3000, 0x5000]);
-        assert_eq!(
-            r,
-            vec![
-                PageRun {
-                    start: 0x1000,
-                    count: 3
-                },
-                PageRun {
-                    start: 0x5000,
-                    count: 1
-                }
-            ]
-        );
-        assert!(runs([]).is_empty());
-    }
 
     #[test]
     fn sees_own_present_pages_with_frames() {

@@ -10,6 +10,12 @@
 //! bit. Pages are classified exactly as by [`super::capture()`]: the same
 //! VMA and pagemap code reads them.
 //!
+//! Where the kernel tells where the page tables are (/proc/PID/pmivmm_mm)
+//! and the host asks for it, private anonymous memory is left to the VMM's
+//! walk of the page tables: such a round keeps the process stopped after
+//! its reply, so that the walk reads the soft-dirty bits before they are
+//! cleared, until the host says it walked (`PrecopyContinue`).
+//!
 //! A seized process that runs still stops for its tracer: at every signal
 //! it is sent and on job control. The tracer (the connection thread) must
 //! answer those stops while it waits for the next request:
@@ -31,20 +37,25 @@ use std::io::Write;
 
 use nix::errno::Errno;
 use nix::unistd::Pid;
-use pmivmm_proto::image::{PageRef, ProcessImage};
+use pmivmm_proto::image::{Pages, ProcessImage, Select, Vma};
 
 use super::capture::{
     capture_stopped, check_before_seize, inspect_stopped, present_pages, vmas, CheckpointError,
 };
-use super::pagemap::{Pagemap, Select};
+use super::pagemap::Pagemap;
 use super::procfs;
-use super::tracee::{is_end, try_wait_raw_status, untrace, PtraceError, Tracee};
+use super::pagetables::MmTables;
+use super::tracee::{is_end, try_wait_raw_status, untrace, Interrupted, PtraceError, Tracee};
 
 /// A process seized for pre-copy rounds, running between them.
 pub struct Precopy {
     tracee: Tracee,
     pagemap: Pagemap,
     clear_refs: File,
+    /// Kept stopped after a round whose pages the VMM walks (the walk must
+    /// read the soft-dirty bits before they are cleared): how to resume it
+    /// ([`Precopy::continue_round`]).
+    held: Option<Interrupted>,
 }
 
 /// What [`Precopy::tend`] found.
@@ -58,24 +69,25 @@ pub enum Tended {
 impl Precopy {
     /// The first round: refuses `pid` like [`super::capture()`] would
     /// (leaving it untouched), seizes it and returns every present page
-    /// (all dirty). It runs on, seized by this thread.
-    pub fn start(pid: i32) -> Result<(Precopy, Vec<PageRef>), CheckpointError> {
+    /// (all dirty). It runs on, seized by this thread, unless the round left
+    /// pages to the VMM's walk (`page_walk`, where the kernel allows): then
+    /// it stays stopped until [`Self::continue_round`].
+    pub fn start(pid: i32, page_walk: bool) -> Result<(Precopy, Pages), CheckpointError> {
         check_before_seize(pid)?;
         let (tracee, how) = Tracee::seize_and_interrupt(Pid::from_raw(pid))?;
-        let first = || -> Result<(Precopy, Vec<PageRef>), CheckpointError> {
+        let first = || -> Result<(Precopy, Pages), CheckpointError> {
             let vmas = inspect_stopped(pid)?.vmas;
             let clear_refs = File::options()
                 .write(true)
                 .open(format!("/proc/{pid}/clear_refs"))
                 .map_err(|source| CheckpointError::ClearRefs { pid, source })?;
-            let precopy = Precopy {
+            let mut precopy = Precopy {
                 tracee,
                 pagemap: Pagemap::open(pid)?,
                 clear_refs,
+                held: None,
             };
-            let pages = present_pages(&precopy.pagemap, &vmas, Select::AllDirty)?;
-            precopy.clear_soft_dirty()?;
-            tracee.resume(how)?;
+            let pages = precopy.observe(how, &vmas, Select::AllDirty, page_walk)?;
             Ok((precopy, pages))
         };
         first().inspect_err(|_| {
@@ -89,19 +101,17 @@ impl Precopy {
 
     /// A later round: the present pages written since the previous one
     /// (every present page with `all`, or where the kernel does not track
-    /// soft-dirty pages). On failure the process is let go.
-    pub fn round(self, all: bool) -> Result<(Precopy, Vec<PageRef>), CheckpointError> {
+    /// soft-dirty pages); `page_walk` as for [`Self::start`]. On failure the
+    /// process is let go.
+    pub fn round(mut self, all: bool, page_walk: bool) -> Result<(Precopy, Pages), CheckpointError> {
         let select = if all { Select::AllDirty } else { Select::Dirty };
-        let round = || -> Result<Vec<PageRef>, CheckpointError> {
-            let how = self.tracee.interrupt()?;
+        let mut round = || -> Result<Pages, CheckpointError> {
+            let how = self.stop()?;
             // Obstacles that appeared since the first round (a socket, a
             // thread) refuse the final checkpoint, which checks everything
             // again; a round only needs the VMAs.
             let vmas = vmas(&procfs::maps(self.pid())?, &mut Vec::new())?;
-            let pages = present_pages(&self.pagemap, &vmas, select)?;
-            self.clear_soft_dirty()?;
-            self.tracee.resume(how)?;
-            Ok(pages)
+            self.observe(how, &vmas, select, page_walk)
         };
         match round() {
             Ok(pages) => Ok((self, pages)),
@@ -109,6 +119,46 @@ impl Precopy {
                 self.release();
                 Err(e)
             }
+        }
+    }
+
+    /// The pages of the stopped process's `vmas`; then clears the
+    /// soft-dirty bits and resumes it, unless pages are left to the VMM's
+    /// walk: then it stays stopped (`held`) until [`Self::continue_round`].
+    fn observe(
+        &mut self,
+        how: Interrupted,
+        vmas: &[Vma],
+        select: Select,
+        page_walk: bool,
+    ) -> Result<Pages, CheckpointError> {
+        let tables = MmTables::read(self.pid(), page_walk)?;
+        let pages = present_pages(&self.pagemap, vmas, select, tables.as_ref())?;
+        self.held = Some(how);
+        if pages.walk.is_none() {
+            self.continue_round()?;
+        }
+        Ok(pages)
+    }
+
+    /// After the VMM's walk of a round: clears the soft-dirty bits and lets
+    /// the process run on. Nothing to do if the round held nothing.
+    pub fn continue_round(&mut self) -> Result<(), CheckpointError> {
+        if let Some(how) = self.held.take() {
+            self.clear_soft_dirty()?;
+            self.tracee.resume(how)?;
+        }
+        Ok(())
+    }
+
+    /// Stops the process, unless a round holds it stopped already. The
+    /// soft-dirty bits of a held round were not cleared: the next round or
+    /// the checkpoint reports its pages again (more copying, never a missed
+    /// write).
+    fn stop(&mut self) -> Result<Interrupted, PtraceError> {
+        match self.held.take() {
+            Some(how) => Ok(how),
+            None => self.tracee.interrupt(),
         }
     }
 
@@ -141,10 +191,11 @@ impl Precopy {
 
     /// Freezes the process for good and captures it like
     /// [`super::capture()`], every present page with its soft-dirty bit
-    /// (written since the last round). On failure it is let go.
-    pub fn capture(self) -> Result<(ProcessImage, Vec<PageRef>), CheckpointError> {
-        match self.tracee.interrupt() {
-            Ok(_) => capture_stopped(self.tracee, Select::All),
+    /// (written since the last round); `page_walk` as for
+    /// [`super::capture()`]. On failure it is let go.
+    pub fn capture(mut self, page_walk: bool) -> Result<(ProcessImage, Pages), CheckpointError> {
+        match self.stop() {
+            Ok(_) => capture_stopped(self.tracee, Select::All, page_walk),
             Err(e) => {
                 self.release();
                 Err(e.into())
@@ -154,10 +205,10 @@ impl Precopy {
 
     /// Lets the process go: it runs on (or stays in its job-control stop),
     /// no longer traced.
-    pub fn release(self) {
+    pub fn release(mut self) {
         // Detaching needs a stop. A process that is gone cannot be
         // detached; its registration with the reaper goes anyway.
-        let _ = self.tracee.interrupt();
+        let _ = self.stop();
         let _ = self.tracee.detach();
     }
 

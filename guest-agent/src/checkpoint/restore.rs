@@ -28,13 +28,14 @@ use nix::sys::signal::Signal;
 use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 use pmivmm_proto::image::{
-    FdKind, ImageError, PageRef, ProcessImage, Vma, VmaKind, PAGE_SIZE, PROT_WRITE, USER_SPACE_END,
+    FdKind, ImageError, Pages, ProcessImage, Vma, VmaKind, PAGE_SIZE, PROT_WRITE, USER_SPACE_END,
 };
 use pmivmm_proto::ExitStatus;
 
 use super::capture::{set_itimers, KERNEL_SIGACTION_LEN, SIGSET_LEN, SS_AUTODISARM, STACK_T_LEN};
 use super::inject::{InjectError, Injector};
 use super::pagemap::{Pagemap, PagemapError};
+use super::pagetables::{MmTables, PageTablesError};
 use super::procfs::{self, MapsEntry, ProcfsError};
 use super::tracee::{regs_from_image, PtraceError, Tracee};
 
@@ -65,6 +66,8 @@ pub enum RestoreError {
     Inject(#[from] InjectError),
     #[error(transparent)]
     Pagemap(#[from] PagemapError),
+    #[error(transparent)]
+    PageTables(#[from] PageTablesError),
 }
 
 /// Scratch area: page 0 holds the code, the rest is data for injected
@@ -144,11 +147,13 @@ impl Drop for RestoredChild {
 
 /// Forks a child and gives it the image's memory layout. Returns the child
 /// and, in the order of [`ProcessImage::pages`], the frame of every page
-/// that must receive saved contents. `stdio` become the child's fds 0-2.
+/// that must receive saved contents (`page_walk`: as a walk for the VMM,
+/// where the kernel allows). `stdio` become the child's fds 0-2.
 pub fn prepare_restore(
     image: &ProcessImage,
     stdio: [BorrowedFd<'_>; 3],
-) -> Result<(RestoredChild, Vec<PageRef>), RestoreError> {
+    page_walk: bool,
+) -> Result<(RestoredChild, Pages), RestoreError> {
     image.validate()?;
     check_mapped_files(image)?;
     let own = procfs::own_maps()?;
@@ -208,9 +213,21 @@ pub fn prepare_restore(
     populate(&child, image)?;
     set_mm(&child, image)?;
 
-    let mut frames = Vec::with_capacity(image.page_count() as usize);
-    Pagemap::open(child.pid())?.frames(&image.pages, &mut frames)?;
-    Ok((child, frames))
+    let pages = match MmTables::read(child.pid(), page_walk)? {
+        Some(tables) => Pages {
+            listed: Vec::new(),
+            walk: Some(tables.walk_runs(&image.pages)),
+        },
+        None => {
+            let mut frames = Vec::with_capacity(image.page_count() as usize);
+            Pagemap::open(child.pid())?.frames(&image.pages, &mut frames)?;
+            Pages {
+                listed: frames,
+                walk: None,
+            }
+        }
+    };
+    Ok((child, pages))
 }
 
 /// Restores the rest of the process (its memory holds the saved pages by

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use pmivmm_proto::image::{
-    FdKind, FpuKind, FpuState, ImageError, Itimer, PageKind, PageRef, PageRun, ProcessImage,
+    FdKind, FpuKind, FpuState, ImageError, Itimer, PageKind, PageRef, PageRun, Pages, ProcessImage,
     FXSAVE_AREA_LEN, PAGE_SIZE,
 };
 use pmivmm_proto::MigrationObstacle;
@@ -141,14 +141,14 @@ fn uninterrupted(tag: &str, name: &str, args: &[&str], env: &[(&str, &str)]) -> 
 /// `adjust` may change the image between capture and restore.
 fn migrate(w: Workload, adjust: impl FnOnce(&mut ProcessImage)) -> String {
     let pid = w.pid();
-    let (image, pages) = capture(pid).unwrap_or_else(|e| panic!("capture failed: {e}"));
-    let data_refs = pages.iter().filter(|p| p.kind == PageKind::Data).count() as u64;
+    let (image, pages) = capture(pid, false).unwrap_or_else(|e| panic!("capture failed: {e}"));
+    let data_refs = pages.listed.iter().filter(|p| p.kind == PageKind::Data).count() as u64;
     assert_eq!(data_refs, image.page_count());
     assert!(
-        pages.iter().all(|p| p.pfn != 0),
+        pages.listed.iter().all(|p| p.pfn != 0),
         "pages without frame numbers"
     );
-    assert!(pages.iter().all(|p| p.dirty), "no round ran: all dirty");
+    assert!(pages.listed.iter().all(|p| p.dirty), "no round ran: all dirty");
     let data = ProcMem::open(pid).unwrap().read_runs(&image.pages).unwrap();
     kill_original(pid).unwrap();
     restore(&w, image, &data, adjust)
@@ -168,9 +168,9 @@ fn restore(
     adjust(&mut image);
     let out = OpenOptions::new().append(true).open(&w.out).unwrap();
     let null = File::open("/dev/null").unwrap();
-    let (child, frames) = prepare_restore(&image, [null.as_fd(), out.as_fd(), out.as_fd()])
+    let (child, frames) = prepare_restore(&image, [null.as_fd(), out.as_fd(), out.as_fd()], false)
         .unwrap_or_else(|e| panic!("prepare_restore failed: {e}"));
-    assert_eq!(frames.len() as u64, image.page_count());
+    assert_eq!(frames.listed.len() as u64, image.page_count());
     ProcMem::open(child.pid())
         .unwrap()
         .write_runs(&image.pages, data)
@@ -296,7 +296,7 @@ fn resumed_original_keeps_its_timers() {
     let expected = uninterrupted("timers-resume", "timers", &["20"], &[]);
     let mut w = Workload::start("timers-resume", "timers", &["20"], &[]);
     w.wait_for("real tick 2\n");
-    let (image, _) = capture(w.pid()).unwrap();
+    let (image, _) = capture(w.pid(), false).unwrap();
     assert!(image.itimers[0].value_us > 0 && image.itimers[0].interval_us == 20_000);
     assert!(image.sigaltstack.is_some_and(|s| s.size == 64 << 10));
     assert_eq!(image.personality, libc::ADDR_NO_RANDOMIZE as u32);
@@ -320,7 +320,7 @@ fn shared_and_appending_descriptors_are_captured_as_such() {
     let target = work_dir().join(format!("files-dup-{}.data", std::process::id()));
     let w = Workload::start("files-dup", "files", &[target.to_str().unwrap()], &[]);
     w.wait_for("wrote 1\n");
-    let (image, _) = capture(w.pid()).unwrap_or_else(|e| panic!("capture failed: {e}"));
+    let (image, _) = capture(w.pid(), false).unwrap_or_else(|e| panic!("capture failed: {e}"));
     kill_original(w.pid()).unwrap();
     let kind = |fd| {
         image
@@ -354,10 +354,10 @@ fn refused(mode: &str, expected: impl Fn(&MigrationObstacle) -> bool) {
         }
         other => panic!("{what} of hold {mode} was not refused: {other:?}"),
     };
-    check("capture", capture(w.pid()).map(drop));
+    check("capture", capture(w.pid(), false).map(drop));
     check(
         "pre-copy",
-        Precopy::start(w.pid()).map(|(p, _)| p.release()),
+        Precopy::start(w.pid(), false).map(|(p, _)| p.release()),
     );
     let status = std::fs::read_to_string(format!("/proc/{}/status", w.pid())).unwrap();
     assert!(status.contains("TracerPid:\t0\n"), "still traced: {status}");
@@ -424,7 +424,7 @@ fn failed_capture_resumes_the_original() {
     let mut w = Workload::start("failpoint", "timers", &["20"], &[]);
     std::thread::sleep(random_delay(50..1500));
     FAIL_AT.with(|f| f.set(Some("after-injection")));
-    let result = capture(w.pid());
+    let result = capture(w.pid(), false);
     FAIL_AT.with(|f| f.set(None));
     assert!(matches!(
         result,
@@ -441,7 +441,7 @@ fn resumed_original_runs_on() {
     let expected = uninterrupted("resume", "memory", &["2"], &[]);
     let mut w = Workload::start("resume", "memory", &["2"], &[]);
     std::thread::sleep(random_delay(50..300));
-    let (image, _) = capture(w.pid()).unwrap();
+    let (image, _) = capture(w.pid(), false).unwrap();
     std::thread::sleep(Duration::from_millis(100));
     resume_original(w.pid(), &image.itimers).unwrap();
     assert!(w.child.wait().unwrap().success());
@@ -461,8 +461,8 @@ fn memory_buffer(pid: i32) -> BTreeSet<u64> {
         .collect()
 }
 
-fn addresses(pages: &[PageRef]) -> BTreeSet<u64> {
-    pages.iter().map(|p| p.vaddr).collect()
+fn addresses(pages: &Pages) -> BTreeSet<u64> {
+    pages.listed.iter().map(|p| p.vaddr).collect()
 }
 
 /// The contents of one page of `mem`.
@@ -488,10 +488,10 @@ fn precopy_rounds_report_the_pages_written_since_the_last() {
     w.wait_for("pass 1 ok\n");
     let buffer = memory_buffer(w.pid());
 
-    let (precopy, first) = Precopy::start(w.pid()).unwrap();
+    let (precopy, first) = Precopy::start(w.pid(), false).unwrap();
     assert!(buffer.is_subset(&addresses(&first)));
-    assert!(first.iter().any(|p| p.kind == PageKind::CleanFile));
-    assert!(first.iter().all(|p| p.dirty && p.pfn != 0));
+    assert!(first.listed.iter().any(|p| p.kind == PageKind::CleanFile));
+    assert!(first.listed.iter().all(|p| p.dirty && p.pfn != 0));
     let status = std::fs::read_to_string(format!("/proc/{}/status", w.pid())).unwrap();
     assert!(
         !status.contains("TracerPid:\t0\n"),
@@ -501,11 +501,12 @@ fn precopy_rounds_report_the_pages_written_since_the_last() {
     let mut precopy = precopy;
     for _ in 0..2 {
         w.wait_for_next_pass();
-        let (next, pages) = precopy.round(false).unwrap();
+        let (next, pages) = precopy.round(false, false).unwrap();
         precopy = next;
         assert!(buffer.is_subset(&addresses(&pages)), "buffer pages missing");
-        assert!(pages.iter().all(|p| p.dirty));
+        assert!(pages.listed.iter().all(|p| p.dirty));
         let extra: Vec<&PageRef> = pages
+            .listed
             .iter()
             .filter(|p| !buffer.contains(&p.vaddr))
             .collect();
@@ -539,26 +540,27 @@ fn checkpoint_after_precopy_rounds_restores_from_the_copies() {
     let read = |vaddr| read_page(&mem, vaddr);
     let mut copies = PageCopies::default();
 
-    let (mut precopy, pages) = Precopy::start(pid).unwrap();
+    let (mut precopy, pages) = Precopy::start(pid, false).unwrap();
     copies.round(&pages, read);
     for _ in 0..2 {
         w.wait_for_next_pass();
-        let (next, pages) = precopy.round(false).unwrap();
+        let (next, pages) = precopy.round(false, false).unwrap();
         precopy = next;
         copies.round(&pages, read);
     }
     w.wait_for_next_pass();
-    let (image, pages) = precopy.capture().unwrap();
+    let (image, pages) = precopy.capture(false).unwrap();
     let buffer = memory_buffer(pid);
     assert!(pages
+        .listed
         .iter()
         .filter(|p| buffer.contains(&p.vaddr))
         .all(|p| p.dirty));
     if soft_dirty_tracked() {
-        let mut code = pages.iter().filter(|p| p.kind == PageKind::CleanFile);
+        let mut code = pages.listed.iter().filter(|p| p.kind == PageKind::CleanFile);
         assert!(code.clone().count() > 0 && code.all(|p| !p.dirty));
     } else {
-        assert!(pages.iter().all(|p| p.dirty));
+        assert!(pages.listed.iter().all(|p| p.dirty));
     }
     let data = copies.finish(&image, &pages, read);
     kill_original(pid).unwrap();
@@ -570,12 +572,12 @@ fn corrupt_image_is_rejected_before_forking() {
     require_root();
     let w = Workload::start("corrupt", "counter", &[], &[]);
     w.wait_for("tick 1\n");
-    let (image, _) = capture(w.pid()).unwrap();
+    let (image, _) = capture(w.pid(), false).unwrap();
     kill_original(w.pid()).unwrap();
     let null = File::open("/dev/null").unwrap();
     let mut bad = image.clone();
     bad.vmas.swap(0, 1);
-    let err = prepare_restore(&bad, [null.as_fd(), null.as_fd(), null.as_fd()])
+    let err = prepare_restore(&bad, [null.as_fd(), null.as_fd(), null.as_fd()], false)
         .err()
         .expect("accepted");
     assert!(
@@ -620,7 +622,7 @@ fn syscall_counts() {
     require_root();
     let w = Workload::start("counts", "counter", &[], &[]);
     w.wait_for("tick 3\n");
-    let (image, _) = count_syscalls("capture", || capture(w.pid()).unwrap());
+    let (image, _) = count_syscalls("capture", || capture(w.pid(), false).unwrap());
     let data = ProcMem::open(w.pid())
         .unwrap()
         .read_runs(&image.pages)
@@ -635,7 +637,7 @@ fn syscall_counts() {
     let out = OpenOptions::new().append(true).open(&w.out).unwrap();
     let null = File::open("/dev/null").unwrap();
     let (child, _) = count_syscalls("prepare_restore", || {
-        prepare_restore(&image, [null.as_fd(), out.as_fd(), out.as_fd()]).unwrap()
+        prepare_restore(&image, [null.as_fd(), out.as_fd(), out.as_fd()], false).unwrap()
     });
     ProcMem::open(child.pid())
         .unwrap()
@@ -652,17 +654,17 @@ fn precopy_syscall_counts() {
     let w = Workload::start("precopy-counts", "memory", &["1", "100"], &[]);
     w.wait_for("pass 1 ok\n");
     let (precopy, pages) = count_syscalls("first pre-copy round", || {
-        Precopy::start(w.pid()).unwrap()
+        Precopy::start(w.pid(), false).unwrap()
     });
-    println!("first round: {} pages", pages.len());
+    println!("first round: {} pages", pages.listed.len());
     w.wait_for_next_pass();
-    let (precopy, pages) = count_syscalls("pre-copy round", || precopy.round(false).unwrap());
-    println!("later round: {} pages", pages.len());
-    let (image, pages) = count_syscalls("checkpoint after rounds", || precopy.capture().unwrap());
+    let (precopy, pages) = count_syscalls("pre-copy round", || precopy.round(false, false).unwrap());
+    println!("later round: {} pages", pages.listed.len());
+    let (image, pages) = count_syscalls("checkpoint after rounds", || precopy.capture(false).unwrap());
     println!(
         "checkpoint: {} pages, {} dirty, {} VMAs",
-        pages.len(),
-        pages.iter().filter(|p| p.dirty).count(),
+        pages.listed.len(),
+        pages.listed.iter().filter(|p| p.dirty).count(),
         image.vmas.len()
     );
     kill_original(w.pid()).unwrap();

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use pmivmm_proto::image::{PageKind, PageRef, ProcessImage, PAGE_SIZE};
+use pmivmm_proto::image::{PageKind, PageRef, Pages, ProcessImage, PAGE_SIZE};
 
 /// target/<profile>/cr-tests: workloads and per-test output files.
 pub fn work_dir() -> PathBuf {
@@ -57,14 +57,17 @@ pub struct PageCopies {
     pub frozen: usize,
 }
 
-fn data(pages: &[PageRef]) -> impl Iterator<Item = &PageRef> {
-    pages.iter().filter(|p| p.kind == PageKind::Data)
+/// The listed data pages: the host kernel has no /proc/PID/pmivmm_mm, so
+/// nothing is left to a walk.
+fn data(pages: &Pages) -> impl Iterator<Item = &PageRef> {
+    assert!(pages.walk.is_none(), "a page walk on the host");
+    pages.listed.iter().filter(|p| p.kind == PageKind::Data)
 }
 
 impl PageCopies {
     /// Copies the data pages of a pre-copy round with `read` (one page's
     /// contents at an address).
-    pub fn round(&mut self, pages: &[PageRef], read: impl Fn(u64) -> Vec<u8>) {
+    pub fn round(&mut self, pages: &Pages, read: impl Fn(u64) -> Vec<u8>) {
         for page in data(pages) {
             self.pages.insert(page.vaddr, read(page.vaddr));
         }
@@ -76,7 +79,7 @@ impl PageCopies {
     pub fn finish(
         &mut self,
         image: &ProcessImage,
-        pages: &[PageRef],
+        pages: &Pages,
         read: impl Fn(u64) -> Vec<u8>,
     ) -> Vec<u8> {
         for page in data(pages) {

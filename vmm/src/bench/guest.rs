@@ -142,7 +142,7 @@ pub fn run(b: &GuestBench) -> anyhow::Result<()> {
         "2 MiB huge page fault / 512".into(),
     ]);
     eprintln!("bench guest: checkpoint + restore of a {} MiB process for the restore path...", b.restore_mib);
-    let (_, restore) = super::checkpoint::one(&b.node, &paths, b.restore_mib)?;
+    let (_, restore) = super::checkpoint::one(&b.node, &paths, b.restore_mib, true)?;
     let pages = restore.data_pages.max(1);
     rows.push(vec![
         format!("restore: guest work per page ({pages} pages)"),

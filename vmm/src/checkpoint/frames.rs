@@ -10,9 +10,10 @@
 //! Copies are batched: consecutive frames (common, since the guest kernel
 //! hands out neighbouring frames to neighbouring faults) become one copy.
 
-use pmivmm_proto::image::{PageKind, PageRef, PageRun, PAGE_SIZE};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use pmivmm_proto::image::{page_runs, PageKind, PageRef, PageRun, Pages, ProcessImage, PAGE_SIZE};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
+use super::page_walk::{self, WalkError};
 use crate::guest_ram::frame_addr;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -27,6 +28,45 @@ pub enum FrameError {
     Access { pfn: u64, reason: String },
     #[error("{got} bytes of page data for {pages} pages")]
     DataLength { got: usize, pages: usize },
+    #[error(transparent)]
+    Walk(#[from] WalkError),
+    #[error("the guest listed page {vaddr:#x} twice, or out of order")]
+    Unsorted { vaddr: u64 },
+}
+
+/// The pages the agent reported, its walk ([`page_walk`]) done: listed and
+/// walked pages in strictly increasing address order. At most twice as
+/// many pages as guest RAM has frames (a process may map one frame, the
+/// zero page, many times, but not that often): the VMM allocates a page of
+/// memory for each.
+pub fn resolve(mem: &GuestMemoryMmap, pages: Pages) -> Result<Vec<PageRef>, FrameError> {
+    let Pages { mut listed, walk } = pages;
+    let ram_frames: u64 = mem.iter().map(|r| r.len() / PAGE_SIZE).sum();
+    let limit = ram_frames.saturating_mul(2);
+    if listed.len() as u64 > limit {
+        return Err(WalkError::TooLarge(limit).into());
+    }
+    if let Some(walk) = walk {
+        page_walk::walk(mem, &walk, limit, &mut listed)?;
+        // Two sorted runs (listed, walked): a stable sort merges them.
+        listed.sort_by_key(|p| p.vaddr);
+    }
+    if let Some(w) = listed.windows(2).find(|w| w[0].vaddr >= w[1].vaddr) {
+        return Err(FrameError::Unsorted { vaddr: w[1].vaddr });
+    }
+    Ok(listed)
+}
+
+/// A capture's pages (see [`resolve`]); after a walk, `image`'s page runs
+/// (the agent's list only the pages it listed) become those of every data
+/// page.
+pub fn resolve_capture(mem: &GuestMemoryMmap, image: &mut ProcessImage, pages: Pages) -> Result<Vec<PageRef>, FrameError> {
+    let walked = pages.walk.is_some();
+    let pages = resolve(mem, pages)?;
+    if walked {
+        image.pages = page_runs(pages.iter().filter(|p| p.kind == PageKind::Data).map(|p| p.vaddr));
+    }
+    Ok(pages)
 }
 
 /// Checks every frame of `pages`.
@@ -129,6 +169,43 @@ mod tests {
 
     fn page(vaddr: u64, pfn: u64) -> PageRef {
         PageRef { vaddr, pfn, kind: PageKind::Data, dirty: true }
+    }
+
+    #[test]
+    fn walked_pages_merge_with_listed_ones_and_complete_the_image_runs() {
+        let mem = memory();
+        // A PGD at 0x1000 -> PUD 0x2000 -> PMD 0x3000 -> PTE 0x4000 mapping
+        // virtual 0x5000 to frame 9.
+        for (table, entry) in [(0x1000u64, 0x2001u64), (0x2000, 0x3001), (0x3000, 0x4001), (0x4000 + 5 * 8, 0x9001)] {
+            mem.write_obj(entry, GuestAddress(table)).unwrap();
+        }
+        let walk = pmivmm_proto::image::PageWalk {
+            root: 0x1000,
+            levels: 4,
+            mode: pmivmm_proto::image::WalkMode::Present(pmivmm_proto::image::Select::AllDirty),
+            ranges: vec![pmivmm_proto::image::WalkRange { start: 0x5000, end: 0x7000, soft_dirty: false }],
+        };
+        let listed = vec![page(0x1000, 1), page(0x9000, 2)];
+        let mut image = crate::checkpoint::dir::sample_image(1);
+        let pages = resolve_capture(&mem, &mut image, Pages { listed, walk: Some(walk) }).unwrap();
+        let got: Vec<(u64, u64)> = pages.iter().map(|p| (p.vaddr, p.pfn)).collect();
+        assert_eq!(got, [(0x1000, 1), (0x5000, 9), (0x9000, 2)]);
+        assert_eq!(image.pages, page_runs([0x1000, 0x5000, 0x9000]));
+        // Without a walk, the image keeps the agent's runs.
+        let mut image = crate::checkpoint::dir::sample_image(1);
+        let runs = image.pages.clone();
+        resolve_capture(&mem, &mut image, Pages { listed: vec![page(0x1000, 1)], walk: None }).unwrap();
+        assert_eq!(image.pages, runs);
+    }
+
+    #[test]
+    fn listed_pages_must_be_sorted_and_few_enough() {
+        let mem = memory();
+        let twice = Pages { listed: vec![page(0x1000, 1), page(0x1000, 2)], walk: None };
+        assert_eq!(resolve(&mem, twice), Err(FrameError::Unsorted { vaddr: 0x1000 }));
+        // 32 frames of RAM: at most 64 pages.
+        let many = Pages { listed: (0..65).map(|i| page(i * 0x1000, 1)).collect(), walk: None };
+        assert_eq!(resolve(&mem, many), Err(FrameError::Walk(WalkError::TooLarge(64))));
     }
 
     #[test]

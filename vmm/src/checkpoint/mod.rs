@@ -11,11 +11,12 @@
 
 pub mod dir;
 pub mod frames;
+pub mod page_walk;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use pmivmm_proto::image::{ProcessImage, PAGE_SIZE};
+use pmivmm_proto::image::{Pages, ProcessImage, PAGE_SIZE};
 use pmivmm_proto::ClientError;
 use serde::{Deserialize, Serialize};
 use vm_memory::GuestMemoryMmap;
@@ -35,6 +36,11 @@ pub struct CheckpointReport {
     pub image_bytes: u64,
     /// The agent's capture (freeze, /proc, page lists) as seen by the VMM.
     pub capture_us: u64,
+    /// Present pages the VMM found by walking the process's page tables
+    /// (the rest the agent listed from pagemap).
+    pub walked_pages: u64,
+    /// The VMM's walk of the page tables the agent named (0 without one).
+    pub walk_us: u64,
     /// Reading the saved pages out of guest RAM.
     pub read_us: u64,
     /// A plain memcpy of the same bytes in the same run, for comparison.
@@ -58,6 +64,8 @@ pub struct RestoreReport {
     pub read_dir_us: u64,
     /// The agent building the process and faulting its pages in.
     pub prepare_us: u64,
+    /// The VMM's walk of the new process's page tables (0 without one).
+    pub walk_us: u64,
     /// Writing the saved pages into guest RAM.
     pub write_us: u64,
     /// The agent restoring registers, fds, signals and letting it run.
@@ -100,6 +108,7 @@ pub fn checkpoint(
     pid: u32,
     out: &Path,
     leave_running: bool,
+    page_walk: bool,
 ) -> Result<CheckpointReport, Error> {
     let start = Instant::now();
     if out.join(dir::DESCRIPTOR).exists() {
@@ -107,23 +116,25 @@ pub fn checkpoint(
     }
     let mut client = connect(vsock)?;
     let frozen_at = Instant::now();
-    let (image_bytes, pages) = client.checkpoint(pid).map_err(agent_error)?;
+    let (image_bytes, pages) = client.checkpoint(pid, page_walk).map_err(agent_error)?;
     let capture = frozen_at.elapsed();
-    let saved = save(memory, &image_bytes, &pages, out);
+    let saved = save(memory, &image_bytes, pages, out);
     let end = match (&saved, leave_running) {
         (Ok(_), false) => client.kill_original(pid),
         _ => client.resume_original(pid),
     };
     let frozen = frozen_at.elapsed();
-    let (image, read, memcpy, write) = saved?;
+    let Saved { image, image_bytes, present_pages, walked_pages, walk, read, memcpy, write } = saved?;
     end.map_err(agent_error)?;
     Ok(CheckpointReport {
         pid,
         comm: image.comm,
-        present_pages: pages.len() as u64,
+        present_pages,
+        walked_pages,
         data_pages: image.pages.iter().map(|r| r.count).sum(),
-        image_bytes: image_bytes.len() as u64,
+        image_bytes,
         capture_us: us(capture),
+        walk_us: us(walk),
         read_us: us(read),
         memcpy_us: us(memcpy),
         write_us: us(write),
@@ -133,16 +144,29 @@ pub fn checkpoint(
     })
 }
 
-/// Validates what the agent sent, copies the pages and writes the directory.
-fn save(
-    memory: &GuestMemoryMmap,
-    image_bytes: &[u8],
-    pages: &[pmivmm_proto::image::PageRef],
-    out: &Path,
-) -> Result<(ProcessImage, Duration, Duration, Duration), Error> {
-    let image = ProcessImage::from_bytes(image_bytes).map_err(Error::BadImage)?;
-    frames::check_frames(memory, pages)?;
-    let data = frames::data_pages(pages, &image.pages)?;
+/// What [`save`] did.
+struct Saved {
+    image: ProcessImage,
+    image_bytes: u64,
+    present_pages: u64,
+    walked_pages: u64,
+    walk: Duration,
+    read: Duration,
+    memcpy: Duration,
+    write: Duration,
+}
+
+/// Validates what the agent sent, walks the page tables it named, copies
+/// the pages and writes the directory.
+fn save(memory: &GuestMemoryMmap, image_bytes: &[u8], pages: Pages, out: &Path) -> Result<Saved, Error> {
+    let mut image = ProcessImage::from_bytes(image_bytes).map_err(Error::BadImage)?;
+    let t = Instant::now();
+    let listed = pages.listed.len();
+    let pages = frames::resolve_capture(memory, &mut image, pages)?;
+    let walk = t.elapsed();
+    let image_bytes = image.to_bytes();
+    frames::check_frames(memory, &pages)?;
+    let data = frames::data_pages(&pages, &image.pages)?;
     let mut buf = vec![0u8; data.len() * PAGE_SIZE as usize];
     // Touch the buffer first so that the timing is of the copy, not of
     // host page faults.
@@ -152,8 +176,17 @@ fn save(
     let read = t.elapsed();
     let memcpy = time_memcpy(&buf);
     let t = Instant::now();
-    dir::write(out, image_bytes, &buf)?;
-    Ok((image, read, memcpy, t.elapsed()))
+    dir::write(out, &image_bytes, &buf)?;
+    Ok(Saved {
+        image,
+        image_bytes: image_bytes.len() as u64,
+        present_pages: pages.len() as u64,
+        walked_pages: (pages.len() - listed) as u64,
+        walk,
+        read,
+        memcpy,
+        write: t.elapsed(),
+    })
 }
 
 /// The time of one plain copy of `src` into a fresh (pre-faulted) buffer.
@@ -167,16 +200,24 @@ fn time_memcpy(src: &[u8]) -> Duration {
 }
 
 /// Restores the checkpoint in `from` as a new process of the guest.
-pub fn restore(memory: &GuestMemoryMmap, vsock: Option<&Path>, from: &Path) -> Result<RestoreReport, Error> {
+pub fn restore(
+    memory: &GuestMemoryMmap,
+    vsock: Option<&Path>,
+    from: &Path,
+    page_walk: bool,
+) -> Result<RestoreReport, Error> {
     let start = Instant::now();
     let ckpt = dir::read(from)?;
     let read_dir = start.elapsed();
     let mut client = connect(vsock)?;
     let t = Instant::now();
-    let (_pid, targets) = client.prepare_restore(ckpt.image_bytes.clone(), false).map_err(agent_error)?;
+    let (_pid, targets) = client.prepare_restore(ckpt.image_bytes.clone(), false, page_walk).map_err(agent_error)?;
     let prepare = t.elapsed();
     // On any error from here on, dropping `client` closes the connection and
     // the agent kills the half-restored child.
+    let t = Instant::now();
+    let targets = frames::resolve(memory, targets)?;
+    let walk = t.elapsed();
     frames::check_order(&targets, &ckpt.image.pages)?;
     let t = Instant::now();
     frames::write_pages(memory, &targets, &ckpt.pages)?;
@@ -190,6 +231,7 @@ pub fn restore(memory: &GuestMemoryMmap, vsock: Option<&Path>, from: &Path) -> R
         data_pages: targets.len() as u64,
         read_dir_us: us(read_dir),
         prepare_us: us(prepare),
+        walk_us: us(walk),
         write_us: us(write),
         finish_us: us(finish),
         total_us: us(start.elapsed()),

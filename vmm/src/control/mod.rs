@@ -17,7 +17,7 @@ use crate::cluster::ClusterView;
 use crate::migration::MigrationReport;
 
 /// Bump on any change to the messages below.
-pub const CONTROL_VERSION: u32 = 4;
+pub const CONTROL_VERSION: u32 = 5;
 
 /// How long a control request may take before the client gives up.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -33,10 +33,13 @@ pub enum ControlRequest {
     Stop { version: u32, grace_ms: u64 },
     /// Checkpoint guest process `pid` into directory `dir` (a path on the
     /// host, written by the VMM); kill the original afterwards unless
-    /// `leave_running`.
-    Checkpoint { version: u32, pid: u32, dir: String, leave_running: bool },
-    /// Restore the checkpoint in host directory `dir` as a new process.
-    Restore { version: u32, dir: String },
+    /// `leave_running`. `page_walk`: the VMM walks the page tables of
+    /// private anonymous memory (otherwise the guest's pagemap lists every
+    /// page).
+    Checkpoint { version: u32, pid: u32, dir: String, leave_running: bool, page_walk: bool },
+    /// Restore the checkpoint in host directory `dir` as a new process
+    /// (`page_walk` as for `Checkpoint`).
+    Restore { version: u32, dir: String, page_walk: bool },
     /// Migrate guest process `pid` to `target` (node name, `host:port` or
     /// `home`).
     Migrate { version: u32, pid: u32, target: String, precopy: bool },
@@ -160,12 +163,19 @@ pub fn stop(path: &Path, grace: Duration) -> Result<(), Error> {
 }
 
 /// Asks the node to checkpoint guest process `pid` into host directory `dir`.
-pub fn checkpoint(path: &Path, pid: u32, dir: &Path, leave_running: bool) -> Result<CheckpointReport, Error> {
+pub fn checkpoint(
+    path: &Path,
+    pid: u32,
+    dir: &Path,
+    leave_running: bool,
+    page_walk: bool,
+) -> Result<CheckpointReport, Error> {
     let req = ControlRequest::Checkpoint {
         version: CONTROL_VERSION,
         pid,
         dir: dir.display().to_string(),
         leave_running,
+        page_walk,
     };
     match request_within(path, &req, CHECKPOINT_TIMEOUT)? {
         ControlResponse::Checkpointed(r) => Ok(r),
@@ -174,8 +184,8 @@ pub fn checkpoint(path: &Path, pid: u32, dir: &Path, leave_running: bool) -> Res
 }
 
 /// Asks the node to restore the checkpoint in host directory `dir`.
-pub fn restore(path: &Path, dir: &Path) -> Result<RestoreReport, Error> {
-    let req = ControlRequest::Restore { version: CONTROL_VERSION, dir: dir.display().to_string() };
+pub fn restore(path: &Path, dir: &Path, page_walk: bool) -> Result<RestoreReport, Error> {
+    let req = ControlRequest::Restore { version: CONTROL_VERSION, dir: dir.display().to_string(), page_walk };
     match request_within(path, &req, CHECKPOINT_TIMEOUT)? {
         ControlResponse::Restored(r) => Ok(r),
         other => Err(Error::Unexpected(Box::new(other))),

@@ -182,8 +182,9 @@ fn handle(req: ControlRequest, node: &Arc<NodeHandle>) -> ControlResponse {
             node.begin_stop(Duration::from_millis(grace_ms).min(MAX_GRACE));
             ControlResponse::Stopping
         }
-        ControlRequest::Checkpoint { pid, dir, leave_running, .. } => {
-            match checkpoint::checkpoint(&node.memory, node.vsock.as_deref(), pid, Path::new(&dir), leave_running) {
+        ControlRequest::Checkpoint { pid, dir, leave_running, page_walk, .. } => {
+            let vsock = node.vsock.as_deref();
+            match checkpoint::checkpoint(&node.memory, vsock, pid, Path::new(&dir), leave_running, page_walk) {
                 Ok(report) => {
                     tracing::info!(node = %node.name, "checkpointed PID {pid} into {dir}: {report:?}");
                     ControlResponse::Checkpointed(report)
@@ -191,7 +192,12 @@ fn handle(req: ControlRequest, node: &Arc<NodeHandle>) -> ControlResponse {
                 Err(e) => ControlResponse::Error(format!("checkpoint of PID {pid} failed: {e}")),
             }
         }
-        ControlRequest::Restore { dir, .. } => match checkpoint::restore(&node.memory, node.vsock.as_deref(), Path::new(&dir)) {
+        ControlRequest::Restore { dir, page_walk, .. } => match checkpoint::restore(
+            &node.memory,
+            node.vsock.as_deref(),
+            Path::new(&dir),
+            page_walk,
+        ) {
             Ok(report) => {
                 tracing::info!(node = %node.name, "restored {dir} as PID {}: {report:?}", report.pid);
                 ControlResponse::Restored(report)

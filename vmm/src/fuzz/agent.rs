@@ -6,7 +6,7 @@
 use std::io::{self, Cursor};
 
 use pmivmm_proto::frame::{decode_request, encode_frame, read_payload};
-use pmivmm_proto::image::{PageKind, PageRef, ProcessImage};
+use pmivmm_proto::image::{PageKind, PageRef, PageWalk, Pages, ProcessImage, Select, WalkMode, WalkRange};
 use pmivmm_proto::message::{ExecRequest, ExitStatus, Request, Response};
 use pmivmm_proto::{AgentClient, ClientError, PROTOCOL_VERSION};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
@@ -14,7 +14,8 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 use super::class;
 use crate::checkpoint::frames;
 
-/// Guest RAM the frame numbers are checked against (never touched).
+/// Guest RAM the frame numbers are checked against and page-table walks
+/// read (all zero).
 const RAM: u64 = 1 << 20;
 
 pub fn run_one(data: &[u8]) -> String {
@@ -58,9 +59,9 @@ fn responses(bytes: &[u8]) -> String {
     let result = match call % 7 {
         0 => client.ps().map(|list| format!("ps {}", list.len().min(2))),
         1 => client.load().map(|_| "load".into()),
-        2 => client.checkpoint(7).map(|(image, pages)| checkpointed(&image, &pages)),
-        3 => client.precopy_round(7, true).map(|pages| frames_checked(&pages)),
-        4 => client.prepare_restore(Vec::new(), true).map(|(_, pages)| frames_checked(&pages)),
+        2 => client.checkpoint(7, true).map(|(image, pages)| checkpointed(&image, pages)),
+        3 => client.precopy_round(7, true, true).map(frames_checked),
+        4 => client.prepare_restore(Vec::new(), true, true).map(|(_, pages)| frames_checked(pages)),
         5 => client.finish_restore().map(|_| "restored".into()),
         _ => client
             .exec(ExecRequest { argv: vec!["true".into()], env: vec![], cwd: None, stdin: false })
@@ -80,20 +81,29 @@ fn client_error(e: &ClientError) -> String {
     }
 }
 
+fn fuzz_ram() -> GuestMemoryMmap {
+    GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), RAM as usize)]).expect("mapping fuzz RAM")
+}
+
 /// What the VMM does with a checkpoint reply before using it.
-fn checkpointed(image: &[u8], pages: &[PageRef]) -> String {
+fn checkpointed(image: &[u8], pages: Pages) -> String {
+    let mem = fuzz_ram();
     match ProcessImage::from_bytes(image) {
-        Ok(image) => match frames::data_pages(pages, &image.pages) {
-            Ok(data) => format!("checkpoint image ok, {}", frames_checked(&data)),
+        Ok(mut image) => match frames::resolve_capture(&mem, &mut image, pages)
+            .and_then(|pages| frames::data_pages(&pages, &image.pages))
+            .and_then(|data| frames::check_frames(&mem, &data))
+        {
+            Ok(()) => "checkpoint image ok, frames ok".into(),
             Err(e) => format!("checkpoint pages {}", class(&e)),
         },
         Err(e) => format!("checkpoint image {}", class(&e)),
     }
 }
 
-fn frames_checked(pages: &[PageRef]) -> String {
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), RAM as usize)]).expect("mapping fuzz RAM");
-    match frames::check_frames(&mem, pages) {
+/// What the VMM does with reported frames before touching them.
+fn frames_checked(pages: Pages) -> String {
+    let mem = fuzz_ram();
+    match frames::resolve(&mem, pages).and_then(|pages| frames::check_frames(&mem, &pages)) {
         Ok(()) => "frames ok".into(),
         Err(e) => format!("frames {}", class(&e)),
     }
@@ -108,12 +118,25 @@ pub fn seeds() -> Vec<Vec<u8>> {
     let hello = frame(&Response::Hello { protocol_version: PROTOCOL_VERSION, software_version: "0.1.0".into() });
     let image = crate::checkpoint::dir::sample_image(1);
     let page = PageRef { vaddr: image.pages[0].start, pfn: 3, kind: PageKind::Data, dirty: true };
+    let listed = |listed| Pages { listed, walk: None };
+    let walk = |mode, start| PageWalk {
+        root: 0x1000,
+        levels: 4,
+        mode,
+        ranges: vec![WalkRange { start, end: start + 0x2000, soft_dirty: false }],
+    };
     let answers: [(u8, Vec<Response>); 7] = [
         (0, vec![Response::ProcessList(vec![])]),
         (1, vec![Response::Error { kind: pmivmm_proto::message::ErrorKind::Refused, message: "no".into() }]),
-        (2, vec![Response::Checkpointed { image: image.to_bytes(), pages: vec![page] }]),
-        (3, vec![Response::PrecopyPages { pages: vec![page, PageRef { pfn: u64::MAX, ..page }] }]),
-        (4, vec![Response::RestorePrepared { pid: 9, pages: vec![page] }]),
+        (
+            2,
+            vec![Response::Checkpointed {
+                image: image.to_bytes(),
+                pages: Pages { listed: vec![page], walk: Some(walk(WalkMode::Present(Select::All), 0x7000_0000)) },
+            }],
+        ),
+        (3, vec![Response::PrecopyPages { pages: listed(vec![page, PageRef { pfn: u64::MAX, ..page }]) }]),
+        (4, vec![Response::RestorePrepared { pid: 9, pages: Pages { listed: vec![], walk: Some(walk(WalkMode::Populated, 0)) } }]),
         (5, vec![Response::Restored { pid: 9 }]),
         (
             6,

@@ -149,8 +149,19 @@ fn transfer(
 ) -> Result<Transferred, Error> {
     let start = Instant::now();
     // The first round also checks that the process exists and can move.
+    // A round that leaves pages to the walk holds the process stopped
+    // until the walk is done.
+    let round = |agent: &mut Agent, first| -> Result<Vec<PageRef>, Error> {
+        let pages = agent.precopy_round(pid, first, true).map_err(Error::Agent)?;
+        let held = pages.walk.is_some();
+        let pages = frames::resolve(&node.memory, pages);
+        if held {
+            agent.precopy_continue(pid).map_err(Error::Agent)?;
+        }
+        Ok(pages?)
+    };
     let first_round = match opts.precopy {
-        true => Some(agent.precopy_round(pid, true).map_err(Error::Agent)?),
+        true => Some(round(agent, true)?),
         false => None,
     };
     let (peer, mut rx, mut tx) = link::connect(&node.rt, addr, &node.key, &node.name)?;
@@ -168,14 +179,16 @@ fn transfer(
             if n <= FINAL_ROUND_PAGES as u64 || rounds.len() >= MAX_ROUNDS {
                 break;
             }
-            pages = agent.precopy_round(pid, false).map_err(Error::Agent)?;
+            pages = round(agent, false)?;
         }
     }
     let precopy = start.elapsed();
 
     let frozen_at = Instant::now();
-    let (image_bytes, pages) = agent.checkpoint(pid).map_err(Error::Agent)?;
-    let image = ProcessImage::from_bytes(&image_bytes).map_err(Error::BadImage)?;
+    let (image_bytes, pages) = agent.checkpoint(pid, true).map_err(Error::Agent)?;
+    let mut image = ProcessImage::from_bytes(&image_bytes).map_err(Error::BadImage)?;
+    let pages = frames::resolve_capture(&node.memory, &mut image, pages)?;
+    let image_bytes = image.to_bytes();
     if !opts.precopy {
         m.tx.send(&offer(&image.comm))?;
         accepted(&mut rx)?;

@@ -192,9 +192,10 @@ fn run(
             PeerMsg::Image { image } if prepared.is_none() => {
                 let parsed = ProcessImage::from_bytes(&image).map_err(Error::BadImage)?;
                 let mut agent = node.agent()?;
-                let (_, targets) = agent.prepare_restore(image, true).map_err(Error::Agent)?;
+                let (_, targets) = agent.prepare_restore(image, true, true).map_err(Error::Agent)?;
                 // From here on an error drops `agent`: the agent kills the
                 // half-built process.
+                let targets = frames::resolve(&node.memory, targets)?;
                 frames::check_order(&targets, &parsed.pages)?;
                 frames::check_frames(&node.memory, &targets)?;
                 prepared = Some((agent, targets));
