@@ -9,7 +9,8 @@
 //! Every frame the reader accepts must be the one the sender sealed at that
 //! place of the stream (otherwise it accepted a forged frame: a crash);
 //! the untouched stream must be accepted whole; anything else must end in
-//! an error, after which the reader refuses further use.
+//! an error, after which the reader refuses further use; and the reader
+//! must not allocate for lengths that no sealed frame has.
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -22,8 +23,9 @@ use std::task::{Context, Poll, Waker};
 use arbitrary::{Result, Unstructured};
 use tokio::io::AsyncWrite;
 
+use super::alloc;
 use crate::peer::auth::{Hello, Role, Transcript};
-use crate::peer::frame::{FrameReader, FrameWriter, PREFIX_LEN};
+use crate::peer::frame::{FrameReader, FrameWriter, PREFIX_LEN, TAG_LEN};
 use crate::peer::{ClusterKey, Error, FrameError, DATA_PIECE, MAX_DATA_LEN, MAX_HEADER_LEN};
 
 /// Most frames a case seals.
@@ -276,9 +278,23 @@ pub fn run_one(data: &[u8]) -> String {
     check(&frames, &real, &stream)
 }
 
-/// Reads `stream` and checks what the reader accepted against what the
-/// honest sender sealed; returns the outcome's class.
+/// Reads `stream` and checks what the reader accepted and allocated
+/// against what the honest sender sealed; returns the outcome's class.
 fn check(frames: &[Plain], real: &[Vec<u8>], stream: &[u8]) -> String {
+    let untouched = stream.len() == real.iter().map(Vec::len).sum::<usize>() && stream == real.concat();
+    let (outcome, largest) = alloc::measure(|| read(frames, untouched, stream));
+    // Whatever the lengths on the wire say, the reader allocates for
+    // authentic lengths only: a header of at most MAX_HEADER_LEN (its buffer
+    // may grow to twice that), data as long as a sealed frame's.
+    let sealed = frames.iter().map(|f| f.data_len + TAG_LEN).max().unwrap_or(0);
+    let bound = sealed.max(2 * MAX_HEADER_LEN);
+    assert!(largest <= bound, "reading allocated {largest} bytes at once, more than the {bound} sealed lengths allow");
+    outcome
+}
+
+/// Reads `stream` to its end or first error, checking what the reader
+/// accepted; `untouched`: the stream as sealed, to be accepted whole.
+fn read(frames: &[Plain], untouched: bool, stream: &[u8]) -> String {
     let mut reader = FrameReader::new(stream, keys().real, "fuzz".into());
     let mut accepted = 0;
     let end = loop {
@@ -294,7 +310,6 @@ fn check(frames: &[Plain], real: &[Vec<u8>], stream: &[u8]) -> String {
             Err(e) => break Some(e),
         }
     };
-    let untouched = stream.len() == real.iter().map(Vec::len).sum::<usize>() && stream == real.concat();
     if untouched {
         let decodable = frames.iter().take_while(|f| !f.undecodable).count();
         let refused = matches!(&end, Some(Error::Frame { source: FrameError::Decode(_), .. }));
