@@ -4,6 +4,8 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::devices::virtio::p9;
+
 /// Where the guest console goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ConsoleConfig {
@@ -121,8 +123,8 @@ impl ShareConfig {
     /// directory), so that the guest finds the user's files at the path the user knows. Err says why
     /// that directory cannot be shared (`/`, a directory the guest needs for itself, a path the
     /// kernel command line cannot carry).
-    pub fn working_dir() -> Result<Self, String> {
-        let cwd = std::env::current_dir().map_err(|e| format!("cannot find the working directory: {e}"))?;
+    pub fn working_dir() -> Result<Self, p9::Error> {
+        let cwd = std::env::current_dir().map_err(|source| p9::Error::Dir { path: ".".into(), source })?;
         let same_dir = |p: &Path| {
             let (a, b) = (std::fs::metadata(p), std::fs::metadata(&cwd));
             matches!((a, b), (Ok(a), Ok(b)) if (a.dev(), a.ino()) == (b.dev(), b.ino()))
@@ -132,7 +134,7 @@ impl ShareConfig {
             _ => cwd,
         };
         let share = ShareConfig::new(dir);
-        crate::devices::virtio::p9::guest_path(&share).map_err(|e| e.to_string())?;
+        p9::guest_path(&share)?;
         Ok(share)
     }
 }

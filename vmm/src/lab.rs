@@ -371,17 +371,7 @@ fn up(opts: &UpOptions) -> anyhow::Result<()> {
     for (what, path) in [("guest kernel", crate::config::default_kernel()), ("initramfs", crate::config::default_initrd())] {
         anyhow::ensure!(path.exists(), "no {what} at {} (scripts/node.sh builds it)", path.display());
     }
-    let share = match (&opts.share, opts.no_share) {
-        (Some(d), _) => Some(fs::canonicalize(d).with_context(|| format!("cannot share {}", d.display()))?),
-        (None, true) => None,
-        (None, false) => ShareConfig::working_dir()
-            .inspect_err(|why| println!("pmivmm lab: no share: {why} (--share DIR shares another)"))
-            .ok()
-            .map(|s| s.host_dir),
-    };
-    if let Some(d) = &share {
-        anyhow::ensure!(d.is_dir(), "cannot share {}: not a directory", d.display());
-    }
+    let share = share_dir(opts.share.as_deref(), opts.no_share)?;
     let exe = std::env::current_exe().context("cannot find the pmivmm binary")?;
     let logs = log_dir();
     fs::create_dir_all(&logs).with_context(|| format!("cannot create {}", logs.display()))?;
@@ -426,6 +416,26 @@ fn up(opts: &UpOptions) -> anyhow::Result<()> {
         logs.display()
     );
     Ok(())
+}
+
+/// The directory every node shares: `share`, or without it and without
+/// `no_share` the directory pmivmm runs in when it can be shared. Checked
+/// as the nodes will check it, before anything is set up.
+fn share_dir(share: Option<&Path>, no_share: bool) -> anyhow::Result<Option<PathBuf>> {
+    let dir = match (share, no_share) {
+        (Some(d), _) => fs::canonicalize(d).with_context(|| format!("cannot share {}", d.display()))?,
+        (None, true) => return Ok(None),
+        (None, false) => match ShareConfig::working_dir() {
+            Ok(s) => s.host_dir,
+            Err(why) => {
+                println!("pmivmm lab: no share: {why} (--share DIR shares another)");
+                return Ok(None);
+            }
+        },
+    };
+    anyhow::ensure!(dir.is_dir(), "cannot share {}: not a directory", dir.display());
+    crate::devices::virtio::p9::guest_path(&ShareConfig::new(dir.clone()))?;
+    Ok(Some(dir))
 }
 
 /// Starts `node` in its namespace, detached: its own session, stdin from
@@ -810,6 +820,21 @@ mod tests {
         assert_eq!(alive(&v(vec![m(Health::Alive, 1), m(Health::Suspect, 1)])), (1, 2));
         assert!(loads_known(&v(vec![m(Health::Alive, 1), m(Health::Alive, 2)])));
         assert!(!loads_known(&v(vec![m(Health::Alive, 0), m(Health::Alive, 2)])));
+    }
+
+    #[test]
+    fn shares_the_nodes_would_refuse_are_refused_before_set_up() {
+        let err = share_dir(Some(Path::new("/")), false).unwrap_err().to_string();
+        assert!(err.contains("the guest's own /bin"), "{err}");
+        let dir = std::env::temp_dir().join(format!("pmivmm-lab-share {}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let err = share_dir(Some(&dir), false).unwrap_err().to_string();
+        fs::remove_dir(&dir).unwrap();
+        assert!(err.contains("without white space"), "{err}");
+        assert!(share_dir(Some(Path::new("/no/such/dir")), false).is_err());
+        assert_eq!(share_dir(None, true).unwrap(), None);
+        let tmp = fs::canonicalize(std::env::temp_dir()).unwrap();
+        assert_eq!(share_dir(Some(&tmp), false).unwrap(), Some(tmp));
     }
 
     #[test]

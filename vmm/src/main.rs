@@ -10,6 +10,7 @@ use pmivmm::control::ClusterAction;
 use pmivmm::config::{
     self, ConsoleConfig, HostCompat, PeerConfig, ProfileConfig, SeccompMode, ShareConfig, VmConfig, VsockConfig,
 };
+use tracing_subscriber::prelude::*;
 
 /// Measures allocations of fuzz inputs (`pmivmm fuzz`); otherwise the
 /// system allocator.
@@ -447,13 +448,20 @@ fn main() -> ExitCode {
     let cli = Cli::parse_from(args);
     // Fuzz targets log every bad input they refuse: quiet unless asked.
     let default_log = if matches!(cli.command, Command::Fuzz(_)) { "off" } else { "info" };
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("PMIVMM_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_log)),
+    let env_filter = tracing_subscriber::EnvFilter::try_from_env("PMIVMM_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_log));
+    // Log records of rust-vmm crates come through `log`; those a guest can cause at will are thinned.
+    let thinned = tracing_subscriber::filter::dynamic_filter_fn(|meta, _| {
+        pmivmm::devices::virtio::log_event_allowed(meta.target())
+    });
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_target(false)
+                .with_filter(env_filter)
+                .with_filter(thinned),
         )
-        .with_target(false)
         .init();
     let result = match cli.command {
         Command::Node(args) => match args.into_config() {

@@ -91,6 +91,21 @@ struct Timed {
     cpu: ThreadCpu,
 }
 
+impl Timed {
+    /// What `self` took beyond `overhead` (the same command without the
+    /// copy); an error when the difference is lost in the noise.
+    fn beyond(&self, overhead: &Timed) -> anyhow::Result<Timed> {
+        let secs = self.secs - overhead.secs;
+        anyhow::ensure!(
+            secs > 0.0,
+            "the copy took no measurable time ({:.3} s with it, {:.3} s without): use a larger --mib",
+            self.secs,
+            overhead.secs
+        );
+        Ok(Timed { secs, cpu: self.cpu.since(overhead.cpu) })
+    }
+}
+
 pub fn run(b: &ShareBench) -> anyhow::Result<()> {
     anyhow::ensure!(b.mib > 0, "--mib must be at least 1");
     let paths = NodePaths::existing(&b.node)?;
@@ -116,7 +131,7 @@ pub fn run(b: &ShareBench) -> anyhow::Result<()> {
         let guest = |args: &dyn Fn(&str) -> Vec<String>| {
             let overhead = guest_dd(&vsock, vmm_pid, &args("0"))?;
             let full = guest_dd(&vsock, vmm_pid, &args(&count))?;
-            Ok::<_, anyhow::Error>(Timed { secs: full.secs - overhead.secs, cpu: full.cpu.since(overhead.cpu) })
+            full.beyond(&overhead)
         };
         let fastest = |op: &dyn Fn() -> std::io::Result<f64>| {
             (0..HOST_RUNS).try_fold(f64::MAX, |m, _| op().map(|t| m.min(t)))
@@ -250,5 +265,16 @@ mod tests {
                       pmivmm /work/src 9p rw,sync,dirsync,relatime,access=client,msize=262144,trans=virtio 0 0\n";
         assert_eq!(find_mount(mounts), Some(ShareMount { dir: "/work/src".into(), msize: Some(262144) }));
         assert_eq!(find_mount("proc /proc proc rw 0 0\n"), None);
+    }
+
+    #[test]
+    fn copy_time_is_what_the_copy_adds() {
+        let cpu = |vcpu, p9| ThreadCpu { vcpu, p9 };
+        let overhead = Timed { secs: 0.5, cpu: cpu(0.25, 0.0) };
+        let copy = Timed { secs: 2.0, cpu: cpu(1.0, 0.5) }.beyond(&overhead).unwrap();
+        assert_eq!((copy.secs, copy.cpu.vcpu, copy.cpu.p9), (1.5, 0.75, 0.5));
+        // Lost in the noise: no absurd or negative MiB/s.
+        let Err(err) = Timed { secs: 0.4, cpu: cpu(0.25, 0.0) }.beyond(&overhead) else { panic!("no error") };
+        assert!(err.to_string().contains("use a larger --mib"), "{err}");
     }
 }

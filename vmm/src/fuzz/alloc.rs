@@ -53,18 +53,40 @@ unsafe impl GlobalAlloc for Tracking {
 }
 
 /// Runs `f` and returns its result with the largest allocation it asked
-/// for on this thread (0 when the allocator is not [`Tracking`]).
+/// for on this thread (0 when the allocator is not [`Tracking`]). Calls
+/// nest: an enclosing call's measure includes what `f` allocated.
 pub fn measure<T>(f: impl FnOnce() -> T) -> (T, usize) {
-    struct Disarm;
-    impl Drop for Disarm {
+    /// Gives the enclosing measure (if any) back, with ours in it.
+    struct Restore(Option<usize>);
+    impl Drop for Restore {
         fn drop(&mut self) {
-            LARGEST.with(|l| l.set(None));
+            LARGEST.with(|l| l.set(self.0.map(|outer| outer.max(l.get().unwrap_or(0)))));
         }
     }
-    LARGEST.with(|l| l.set(Some(0)));
-    let guard = Disarm;
+    let guard = Restore(LARGEST.with(|l| l.replace(Some(0))));
     let result = f();
     let largest = LARGEST.with(|l| l.get()).unwrap_or(0);
     drop(guard);
     (result, largest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn measures_nest() {
+        let ((inner, after), outer) = measure(|| {
+            let big = vec![1u8; 3 << 20];
+            let (small, inner) = measure(|| vec![2u8; 1 << 10].len());
+            assert_eq!(small, 1 << 10);
+            // Still measuring for the enclosing call.
+            let after = measure(|| ()).1;
+            drop(big);
+            (inner, after)
+        });
+        assert_eq!((inner, after), (1 << 10, 0));
+        assert_eq!(outer, 3 << 20);
+        assert_eq!(LARGEST.with(|l| l.get()), None);
+    }
 }

@@ -1,5 +1,6 @@
 //! Fuzz targets for every decoder that sees untrusted bytes: from peers
-//! ([`peer`]), from the guest agent and towards it ([`agent`]), from a
+//! ([`frame`]: sealed frames tampered with on the wire; [`peer`]: the
+//! messages in them), from the guest agent and towards it ([`agent`]), from a
 //! hostile guest driver ([`mmio`], [`vsock`], [`p9`]) and from disk
 //! ([`checkpoint`]).
 //!
@@ -15,6 +16,7 @@ pub mod alloc;
 mod agent;
 mod checkpoint;
 pub mod command;
+mod frame;
 mod guest;
 mod mmio;
 mod p9;
@@ -47,6 +49,12 @@ pub const TARGETS: &[Target] = &[
         what: "peer hellos and messages (PeerMsg, gossip tables, process images) with the receivers' checks",
         run_one: peer::run_one,
         seeds: peer::seeds,
+    },
+    Target {
+        name: "frame",
+        what: "sealed peer frames tampered with on the wire (bits, cuts, lengths, replays, reorders, drops, other keys)",
+        run_one: frame::run_one,
+        seeds: frame::seeds,
     },
     Target {
         name: "agent",

@@ -3,8 +3,8 @@
 //! applies before acting (offers, page batches, output, signals, gossip
 //! tables merged into a membership table, process images).
 //!
-//! The frame layer underneath (lengths, truncation, MACs) has its own
-//! randomized test in `peer::frame` (`garbage_never_panics`).
+//! The sealed frame layer underneath (lengths, truncation, MACs) is the
+//! `frame` target.
 
 use std::time::Instant;
 

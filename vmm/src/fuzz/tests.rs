@@ -8,7 +8,7 @@ use super::*;
 
 /// Inputs per target: a few seconds each in a release build.
 const CI_EXECS: &[(&str, u64)] =
-    &[("peer", 300_000), ("agent", 100_000), ("vsock", 20_000), ("mmio", 50_000), ("p9", 6_000), ("checkpoint", 40_000)];
+    &[("peer", 300_000), ("frame", 10_000), ("agent", 100_000), ("vsock", 20_000), ("mmio", 50_000), ("p9", 6_000), ("checkpoint", 40_000)];
 const CI_SEED: u64 = 0x00c1_5eed;
 
 fn ci_run(name: &str) {
@@ -30,6 +30,11 @@ fn ci_run(name: &str) {
 #[test]
 fn fuzz_peer() {
     ci_run("peer");
+}
+
+#[test]
+fn fuzz_frame() {
+    ci_run("frame");
 }
 
 #[test]

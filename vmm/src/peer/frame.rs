@@ -37,7 +37,7 @@ pub const TAG_LEN: usize = 16;
 /// than the link's write buffer, so that pieces bypass it; whole pages.
 pub const DATA_PIECE: usize = 256 * 1024;
 /// `header_len: u32 | data_len: u32`.
-const PREFIX_LEN: usize = 8;
+pub(crate) const PREFIX_LEN: usize = 8;
 
 /// Why a received frame is refused.
 #[derive(Debug, thiserror::Error)]
@@ -122,7 +122,7 @@ impl Sealer {
 }
 
 /// The sending half of a link.
-pub(super) struct FrameWriter<W> {
+pub(crate) struct FrameWriter<W> {
     io: W,
     sealer: Sealer,
     seq: u64,
@@ -137,7 +137,7 @@ pub(super) struct FrameWriter<W> {
 }
 
 impl<W: AsyncWrite + Unpin> FrameWriter<W> {
-    pub(super) fn new(io: W, key: [u8; 32], peer: Arc<str>) -> Self {
+    pub(crate) fn new(io: W, key: [u8; 32], peer: Arc<str>) -> Self {
         let sealer = Sealer::new(&key);
         let (header, piece) = (Vec::new(), Vec::new());
         FrameWriter { io, sealer, seq: 0, header, piece, peer, broken: false, corrupt_next: false }
@@ -151,7 +151,7 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     }
 
     /// Sends one frame and flushes it.
-    pub(super) async fn send<T, D>(&mut self, msg: &T, data: &D) -> Result<(), Error>
+    pub(crate) async fn send<T, D>(&mut self, msg: &T, data: &D) -> Result<(), Error>
     where
         T: Serialize + ?Sized,
         D: FrameData + ?Sized,
@@ -214,7 +214,7 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
 }
 
 /// The receiving half of a link.
-pub(super) struct FrameReader<R> {
+pub(crate) struct FrameReader<R> {
     io: R,
     sealer: Sealer,
     seq: u64,
@@ -225,13 +225,13 @@ pub(super) struct FrameReader<R> {
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
-    pub(super) fn new(io: R, key: [u8; 32], peer: Arc<str>) -> Self {
+    pub(crate) fn new(io: R, key: [u8; 32], peer: Arc<str>) -> Self {
         FrameReader { io, sealer: Sealer::new(&key), seq: 0, header: Vec::new(), peer, broken: false }
     }
 
     /// Receives one frame; `None` at a clean end of stream (between frames).
     /// Cancel safe until the first byte of a frame has arrived.
-    pub(super) async fn recv<T: DeserializeOwned>(&mut self) -> Result<Option<(T, Vec<u8>)>, Error> {
+    pub(crate) async fn recv<T: DeserializeOwned>(&mut self) -> Result<Option<(T, Vec<u8>)>, Error> {
         if self.broken {
             return Err(Error::Broken { peer: self.peer.to_string() });
         }

@@ -171,7 +171,11 @@ impl MmioTransport {
             reg::DRIVER_FEATURES_SEL => self.driver_features_sel = v,
             reg::DRIVER_FEATURES => self.write_driver_features(v),
             reg::QUEUE_SEL => self.queue_sel = v,
-            reg::QUEUE_NUM => self.with_queue_setup(|q| q.set_size(v as u16)),
+            reg::QUEUE_NUM => match u16::try_from(v) {
+                Ok(size) => self.with_queue_setup(|q| q.set_size(size)),
+                // Not cut to 16 bits: 0x1_0004 is no request for 4.
+                Err(_) => guest_warn!("virtio-mmio: queue size {v} ignored (larger than any queue)"),
+            },
             reg::QUEUE_READY => self.with_queue(true, |q| q.set_ready(v == 1)),
             reg::QUEUE_DESC_LOW => self.with_queue_setup(|q| q.set_desc_table_address(Some(v), None)),
             reg::QUEUE_DESC_HIGH => self.with_queue_setup(|q| q.set_desc_table_address(None, Some(v))),
@@ -473,6 +477,15 @@ mod tests {
         wr(&mut t, reg::QUEUE_SEL, 0);
         wr(&mut t, reg::QUEUE_NUM, 4);
         assert_eq!(t.queues[0].size(), 8);
+    }
+
+    #[test]
+    fn queue_size_beyond_16_bits_is_ignored() {
+        let (mut t, _) = transport();
+        wr(&mut t, reg::QUEUE_SEL, 0);
+        wr(&mut t, reg::QUEUE_NUM, 2);
+        wr(&mut t, reg::QUEUE_NUM, 0x1_0004);
+        assert_eq!(t.queues[0].size(), 2);
     }
 
     #[test]

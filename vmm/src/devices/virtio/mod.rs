@@ -13,7 +13,9 @@ pub mod test_utils;
 pub mod vsock;
 pub mod worker;
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::time::Instant;
 
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
@@ -143,4 +145,49 @@ macro_rules! guest_warn {
             tracing::warn!(times_seen = n + 1, $($arg)*);
         }
     }};
+}
+
+/// Log targets of crates that log bad guest input themselves, as often as
+/// the guest likes: virtio-queue logs an invalid queue size or ring address
+/// (one register write each) and a bad available ring index (each time a
+/// device looks at the queue) at error level.
+const GUEST_DRIVEN_LOG_TARGETS: [&str; 1] = ["virtio_queue"];
+/// Checks of events of those crates allowed a second (a subscriber may
+/// check an event more than once: at most this many lines a second).
+const GUEST_DRIVEN_LOG_BUDGET: u64 = 100;
+
+/// Whether a log event with this target goes out: those of the crates in
+/// [`GUEST_DRIVEN_LOG_TARGETS`] within [`GUEST_DRIVEN_LOG_BUDGET`] checks a
+/// second (counted over all of them), the others all.
+pub fn log_event_allowed(target: &str) -> bool {
+    static START: OnceLock<Instant> = OnceLock::new();
+    static SECOND: AtomicU64 = AtomicU64::new(0);
+    static CHECKS: AtomicU64 = AtomicU64::new(0);
+    let guest_driven = GUEST_DRIVEN_LOG_TARGETS
+        .iter()
+        .any(|t| target.strip_prefix(t).is_some_and(|rest| rest.is_empty() || rest.starts_with("::")));
+    if !guest_driven {
+        return true;
+    }
+    let second = START.get_or_init(Instant::now).elapsed().as_secs();
+    if SECOND.swap(second, Ordering::Relaxed) != second {
+        CHECKS.store(0, Ordering::Relaxed);
+    }
+    CHECKS.fetch_add(1, Ordering::Relaxed) < GUEST_DRIVEN_LOG_BUDGET
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_driven_log_events_are_thinned() {
+        for ours in ["pmivmm::devices::virtio::mmio", "virtio_queues", "tokio"] {
+            assert!((0..2 * GUEST_DRIVEN_LOG_BUDGET).all(|_| log_event_allowed(ours)), "{ours}");
+        }
+        // The only caller with these targets: the budget, then (within the
+        // second, or the next one's budget at most) nothing.
+        let allowed = (0..100_000).filter(|_| log_event_allowed("virtio_queue::queue")).count() as u64;
+        assert!((GUEST_DRIVEN_LOG_BUDGET..=2 * GUEST_DRIVEN_LOG_BUDGET).contains(&allowed), "{allowed}");
+    }
 }
