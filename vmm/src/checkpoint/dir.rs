@@ -33,6 +33,9 @@ pub const MAGIC: &[u8; 8] = b"PMIVCKPT";
 /// Bump on any change to the layout above.
 pub const FORMAT_VERSION: u32 = 1;
 pub const HEADER_LEN: usize = 44;
+/// The descriptor holds the process image: at most this long (an image
+/// lists VMAs, fds and signal state, kilobytes in practice).
+const MAX_DESCRIPTOR_LEN: u64 = HEADER_LEN as u64 + (16 << 20);
 pub const DESCRIPTOR: &str = "descriptor";
 pub const PAGES: &str = "pages.bin";
 
@@ -52,6 +55,8 @@ pub enum DirError {
     Corrupt { path: PathBuf, what: String },
     #[error("{path}: the process image is invalid: {source}")]
     Image { path: PathBuf, source: ImageError },
+    #[error("{path} holds {pages} pages, more than the node's RAM can hold ({max} pages)")]
+    TooLarge { path: PathBuf, pages: u64, max: u64 },
 }
 
 /// A checkpoint read back and verified.
@@ -112,11 +117,16 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
-/// Reads and verifies the checkpoint in `dir`.
-pub fn read(dir: &Path) -> Result<Checkpoint, DirError> {
+/// Reads and verifies the checkpoint in `dir`, which must hold at most
+/// `max_pages` pages (sizes are checked before anything is read whole).
+pub fn read(dir: &Path, max_pages: u64) -> Result<Checkpoint, DirError> {
     let path = dir.join(DESCRIPTOR);
-    let desc = fs::read(&path).map_err(io_err(&path))?;
     let corrupt = |what: String| DirError::Corrupt { path: path.clone(), what };
+    let desc_len = fs::metadata(&path).map_err(io_err(&path))?.len();
+    if desc_len > MAX_DESCRIPTOR_LEN {
+        return Err(corrupt(format!("descriptor of {desc_len} bytes (at most {MAX_DESCRIPTOR_LEN})")));
+    }
+    let desc = fs::read(&path).map_err(io_err(&path))?;
     if desc.len() < HEADER_LEN {
         if !desc.starts_with(MAGIC) && !MAGIC.starts_with(&desc) {
             return Err(DirError::Magic { path });
@@ -159,6 +169,9 @@ pub fn read(dir: &Path) -> Result<Checkpoint, DirError> {
         )));
     }
     let pages_path = dir.join(PAGES);
+    if page_count > max_pages {
+        return Err(DirError::TooLarge { path: pages_path, pages: page_count, max: max_pages });
+    }
     let expected_len = page_count
         .checked_mul(PAGE_SIZE)
         .ok_or_else(|| corrupt(format!("page count {page_count} overflows")))?;
@@ -247,10 +260,23 @@ pub(crate) mod tests {
     #[test]
     fn round_trip() {
         let (dir, image, data) = written("rt", 3);
-        let c = read(&dir).unwrap();
+        let c = read(&dir, 1 << 20).unwrap();
         assert_eq!(c.image, image);
         assert_eq!(c.pages, data);
         assert_eq!(c.image_bytes, image.to_bytes());
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn too_large_for_the_node_or_huge_descriptors_are_refused_before_reading() {
+        let (dir, _, _) = written("large", 3);
+        let e = read(&dir, 2).unwrap_err();
+        assert!(matches!(e, DirError::TooLarge { pages: 3, max: 2, .. }), "{e}");
+        // A sparse descriptor of 1 GiB is not read.
+        let desc = fs::File::options().write(true).open(dir.join(DESCRIPTOR)).unwrap();
+        desc.set_len(1 << 30).unwrap();
+        let e = read(&dir, 1 << 20).unwrap_err().to_string();
+        assert!(e.contains("descriptor of 1073741824 bytes"), "{e}");
         fs::remove_dir_all(dir).unwrap();
     }
 
@@ -275,14 +301,14 @@ pub(crate) mod tests {
         // Every byte of the descriptor matters.
         for at in 0..len {
             flip(&desc, at);
-            assert!(read(&dir).is_err(), "flipped descriptor byte {at} went unnoticed");
+            assert!(read(&dir, 1 << 20).is_err(), "flipped descriptor byte {at} went unnoticed");
             flip(&desc, at);
         }
         flip(&dir.join(PAGES), 4097);
-        let e = read(&dir).unwrap_err();
+        let e = read(&dir, 1 << 20).unwrap_err();
         assert!(e.to_string().contains("checksum"), "{e}");
         flip(&dir.join(PAGES), 4097);
-        read(&dir).unwrap();
+        read(&dir, 1 << 20).unwrap();
         fs::remove_dir_all(dir).unwrap();
     }
 
@@ -292,20 +318,20 @@ pub(crate) mod tests {
         let pages = dir.join(PAGES);
         let b = fs::read(&pages).unwrap();
         fs::write(&pages, &b[..4096]).unwrap();
-        let e = read(&dir).unwrap_err().to_string();
+        let e = read(&dir, 1 << 20).unwrap_err().to_string();
         assert!(e.contains("expected 8192"), "{e}");
         fs::remove_file(&pages).unwrap();
-        assert!(matches!(read(&dir), Err(DirError::Io { .. })));
+        assert!(matches!(read(&dir, 1 << 20), Err(DirError::Io { .. })));
         let desc = dir.join(DESCRIPTOR);
         let d = fs::read(&desc).unwrap();
         fs::write(&desc, &d[..20]).unwrap();
-        assert!(read(&dir).unwrap_err().to_string().contains("truncated header"));
+        assert!(read(&dir, 1 << 20).unwrap_err().to_string().contains("truncated header"));
         fs::write(&desc, &d[..d.len() - 1]).unwrap();
-        assert!(matches!(read(&dir), Err(DirError::Corrupt { .. })));
+        assert!(matches!(read(&dir, 1 << 20), Err(DirError::Corrupt { .. })));
         fs::write(&desc, b"hello").unwrap();
-        assert!(matches!(read(&dir), Err(DirError::Magic { .. })));
+        assert!(matches!(read(&dir, 1 << 20), Err(DirError::Magic { .. })));
         fs::remove_dir_all(&dir).unwrap();
-        assert!(matches!(read(&dir), Err(DirError::Io { .. })));
+        assert!(matches!(read(&dir, 1 << 20), Err(DirError::Io { .. })));
     }
 
     #[test]
@@ -317,7 +343,7 @@ pub(crate) mod tests {
         let crc = crc32fast::hash(&d[..40]);
         d[40..44].copy_from_slice(&crc.to_le_bytes());
         fs::write(&desc, d).unwrap();
-        assert!(matches!(read(&dir), Err(DirError::Version { found: 7, .. })));
+        assert!(matches!(read(&dir, 1 << 20), Err(DirError::Version { found: 7, .. })));
         fs::remove_dir_all(dir).unwrap();
     }
 
@@ -327,7 +353,7 @@ pub(crate) mod tests {
         let mut image = sample_image(1);
         image.regs.cs = 0x10; // kernel code segment
         write(&dir, &image.to_bytes(), &[0u8; 4096]).unwrap();
-        assert!(matches!(read(&dir), Err(DirError::Image { .. })));
+        assert!(matches!(read(&dir, 1 << 20), Err(DirError::Image { .. })));
         fs::remove_dir_all(dir).unwrap();
     }
 }

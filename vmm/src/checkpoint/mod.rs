@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use pmivmm_proto::image::{Pages, ProcessImage, PAGE_SIZE};
 use pmivmm_proto::ClientError;
 use serde::{Deserialize, Serialize};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::agent::{self, Agent, AgentError};
 
@@ -207,7 +207,8 @@ pub fn restore(
     page_walk: bool,
 ) -> Result<RestoreReport, Error> {
     let start = Instant::now();
-    let ckpt = dir::read(from)?;
+    let ram_frames = memory.iter().map(|r| r.len() / PAGE_SIZE).sum();
+    let ckpt = dir::read(from, ram_frames)?;
     let read_dir = start.elapsed();
     let mut client = connect(vsock)?;
     let t = Instant::now();

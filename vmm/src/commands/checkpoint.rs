@@ -84,8 +84,10 @@ pub fn checkpoint(
 pub fn restore(name: &str, dir: &Path, page_walk: bool) -> anyhow::Result<RestoreReport> {
     let paths = NodePaths::existing(name)?;
     let dir = std::path::absolute(dir).with_context(|| format!("bad directory {}", dir.display()))?;
-    // Check the directory here too, so that a corrupt one fails before the
-    // node is even asked (the VMM checks again).
-    crate::checkpoint::dir::read(&dir)?;
+    // Check the directory here too, so that a corrupt one (or one too large
+    // for the node) fails before the node is even asked (the VMM checks
+    // again).
+    let mem_pages = control::status(&paths.control())?.mem_mib * (1 << 20) / pmivmm_proto::image::PAGE_SIZE;
+    crate::checkpoint::dir::read(&dir, mem_pages)?;
     Ok(control::restore(&paths.control(), &dir, page_walk)?)
 }

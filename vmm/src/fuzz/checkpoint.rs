@@ -49,7 +49,7 @@ pub fn run_one(data: &[u8]) -> String {
         // Not the decoder's doing: a full or missing /tmp.
         panic!("cannot write the fuzz checkpoint into {}: {e}", dir.display());
     }
-    match dir::read(&dir) {
+    match dir::read(&dir, 1 << 16) {
         Ok(c) => format!("read {} pages", c.image.page_count().min(2)),
         Err(dir::DirError::Corrupt { what, .. }) => {
             let word = what.split(' ').find(|w| !w.contains(|c: char| c.is_ascii_digit())).unwrap_or("");
