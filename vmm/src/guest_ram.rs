@@ -21,6 +21,11 @@ pub fn frame_addr(mem: &GuestMemoryMmap, pfn: u64) -> Option<GuestAddress> {
         .then_some(GuestAddress(start))
 }
 
+/// How many frames of guest RAM `mem` has (all regions).
+pub fn ram_frames(mem: &GuestMemoryMmap) -> u64 {
+    mem.iter().map(|r| r.len() / PAGE_SIZE).sum()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -41,6 +46,7 @@ mod tests {
         assert_eq!(frame_addr(&mem, MMIO_GAP_END / 4096 - 1), None, "last gap frame");
         assert_eq!(frame_addr(&mem, MMIO_GAP_END / 4096), Some(GuestAddress(MMIO_GAP_END)));
         assert_eq!(frame_addr(&mem, MMIO_GAP_END / 4096 + 16), None, "past the end of RAM");
+        assert_eq!(ram_frames(&mem), 32);
         for hostile in [u64::MAX, u64::MAX / 4096, u64::MAX / 4096 + 1, 1 << 52] {
             assert_eq!(frame_addr(&mem, hostile), None, "{hostile:#x}");
         }

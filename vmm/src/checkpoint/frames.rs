@@ -11,10 +11,10 @@
 //! hands out neighbouring frames to neighbouring faults) become one copy.
 
 use pmivmm_proto::image::{page_runs, PageKind, PageRef, PageRun, Pages, ProcessImage, PAGE_SIZE};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::page_walk::{self, WalkError};
-use crate::guest_ram::frame_addr;
+use crate::guest_ram::{frame_addr, ram_frames};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum FrameError {
@@ -41,8 +41,7 @@ pub enum FrameError {
 /// memory for each.
 pub fn resolve(mem: &GuestMemoryMmap, pages: Pages) -> Result<Vec<PageRef>, FrameError> {
     let Pages { mut listed, walk } = pages;
-    let ram_frames: u64 = mem.iter().map(|r| r.len() / PAGE_SIZE).sum();
-    let limit = ram_frames.saturating_mul(2);
+    let limit = ram_frames(mem).saturating_mul(2);
     if listed.len() as u64 > limit {
         return Err(WalkError::TooLarge(limit).into());
     }

@@ -19,9 +19,10 @@ use std::time::{Duration, Instant};
 use pmivmm_proto::image::{Pages, ProcessImage, PAGE_SIZE};
 use pmivmm_proto::ClientError;
 use serde::{Deserialize, Serialize};
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::GuestMemoryMmap;
 
 use crate::agent::{self, Agent, AgentError};
+use crate::guest_ram::ram_frames;
 
 
 /// What a checkpoint did, for the CLI and benchmarks.
@@ -207,8 +208,7 @@ pub fn restore(
     page_walk: bool,
 ) -> Result<RestoreReport, Error> {
     let start = Instant::now();
-    let ram_frames = memory.iter().map(|r| r.len() / PAGE_SIZE).sum();
-    let ckpt = dir::read(from, ram_frames)?;
+    let ckpt = dir::read(from, ram_frames(memory))?;
     let read_dir = start.elapsed();
     let mut client = connect(vsock)?;
     let t = Instant::now();

@@ -168,11 +168,6 @@ impl MigrationNode {
     }
 
     /// Bytes of guest RAM.
-    pub fn memory_bytes(&self) -> u64 {
-        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
-        self.memory.iter().map(|r| r.len()).sum()
-    }
-
     pub fn agent(&self) -> Result<Agent, Error> {
         Ok(agent::connect(self.vsock.as_deref())?)
     }

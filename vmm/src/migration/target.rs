@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use pmivmm_proto::image::{PageRef, ProcessImage, PAGE_SIZE};
+use pmivmm_proto::image::{PageRef, ProcessImage};
 use vm_memory::GuestMemoryMmap;
 
 use super::link::{SyncReader, SyncWriter};
@@ -182,7 +182,7 @@ fn run(
     }
     fault_point(node, "offer", tx)?;
     tx.send(&PeerMsg::Accepted)?;
-    let limit = (node.memory_bytes() / PAGE_SIZE) as usize;
+    let limit = crate::guest_ram::ram_frames(&node.memory) as usize;
     let mut store = PageStore::new(limit);
     let mut prepared = None;
     loop {
