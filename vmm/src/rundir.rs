@@ -102,12 +102,18 @@ impl NodePaths {
         }
     }
 
+    /// Whether a VMM listens on the node's control socket (it may still be
+    /// too busy to answer).
+    pub fn listening(&self) -> bool {
+        UnixStream::connect(self.control()).is_ok()
+    }
+
     /// Creates the run directory for a starting node. A directory left by a
     /// node that died is cleaned up; one whose control socket still answers
     /// belongs to a running node and is an error. The returned guard removes
     /// the directory when dropped.
     pub fn create(&self) -> Result<RunDirGuard, Error> {
-        if UnixStream::connect(self.control()).is_ok() {
+        if self.listening() {
             return Err(Error::AlreadyRunning(self.name.clone(), self.control()));
         }
         let _ = fs::remove_dir_all(&self.dir);

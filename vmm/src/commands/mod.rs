@@ -128,8 +128,7 @@ pub fn stop(name: &str, timeout: Duration) -> anyhow::Result<()> {
 /// more); only the last is removed.
 fn stale(base: &std::path::Path, name: &str) -> String {
     let dir = base.join(name);
-    let listening = NodePaths::under(base, name).is_ok_and(|p| std::os::unix::net::UnixStream::connect(p.control()).is_ok());
-    if listening {
+    if NodePaths::under(base, name).is_ok_and(|p| p.listening()) {
         return "busy (control socket accepts but does not answer)".into();
     }
     let age = std::fs::metadata(&dir).and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok());
