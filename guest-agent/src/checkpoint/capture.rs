@@ -308,14 +308,14 @@ pub(super) fn present_pages(
     select: Select,
     tables: Option<&MmTables>,
 ) -> Result<Pages, CheckpointError> {
+    let (walked, read): (Vec<&Vma>, Vec<&Vma>) = vmas
+        .iter()
+        .partition(|v| tables.is_some() && MmTables::walks(v));
     let mut listed = Vec::new();
-    for vma in vmas.iter().filter(|v| tables.is_none() || !MmTables::walks(v)) {
+    for vma in read {
         pagemap.present_pages(vma, select, &mut listed)?;
     }
-    let walk = tables.map(|t| {
-        let walked = vmas.iter().filter(|v| MmTables::walks(v));
-        t.walk_vmas(WalkMode::Present(tracked(select)), walked)
-    });
+    let walk = tables.map(|t| t.walk_vmas(WalkMode::Present(tracked(select)), walked));
     Ok(Pages { listed, walk })
 }
 
