@@ -42,8 +42,11 @@ use crate::checkpoint::{
 };
 use crate::pidfd;
 
-/// How often a deputy's pending signals are checked.
-pub const SIGNAL_POLL: Duration = Duration::from_millis(200);
+/// How often a deputy's pending signals are checked. Each check generates
+/// /proc/PID/status (~55 formatted lines), tens of milliseconds of emulated
+/// guest kernel on the development hosts: every 200 ms that made each
+/// deputy cost its home about a third of the vCPU, as much as a job.
+pub const SIGNAL_POLL: Duration = Duration::from_secs(1);
 
 /// At most this many signals are taken from a deputy per check (the rest
 /// at the next one).

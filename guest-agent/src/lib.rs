@@ -11,6 +11,7 @@ pub mod migrate;
 pub mod mounts;
 pub mod pidfd;
 pub mod power;
+pub mod priority;
 pub mod procfs;
 pub mod ps;
 pub mod reaper;

@@ -3,6 +3,8 @@
 
 use std::io;
 use std::path::Path;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use nix::unistd::{sysconf, SysconfVar};
 use pmivmm_proto::LoadInfo;
@@ -27,7 +29,27 @@ pub fn load() -> Result<LoadInfo, LoadError> {
         file: "/proc/loadavg",
         text: loadavg.clone(),
     })?;
-    let meminfo = read_text("/proc/meminfo", &mut buf)?;
+    (info.mem_total_bytes, info.mem_free_bytes, info.mem_available_bytes) = memory(&mut buf)?;
+    info.cpus = online_cpus();
+    Ok(info)
+}
+
+/// How long a reading of /proc/meminfo is reused: the balancer asks for the
+/// load a few times a second, and generating meminfo (~50 formatted lines)
+/// is the dearest part of the answer in an emulated guest kernel, while a
+/// node's memory use changes slowly.
+const MEMINFO_REUSE: Duration = Duration::from_secs(2);
+
+/// Total, free and available memory in bytes, from /proc/meminfo.
+fn memory(buf: &mut Vec<u8>) -> Result<(u64, u64, u64), LoadError> {
+    static LAST: Mutex<Option<(Instant, (u64, u64, u64))>> = Mutex::new(None);
+    let mut last = LAST.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some((at, memory)) = *last {
+        if at.elapsed() < MEMINFO_REUSE {
+            return Ok(memory);
+        }
+    }
+    let meminfo = read_text("/proc/meminfo", buf)?;
     let kib = |key| -> Result<u64, LoadError> {
         field(&meminfo, key)
             .and_then(|v| v.strip_suffix(" kB"))
@@ -38,14 +60,16 @@ pub fn load() -> Result<LoadInfo, LoadError> {
                 text: format!("no {key} line"),
             })
     };
-    info.mem_total_bytes = kib("MemTotal")?;
-    info.mem_free_bytes = kib("MemFree")?;
-    info.mem_available_bytes = kib("MemAvailable")?;
-    info.cpus = sysconf(SysconfVar::_NPROCESSORS_ONLN)
-        .ok()
-        .flatten()
-        .unwrap_or(1) as u32;
-    Ok(info)
+    let memory = (kib("MemTotal")?, kib("MemFree")?, kib("MemAvailable")?);
+    *last = Some((Instant::now(), memory));
+    Ok(memory)
+}
+
+/// The online CPU count, read once (sysconf reads a sysfs file each time,
+/// and a node's CPUs do not change).
+fn online_cpus() -> u32 {
+    static CPUS: OnceLock<u32> = OnceLock::new();
+    *CPUS.get_or_init(|| sysconf(SysconfVar::_NPROCESSORS_ONLN).ok().flatten().unwrap_or(1) as u32)
 }
 
 fn read_text(file: &'static str, buf: &mut Vec<u8>) -> Result<String, LoadError> {

@@ -12,12 +12,17 @@ use std::io::Write;
 use pmivmm_agent::connection::Actions;
 use pmivmm_agent::mounts;
 use pmivmm_agent::power::power_off;
+use pmivmm_agent::priority;
 use pmivmm_agent::reaper::reaper;
 use pmivmm_agent::server::serve;
 use pmivmm_agent::vsock::VsockListener;
 use pmivmm_proto::{AGENT_READY_MARKER, AGENT_VSOCK_PORT, VERSION};
 
 fn main() {
+    // Before any thread starts: threads inherit the nice value.
+    if let Err(e) = priority::raise_agent() {
+        eprintln!("pmivmm-agent: cannot raise its priority: {e}");
+    }
     // Reap orphans from the start, whatever happens to the channel.
     reaper();
     if let Err(e) = mounts::mount_kernel_filesystems() {

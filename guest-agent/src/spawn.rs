@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
 
+use crate::priority;
+
 #[derive(Debug, thiserror::Error)]
 pub enum SpawnError {
     #[error("empty argv")]
@@ -81,10 +83,17 @@ pub fn spawn(prog: &Program<'_>) -> Result<i32, SpawnError> {
             env_ptrs.as_ptr(),
         )
     };
-    match rc {
-        0 => Ok(pid),
-        errno => Err(fail(Errno::from_raw(errno))),
+    if rc != 0 {
+        return Err(fail(Errno::from_raw(rc)));
     }
+    // posix_spawn cannot set a nice value: the program starts at the
+    // agent's and is put back at once (it may have exited already).
+    if let Err(e) = priority::set_nice(pid, 0) {
+        if e != Errno::ESRCH {
+            eprintln!("pmivmm-agent: cannot set the priority of PID {pid}: {e}");
+        }
+    }
+    Ok(pid)
 }
 
 /// The busybox of the node image and the list of its applets, one name per

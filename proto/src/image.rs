@@ -19,7 +19,7 @@ use std::collections::BTreeSet;
 use serde::{Deserialize, Serialize};
 
 /// The version of the image format. Bump on any change to these types.
-pub const IMAGE_VERSION: u32 = 3;
+pub const IMAGE_VERSION: u32 = 4;
 
 /// The page size of the x86_64 guests.
 pub const PAGE_SIZE: u64 = 4096;
@@ -104,6 +104,9 @@ pub struct ProcessImage {
     pub sigaltstack: Option<AltStack>,
     /// The execution domain and its flags (`personality(2)`).
     pub personality: u32,
+    /// The nice value, -20..19 (a restored process gets it back once it
+    /// runs: it is built at the agent's priority).
+    pub nice: i32,
     /// Sorted by descriptor number.
     pub fds: Vec<FileDescriptor>,
     pub cwd: String,
@@ -547,6 +550,9 @@ impl ProcessImage {
         if self.personality & !PERSONALITY_BITS != 0 {
             return Err(ImageError::BadField("personality"));
         }
+        if !(-20..=19).contains(&self.nice) {
+            return Err(ImageError::BadField("nice value"));
+        }
         self.validate_fds()?;
         self.validate_rlimits()
     }
@@ -897,6 +903,7 @@ mod tests {
                 autodisarm: false,
             }),
             personality: 0x0040000,
+            nice: 5,
             fds: vec![FileDescriptor {
                 fd: 0,
                 kind: FdKind::Stdio,
@@ -1066,6 +1073,8 @@ mod tests {
                 "alternate signal stack",
             ),
             (|i| i.personality = 0xffff_ffff, "personality"),
+            (|i| i.nice = -21, "nice value"),
+            (|i| i.nice = 20, "nice value"),
         ];
         for (corrupt, expected) in cases {
             let mut image = sample();

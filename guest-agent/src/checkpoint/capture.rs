@@ -406,6 +406,7 @@ fn capture_frozen(
         itimers: injected.itimers,
         sigaltstack: injected.sigaltstack,
         personality,
+        nice: stat.nice,
         fds,
         cwd,
         umask: status.umask,

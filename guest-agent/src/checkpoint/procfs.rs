@@ -99,6 +99,8 @@ pub fn parse_status(text: &str) -> Option<Status> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Stat {
     pub flags: u64,
+    /// The nice value (field 19), -20..19.
+    pub nice: i32,
     pub start_code: u64,
     pub end_code: u64,
     pub start_stack: u64,
@@ -123,15 +125,12 @@ fn parse_stat(text: &str) -> Option<Stat> {
     // comm (field 2) may hold spaces and parentheses: fields 3.. follow the
     // last ')'.
     let rest = &text[text.rfind(')')? + 1..];
-    let fields: Vec<u64> = rest
-        .split_whitespace()
-        .skip(1)
-        .map(|f| f.parse().unwrap_or(0))
-        .collect();
+    let fields: Vec<&str> = rest.split_whitespace().skip(1).collect();
     // fields[0] is field 4 (ppid).
-    let f = |n: usize| fields.get(n - 4).copied();
+    let f = |n: usize| fields.get(n - 4).map(|f| f.parse().unwrap_or(0));
     Some(Stat {
         flags: f(9)?,
+        nice: fields.get(19 - 4)?.parse().ok()?,
         start_code: f(26)?,
         end_code: f(27)?,
         start_stack: f(28)?,
@@ -325,9 +324,10 @@ mod tests {
     fn parses_stat_with_a_hostile_comm() {
         let mut text = String::from("12 (a) b (c) S 1 12 12 0 -1 4194304");
         for n in 10..=52 {
-            text.push_str(&format!(" {n}"));
+            text.push_str(&format!(" {}", if n == 19 { -5 } else { n }));
         }
         let s = parse_stat(&text).unwrap();
+        assert_eq!(s.nice, -5);
         assert_eq!(
             (s.flags, s.start_code, s.end_code, s.start_stack),
             (4194304, 26, 27, 28)

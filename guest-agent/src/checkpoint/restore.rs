@@ -32,6 +32,8 @@ use pmivmm_proto::image::{
 };
 use pmivmm_proto::ExitStatus;
 
+use crate::priority;
+
 use super::capture::{set_itimers, KERNEL_SIGACTION_LEN, SIGSET_LEN, SS_AUTODISARM, STACK_T_LEN};
 use super::inject::{InjectError, Injector};
 use super::pagemap::{Pagemap, PagemapError};
@@ -49,6 +51,8 @@ pub enum RestoreError {
     NoScratchSpace { len: u64 },
     #[error("cannot fork the restore child: {0}")]
     Fork(Errno),
+    #[error("cannot set the nice value: {0}")]
+    Nice(Errno),
     #[error("the restore child failed to {step} ({status:?})")]
     ChildSetup {
         step: &'static str,
@@ -288,6 +292,8 @@ pub fn finish_restore(mut child: RestoredChild, image: &ProcessImage) -> Result<
     )?;
     child.tracee.set_sigmask(image.signals.blocked)?;
     child.tracee.set_regs(&regs_from_image(&image.regs))?;
+    // Built at the agent's priority, it runs at its own.
+    priority::set_nice(child.pid(), image.nice).map_err(RestoreError::Nice)?;
     child.tracee.detach()?;
     child.running = true;
     Ok(child.pid())

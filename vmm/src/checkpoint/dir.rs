@@ -232,6 +232,7 @@ pub fn sample_image(pages: u64) -> ProcessImage {
         itimers: Default::default(),
         sigaltstack: None,
         personality: 0,
+        nice: 0,
         fds: vec![],
         cwd: "/".into(),
         umask: 0o22,

@@ -14,13 +14,14 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use pmivmm_proto::{LoadInfo, Migratability, MigrationObstacle};
+use pmivmm_proto::{ClientError, LoadInfo, Migratability, MigrationObstacle};
 
 use super::balancer::{self, History, Policy};
 use super::membership::NodeLoad;
 use super::InFlight;
 use crate::devices::lock;
 use crate::migration::protocol::PeerMsg;
+use crate::agent::Agent;
 use crate::migration::{source, Error, MigrationNode};
 use crate::peer::PeerLink;
 
@@ -64,6 +65,7 @@ fn gossip(node: &Arc<MigrationNode>) {
 fn poll_and_balance(node: &Arc<MigrationNode>) {
     let mut history = History::default();
     let policy = Policy::default();
+    let mut agent = AgentLink::default();
     let mut round: u32 = 0;
     loop {
         let started = Instant::now();
@@ -73,7 +75,7 @@ fn poll_and_balance(node: &Arc<MigrationNode>) {
         let alone = cluster.seeds.is_empty() && lock(&cluster.table).peers().is_empty();
         let load = match alone {
             true => None,
-            false => node.agent().and_then(|mut a| a.load().map_err(Error::Agent)).ok().map(|i| node_load(&i)),
+            false => agent.ask(node, |a| a.load()).map(|i| node_load(&i)),
         };
         if let Some(load) = load {
             *lock(&cluster.load) = load;
@@ -83,9 +85,40 @@ fn poll_and_balance(node: &Arc<MigrationNode>) {
             && cluster.auto_balance.load(Ordering::SeqCst)
             && !cluster.busy.load(Ordering::SeqCst);
         if let Some(load) = load.filter(|_| may_balance) {
-            balance(node, &load, &mut history, &policy);
+            balance(node, &load, &mut agent, &mut history, &policy);
         }
         thread::sleep(ROUND.saturating_sub(started.elapsed()));
+    }
+}
+
+/// The balancer's connection to its agent, kept open between polls: on the
+/// emulated development hosts a new connection (vsock connect, a thread in
+/// the agent, the handshake) costs the guest ~0.4 s of vCPU, so connecting
+/// for each poll kept an idle member's vCPU busy.
+#[derive(Default)]
+struct AgentLink(Option<Agent>);
+
+impl AgentLink {
+    /// One request; after an error the next request connects again.
+    fn ask<T>(&mut self, node: &MigrationNode, request: impl FnOnce(&mut Agent) -> Result<T, ClientError>) -> Option<T> {
+        let agent = match &mut self.0 {
+            Some(agent) => agent,
+            None => match node.agent() {
+                Ok(agent) => self.0.insert(agent),
+                Err(e) => {
+                    tracing::debug!("balancer: agent: {e}");
+                    return None;
+                }
+            },
+        };
+        match request(agent) {
+            Ok(answer) => Some(answer),
+            Err(e) => {
+                tracing::debug!("balancer: agent: {e}");
+                self.0 = None;
+                None
+            }
+        }
     }
 }
 
@@ -127,7 +160,13 @@ fn gossip_with(node: &MigrationNode, addr: &str, ours: &[super::membership::Memb
 }
 
 /// Sends one process away if the balancer finds one.
-fn balance(node: &Arc<MigrationNode>, load: &super::membership::NodeLoad, history: &mut History, policy: &Policy) {
+fn balance(
+    node: &Arc<MigrationNode>,
+    load: &super::membership::NodeLoad,
+    agent: &mut AgentLink,
+    history: &mut History,
+    policy: &Policy,
+) {
     // The process list costs the guest much more than the load: ask for it
     // only when this node may have a process to spare.
     if load.runnable <= load.cpus.max(1) {
@@ -137,13 +176,7 @@ fn balance(node: &Arc<MigrationNode>, load: &super::membership::NodeLoad, histor
     if members.iter().all(|m| m.me) {
         return;
     }
-    let procs = match node.agent().and_then(|mut a| a.ps().map_err(Error::Agent)) {
-        Ok(p) => p,
-        Err(e) => {
-            tracing::debug!("balancer: ps: {e}");
-            return;
-        }
-    };
+    let Some(procs) = agent.ask(node, |a| a.ps()) else { return };
     // This node's own count from the process list: /proc/loadavg also counts
     // the agent's threads that happen to run (busy with this very ps, or
     // with a migration).
