@@ -33,6 +33,9 @@ use crate::rundir::{self, NodePaths};
 const RESTART_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long a VMM hit by an `exit` fault may take to be gone.
 const EXIT_WAIT: Duration = Duration::from_secs(30);
+/// Past the planned wait for the jobs, how long the soak waits for one of
+/// them (or a reference run) to print something more.
+const PROGRESS_WAIT: Duration = Duration::from_secs(120);
 
 /// Faults injected into the target of a migration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -592,10 +595,17 @@ pub fn run(args: &SoakArgs) -> anyhow::Result<SoakReport> {
 
     // Where the jobs are when the migrations stop, then their ends.
     println!("soak: migrations stopped after {:.0} s; waiting for the jobs", start.elapsed().as_secs_f64());
+    // Then longer while they make progress: a loaded node runs them many
+    // times slower (and a deputy writes its process's output line by line).
     let wait_until = Instant::now() + Duration::from_secs(args.duration * 2 + 60);
     let all = jobs.iter().chain(references.values());
-    while Instant::now() < wait_until && !all.clone().all(Job::ended) {
+    let printed = || all.clone().map(|j| lock(&j.captured).stdout.len()).sum::<usize>();
+    let mut progress = (printed(), Instant::now());
+    while !all.clone().all(Job::ended) && (Instant::now() < wait_until || progress.1.elapsed() < PROGRESS_WAIT) {
         thread::sleep(Duration::from_millis(500));
+        if printed() != progress.0 {
+            progress = (printed(), Instant::now());
+        }
     }
     let snap = snapshot(nodes)?;
     let mut job_rows = Vec::new();
