@@ -12,10 +12,10 @@
 //! queue stops the link readers, so the hosts' relays, and through their
 //! pipes the process, wait for the deputy), and requests for a host in a
 //! queue of [`MAX_PENDING_REQUESTS`] (beyond that a request is dropped with
-//! a warning, as the kernel merges a pending signal sent again). When no host is attached
-//! for [`REATTACH_GRACE`], the process is lost (its host died) and the
-//! deputy is killed, so that its parent learns of it instead of waiting
-//! forever.
+//! a warning, as the kernel merges a pending signal sent again). When no
+//! host is attached for [`REATTACH_GRACE`], the process is lost (its host
+//! died) and the deputy is killed, so that its parent learns of it instead
+//! of waiting forever.
 
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
