@@ -451,11 +451,17 @@ fn spawn_node(exe: &Path, node: LabNode, mem_mib: u64, share: Option<&Path>, log
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
+    detach(&mut cmd);
+    Ok(cmd.spawn()?)
+}
+
+/// Makes `cmd` start in a session of its own: signals of our terminal (a
+/// Ctrl-C) do not reach it, and it outlives us.
+pub fn detach(cmd: &mut Command) {
     // SAFETY: setsid is async-signal-safe and touches no memory of ours.
     unsafe {
         cmd.pre_exec(|| if libc::setsid() < 0 { Err(io::Error::last_os_error()) } else { Ok(()) });
     }
-    Ok(cmd.spawn()?)
 }
 
 /// The last `lines` lines of a file, indented, for error messages.
@@ -544,7 +550,7 @@ fn wait_ready(
     }
 }
 
-fn pid_alive(pid: u32) -> bool {
+pub fn pid_alive(pid: u32) -> bool {
     // SAFETY: signal 0 only checks that the process exists.
     pid > 0 && unsafe { libc::kill(pid as i32, 0) } == 0
 }

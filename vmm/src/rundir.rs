@@ -1,10 +1,12 @@
 //! The run directory of each node: `<base>/<name>/` holds the node's control
 //! socket and its hybrid-vsock socket, and exists exactly while the node runs.
 //! `<base>` is `$PMIVMM_RUN_DIR`, else `/run/pmivmm` for root, else
-//! `$XDG_RUNTIME_DIR/pmivmm`, else `/tmp/pmivmm-<uid>`.
+//! `$XDG_RUNTIME_DIR/pmivmm`, else `/tmp/pmivmm-<uid>`. A node starts only
+//! in a base of its user that nobody else can write (see [`check_base`]).
 
-use std::fs;
+use std::fs::{self, DirBuilder};
 use std::io;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
@@ -23,6 +25,8 @@ pub enum Error {
     NoSuchNode { name: String, dir: PathBuf },
     #[error("cannot create the run directory {0}: {1}")]
     Create(PathBuf, #[source] io::Error),
+    #[error("the run-directory base {0} is {1}: set PMIVMM_RUN_DIR to a directory of your own")]
+    UnsafeBase(PathBuf, String),
 }
 
 /// The run-directory base for this user.
@@ -113,6 +117,9 @@ impl NodePaths {
     /// belongs to a running node and is an error. The returned guard removes
     /// the directory when dropped.
     pub fn create(&self) -> Result<RunDirGuard, Error> {
+        if let Some(base) = self.dir.parent() {
+            check_base(base)?;
+        }
         if self.listening() {
             return Err(Error::AlreadyRunning(self.name.clone(), self.control()));
         }
@@ -120,6 +127,27 @@ impl NodePaths {
         fs::create_dir_all(&self.dir).map_err(|e| Error::Create(self.dir.clone(), e))?;
         Ok(RunDirGuard(self.dir.clone()))
     }
+}
+
+/// Creates `base` (mode 0700) if it is missing, and checks that it is a
+/// directory of this user that no one else can write: the nodes' sockets and
+/// the cluster key go there, and a `/tmp/pmivmm-<uid>` may have been made by
+/// another user. A symbolic link is refused too (its owner may move it).
+fn check_base(base: &Path) -> Result<(), Error> {
+    DirBuilder::new().recursive(true).mode(0o700).create(base).map_err(|e| Error::Create(base.to_owned(), e))?;
+    let md = fs::symlink_metadata(base).map_err(|e| Error::Create(base.to_owned(), e))?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    let why = if !md.is_dir() {
+        "not a directory (a symbolic link?)".to_owned()
+    } else if md.uid() != uid {
+        format!("owned by uid {}, not by this user (uid {uid})", md.uid())
+    } else if md.mode() & 0o022 != 0 {
+        format!("writable by others (mode {:o})", md.mode() & 0o7777)
+    } else {
+        return Ok(());
+    };
+    Err(Error::UnsafeBase(base.to_owned(), why))
 }
 
 /// Removes a node's run directory when the node ends.
@@ -174,6 +202,28 @@ mod tests {
         assert!(!p.dir.exists());
         assert!(list(&base).is_empty());
         let _ = fs::remove_dir_all(&base);
+    }
+
+    #[test]
+    fn only_a_base_of_this_user_that_no_one_else_writes_is_used() {
+        use std::os::unix::fs::PermissionsExt;
+        let parent = std::env::temp_dir().join(format!("pmivmm-rundir-base-{}", std::process::id()));
+        let base = parent.join("base");
+        let p = NodePaths::under(&base, "n3").unwrap();
+        drop(p.create().unwrap());
+        assert_eq!(fs::metadata(&base).unwrap().mode() & 0o7777, 0o700);
+        fs::set_permissions(&base, fs::Permissions::from_mode(0o1777)).unwrap();
+        assert!(matches!(p.create(), Err(Error::UnsafeBase(_, why)) if why.contains("mode 1777")));
+        fs::set_permissions(&base, fs::Permissions::from_mode(0o755)).unwrap();
+        drop(p.create().unwrap());
+        // Another user's directory (only root can make one here).
+        if std::os::unix::fs::chown(&base, Some(1234), None).is_ok() {
+            assert!(matches!(p.create(), Err(Error::UnsafeBase(_, why)) if why.contains("uid 1234")));
+        }
+        let link = NodePaths::under(&parent.join("link"), "n3").unwrap();
+        std::os::unix::fs::symlink(&base, parent.join("link")).unwrap();
+        assert!(matches!(link.create(), Err(Error::UnsafeBase(_, why)) if why.contains("symbolic link")));
+        let _ = fs::remove_dir_all(&parent);
     }
 
     #[test]

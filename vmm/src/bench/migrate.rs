@@ -30,7 +30,7 @@ use crate::checkpoint::frames;
 use crate::commands::tables;
 use crate::control;
 use crate::migration::link;
-use crate::migration::pages::PageStore;
+use crate::migration::pages::{PageBudget, PageStore};
 use crate::migration::protocol::{PeerMsg, PAGES_PER_BATCH};
 use crate::migration::{source, target};
 use crate::peer::{ClusterKey, PeerLink};
@@ -120,7 +120,7 @@ fn data_path(mib: u64) -> anyhow::Result<()> {
         let (stream, _) = handle.block_on(listener.accept())?;
         let link = handle.block_on(PeerLink::accept(stream, &receiver_key, "bench-target", link::CONNECT_TIMEOUT))?;
         let (_, mut rx, _tx) = link::split(&handle, link);
-        let mut store = PageStore::new(n as usize);
+        let mut store = PageStore::new(n as usize, PageBudget::new(n as usize));
         loop {
             match rx.expect(std::time::Duration::from_secs(60))? {
                 (PeerMsg::Pages { vaddrs }, data) => target::receive_pages(&mut store, &vaddrs, data)?,

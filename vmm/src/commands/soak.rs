@@ -5,9 +5,19 @@
 //! uninterrupted run of the same command, or still run, correctly so far, on
 //! exactly one node (at most its deputy beside it at home): none lost,
 //! duplicated or corrupted.
+//!
+//! An `exit` fault kills the target VMM with its VM, and everything running
+//! there: it is armed only on a node other than the home (which holds every
+//! job's deputy and output stream) where no other job runs, and the
+//! reference runs are then on the home. The soak starts the node again as it
+//! was started (see [`NodeLaunch`]) before it goes on.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::ffi::OsString;
+use std::fs::{self, OpenOptions};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -15,9 +25,19 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use pmivmm_proto::{ExecEvent, ExecRequest, ExitStatus, ProcessInfo};
 
-use crate::rundir::NodePaths;
+use crate::control::{self, NodeState};
+use crate::lab;
+use crate::rundir::{self, NodePaths};
 
-/// Faults a target survives (its VMM stays up).
+/// How long a node started again after an `exit` fault may take to boot.
+const RESTART_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long a VMM hit by an `exit` fault may take to be gone.
+const EXIT_WAIT: Duration = Duration::from_secs(30);
+/// Past the planned wait for the jobs, how long the soak waits for one of
+/// them (or a reference run) to print something more.
+const PROGRESS_WAIT: Duration = Duration::from_secs(120);
+
+/// Faults injected into the target of a migration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum FaultKind {
     /// The target closes the link.
@@ -27,6 +47,9 @@ pub enum FaultKind {
     /// The target's next frame has a flipped bit; the source's
     /// authentication rejects it.
     Corrupt,
+    /// The target VMM exits at once, with its VM; the soak starts the node
+    /// again.
+    Exit,
     /// No faults (alone in `--faults`).
     None,
 }
@@ -37,16 +60,18 @@ impl FaultKind {
             FaultKind::Drop => "drop",
             FaultKind::Stall => "stall",
             FaultKind::Corrupt => "corrupt",
+            FaultKind::Exit => "exit",
             FaultKind::None => "none",
         }
     }
 
     /// The migration points where this kind is injected: every point for
-    /// `drop`; `stall` where the source gives up (offer) and where it only
-    /// waits (commit); `corrupt` on the two messages the target sends.
+    /// `drop` and `exit`; `stall` where the source gives up (offer) and
+    /// where it only waits (commit); `corrupt` on the two messages the
+    /// target sends.
     fn points(self) -> &'static [&'static str] {
         match self {
-            FaultKind::Drop => &["offer", "image", "commit", "running"],
+            FaultKind::Drop | FaultKind::Exit => &["offer", "image", "commit", "running"],
             FaultKind::Stall => &["offer", "commit"],
             FaultKind::Corrupt => &["offer", "running"],
             FaultKind::None => &[],
@@ -63,7 +88,7 @@ pub struct SoakArgs {
     pub nodes: Vec<String>,
     /// Self-checking jobs (counter, memory, signals, fpu in turn), each
     /// beside an uninterrupted reference run of the same command on the
-    /// last node.
+    /// last node (on the first with `exit` faults).
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=64))]
     pub jobs: u64,
     /// Seconds during which jobs migrate; the jobs are sized to run about
@@ -74,7 +99,8 @@ pub struct SoakArgs {
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
     /// Fault kinds, one injected (kind and point at random) into every other
-    /// migration, the first included; comma-separated (`none` for no faults).
+    /// migration, the first included; comma-separated (`none` for no faults;
+    /// `exit` is not a default: it reboots nodes).
     #[arg(long, value_delimiter = ',', default_value = "drop,stall,corrupt")]
     pub faults: Vec<FaultKind>,
 }
@@ -94,6 +120,8 @@ pub struct SoakReport {
     pub other_errors: usize,
     pub faults_armed: usize,
     pub faults_fired: usize,
+    /// Nodes started again after an `exit` fault.
+    pub restarts: usize,
     pub jobs: usize,
     /// Finished with the output and exit status of the reference run.
     pub finished_ok: usize,
@@ -272,6 +300,114 @@ fn fault_file(target: &str) -> anyhow::Result<PathBuf> {
     Ok(NodePaths::existing(target)?.dir.join("fault"))
 }
 
+/// How a node's VMM was started, read from `/proc` while it runs: to start
+/// the node again the same way after an `exit` fault (same name, memory and
+/// options, `--join` included; same working directory, the default share;
+/// same environment, `PMIVMM_RUN_DIR` and `PMIVMM_CACHE` included).
+struct NodeLaunch {
+    name: String,
+    exe: PathBuf,
+    args: Vec<OsString>,
+    cwd: PathBuf,
+    env: Vec<(OsString, OsString)>,
+    /// The VMM running now, and its handle once the soak started it.
+    pid: u32,
+    child: Option<Child>,
+}
+
+impl NodeLaunch {
+    fn read(name: &str) -> anyhow::Result<NodeLaunch> {
+        let paths = NodePaths::existing(name)?;
+        let pid = control::status(&paths.control()).with_context(|| format!("status of node {name}"))?.vmm_pid;
+        let proc = PathBuf::from(format!("/proc/{pid}"));
+        let read = |file: &str| {
+            let path = proc.join(file);
+            fs::read(&path).with_context(|| format!("cannot read {} (the VMM of node {name})", path.display()))
+        };
+        let words = |bytes: Vec<u8>| -> Vec<Vec<u8>> {
+            bytes.split(|&b| b == 0).filter(|w| !w.is_empty()).map(<[u8]>::to_vec).collect()
+        };
+        let args = words(read("cmdline")?).into_iter().skip(1).map(OsString::from_vec).collect();
+        let env = words(read("environ")?)
+            .into_iter()
+            .filter_map(|kv| {
+                let eq = kv.iter().position(|&b| b == b'=')?;
+                Some((OsString::from_vec(kv[..eq].to_vec()), OsString::from_vec(kv[eq + 1..].to_vec())))
+            })
+            .collect();
+        let link = |file: &str| {
+            let path = proc.join(file);
+            fs::read_link(&path).with_context(|| format!("cannot read {} (the VMM of node {name})", path.display()))
+        };
+        anyhow::ensure!(
+            link("ns/net")? == Path::new("/proc/self/ns/net").read_link()?,
+            "node {name} runs in another network namespace (a lab node): an exit fault could not start it again"
+        );
+        // A binary rebuilt since the node started is run from the same path.
+        let exe = link("exe")?;
+        let exe = match exe.as_os_str().as_bytes().strip_suffix(b" (deleted)") {
+            Some(path) => PathBuf::from(OsString::from_vec(path.to_vec())),
+            None => exe,
+        };
+        Ok(NodeLaunch { name: name.to_owned(), exe, args, cwd: link("cwd")?, env, pid, child: None })
+    }
+
+    /// Whether the VMM is gone (waiting for it at most [`EXIT_WAIT`]).
+    fn exited(&mut self) -> bool {
+        let start = Instant::now();
+        loop {
+            let gone = match &mut self.child {
+                Some(child) => child.try_wait().map_or(true, |status| status.is_some()),
+                None => !lab::pid_alive(self.pid),
+            };
+            if gone || start.elapsed() > EXIT_WAIT {
+                return gone;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Starts the node again, detached, its output appended to `log`;
+    /// returns once its agent is ready, with the time that took.
+    fn restart(&mut self, log: &Path) -> anyhow::Result<Duration> {
+        let out = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .with_context(|| format!("cannot open {}", log.display()))?;
+        let mut cmd = Command::new(&self.exe);
+        cmd.args(&self.args)
+            .current_dir(&self.cwd)
+            .env_clear()
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out);
+        lab::detach(&mut cmd);
+        let start = Instant::now();
+        let child = cmd.spawn().with_context(|| format!("cannot start {}", self.exe.display()))?;
+        self.pid = child.id();
+        let child = self.child.insert(child);
+        let paths = NodePaths::new(&self.name)?;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                anyhow::bail!("node {} exited ({status}) while starting again; see {}", self.name, log.display());
+            }
+            if control::status(&paths.control()).is_ok_and(|s| s.vmm_pid == self.pid && s.state == NodeState::Ready) {
+                return Ok(start.elapsed());
+            }
+            anyhow::ensure!(
+                start.elapsed() < RESTART_TIMEOUT,
+                "node {} not ready {} s after it was started again; see {}",
+                self.name,
+                RESTART_TIMEOUT.as_secs(),
+                log.display()
+            );
+            thread::sleep(Duration::from_millis(500));
+        }
+    }
+}
+
 /// Runs the soak and prints its tables; the counts are returned.
 pub fn run(args: &SoakArgs) -> anyhow::Result<SoakReport> {
     let nodes = &args.nodes;
@@ -281,8 +417,21 @@ pub fn run(args: &SoakArgs) -> anyhow::Result<SoakReport> {
         NodePaths::existing(n).with_context(|| format!("node {n} is not running on this host (see `pmivmm nodes`)"))?;
     }
     let home = nodes[0].as_str();
-    // The reference runs do not load the home, where every job starts.
-    let reference_node = nodes[nodes.len() - 1].as_str();
+    // The reference runs do not load the home, where every job starts,
+    // unless a node may be killed: the home never is.
+    let exits = args.faults.contains(&FaultKind::Exit);
+    let reference_node = if exits { home } else { nodes[nodes.len() - 1].as_str() };
+    let mut launches = BTreeMap::new();
+    if exits {
+        for node in &nodes[1..] {
+            launches.insert(node.as_str(), NodeLaunch::read(node)?);
+        }
+    }
+    let restart_log = |node: &str| -> anyhow::Result<PathBuf> {
+        let dir = rundir::base().join(".soak");
+        fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        Ok(dir.join(format!("{node}.log")))
+    };
     let mut faults: Vec<(FaultKind, &str)> = Vec::new();
     for &kind in &args.faults {
         for &point in kind.points() {
@@ -311,7 +460,7 @@ pub fn run(args: &SoakArgs) -> anyhow::Result<SoakReport> {
     }
     let armable: Vec<String> = faults.iter().map(|(k, p)| format!("{}@{p}", k.name())).collect();
     println!(
-        "soak: {} jobs on {home}, migrating among {} for {} s (seed {}), faults: {}",
+        "soak: {} jobs on {home}, migrating among {} for {} s (seed {}), faults: {}; references on {reference_node}",
         jobs.len(),
         nodes.join(", "),
         args.duration,
@@ -342,12 +491,21 @@ pub fn run(args: &SoakArgs) -> anyhow::Result<SoakReport> {
         let target = targets[rng.usize(..targets.len())].as_str();
         // A process away from home goes back with `home`, as a user sends it.
         let target_arg = if target == home { "home" } else { target };
+        // An `exit` takes down whatever runs on the target: only where no
+        // other job runs (or may run, its place unknown), never the home.
+        let others_there = (0..jobs.len())
+            .any(|j| j != index && !jobs[j].ended() && places[j].as_ref().is_none_or(|(node, _)| node == target));
+        let allowed: Vec<(FaultKind, &str)> = faults
+            .iter()
+            .copied()
+            .filter(|(kind, _)| *kind != FaultKind::Exit || (target != home && !others_there))
+            .collect();
         // Every other migration has a fault, starting with the first
         // (migrations are slow on emulated hosts: a short soak still sees
         // both kinds).
-        let fault = match faults.is_empty() || report.migrations % 2 == 1 {
+        let fault = match allowed.is_empty() || report.migrations % 2 == 1 {
             true => None,
-            false => Some(faults[rng.usize(..faults.len())]),
+            false => Some(allowed[rng.usize(..allowed.len())]),
         };
         let file = fault_file(target)?;
         if let Some((kind, point)) = fault {
@@ -421,14 +579,33 @@ pub fn run(args: &SoakArgs) -> anyhow::Result<SoakReport> {
             outcome_name(outcome),
             took.as_secs_f64(),
         );
+        if let (Some((FaultKind::Exit, _)), true) = (fault, fired) {
+            let launch = launches.get_mut(target).context("an exit fault on a node that cannot be started again")?;
+            anyhow::ensure!(launch.exited(), "node {target}: its VMM did not exit on the fault");
+            let booted = launch.restart(&restart_log(target)?)?;
+            report.restarts += 1;
+            println!(
+                "[{:6.1} s] node {target} started again (VMM PID {}), ready after {:.1} s",
+                start.elapsed().as_secs_f64(),
+                launch.pid,
+                booted.as_secs_f64()
+            );
+        }
     }
 
     // Where the jobs are when the migrations stop, then their ends.
     println!("soak: migrations stopped after {:.0} s; waiting for the jobs", start.elapsed().as_secs_f64());
+    // Then longer while they make progress: a loaded node runs them many
+    // times slower (and a deputy writes its process's output line by line).
     let wait_until = Instant::now() + Duration::from_secs(args.duration * 2 + 60);
     let all = jobs.iter().chain(references.values());
-    while Instant::now() < wait_until && !all.clone().all(Job::ended) {
+    let printed = || all.clone().map(|j| lock(&j.captured).stdout.len()).sum::<usize>();
+    let mut progress = (printed(), Instant::now());
+    while !all.clone().all(Job::ended) && (Instant::now() < wait_until || progress.1.elapsed() < PROGRESS_WAIT) {
         thread::sleep(Duration::from_millis(500));
+        if printed() != progress.0 {
+            progress = (printed(), Instant::now());
+        }
     }
     let snap = snapshot(nodes)?;
     let mut job_rows = Vec::new();
@@ -564,6 +741,7 @@ fn print_tables(report: &SoakReport, rows: &BTreeMap<String, FaultRow>, job_rows
         ("failed otherwise", report.other_errors),
         ("faults armed", report.faults_armed),
         ("faults fired", report.faults_fired),
+        ("nodes started again after exit", report.restarts),
         ("jobs", report.jobs),
         ("finished correctly", report.finished_ok),
         ("still running correctly", report.still_running),

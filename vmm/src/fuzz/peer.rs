@@ -31,7 +31,7 @@ pub fn run_one(data: &[u8]) -> String {
     let checked = match &msg {
         PeerMsg::Offer(offer) => offer.validate().map_err(|e| class(&e)),
         PeerMsg::Pages { vaddrs } => protocol::check_pages(vaddrs, rest).map_err(|e| class(&e)),
-        PeerMsg::Output { fd } => protocol::check_output_fd(*fd).map_err(|e| class(&e)),
+        PeerMsg::Output { fd } => protocol::check_output(*fd, rest).map_err(|e| class(&e)),
         PeerMsg::Signal { signal } => protocol::check_signal(*signal).map_err(|e| class(&e)),
         PeerMsg::Image { image } => ProcessImage::from_bytes(image).map(drop).map_err(|e| class(&e)),
         PeerMsg::Gossip { members } => {

@@ -7,14 +7,19 @@
 //! from n2 to n3 has both links for a moment (n3 attaches before n2 hands
 //! off). Output reaches home in the order the process wrote it: a newer
 //! host's output is held back until the older hosts have handed off (or
-//! their links broke), up to [`MAX_HELD`] bytes. When no host is attached
-//! for [`REATTACH_GRACE`], the process is lost (its host died) and the
-//! deputy is killed, so that its parent learns of it instead of waiting
-//! forever.
+//! their links broke), up to [`MAX_HELD`] bytes. Both ways are bounded:
+//! what hosts report waits in a queue of [`EVENT_QUEUE`] events (a full
+//! queue stops the link readers, so the hosts' relays, and through their
+//! pipes the process, wait for the deputy), and requests for a host in a
+//! queue of [`MAX_PENDING_REQUESTS`] (beyond that a request is dropped with
+//! a warning, as the kernel merges a pending signal sent again). When no
+//! host is attached for [`REATTACH_GRACE`], the process is lost (its host
+//! died) and the deputy is killed, so that its parent learns of it instead
+//! of waiting forever.
 
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -22,7 +27,7 @@ use std::time::{Duration, Instant};
 use pmivmm_proto::{DeputyControl, DeputyEvent, DeputyEvents, ExitStatus};
 
 use super::link::{SyncReader, SyncWriter};
-use super::protocol::{check_output_fd, PeerMsg};
+use super::protocol::{check_output, PeerMsg};
 use super::{Error, MigrationNode};
 use crate::devices::lock;
 
@@ -33,6 +38,12 @@ const LINK_IDLE: Duration = Duration::from_secs(3600);
 /// Output of newer hosts held back while an older host has not handed off;
 /// beyond this it is written out of order rather than kept.
 const MAX_HELD: usize = 1 << 20;
+/// Events from the hosts waiting for the deputy: with output of at most
+/// [`MAX_OUTPUT_DATA`](super::protocol::MAX_OUTPUT_DATA) an event, 4 MiB.
+const EVENT_QUEUE: usize = 64;
+/// Requests (signals, going home) waiting to be sent to one host, or to be
+/// carried out by the host's relay.
+pub const MAX_PENDING_REQUESTS: usize = 64;
 
 /// One attachment of a host to a deputy; later attachments have larger ids.
 pub type HostId = u64;
@@ -59,11 +70,11 @@ pub enum ToHost {
 }
 
 impl RelayEvent {
-    /// The event a relay message carries; `None` for anything else (or an
-    /// output fd other than 1 and 2).
+    /// The event a relay message carries; `None` for anything else (or
+    /// output refused by [`check_output`]).
     pub fn from_peer(msg: PeerMsg, data: Vec<u8>) -> Option<RelayEvent> {
         match msg {
-            PeerMsg::Output { fd } if check_output_fd(fd).is_ok() => Some(RelayEvent::Output { fd, data }),
+            PeerMsg::Output { fd } if check_output(fd, &data).is_ok() => Some(RelayEvent::Output { fd, data }),
             PeerMsg::Exited(status) => Some(RelayEvent::Exited(status)),
             PeerMsg::Handoff => Some(RelayEvent::Handoff),
             _ => None,
@@ -75,19 +86,26 @@ impl RelayEvent {
 pub struct DeputyHandle {
     /// The process's PID at home (the deputy's).
     pub pid: u32,
-    events: Mutex<Sender<(HostId, RelayEvent)>>,
+    events: SyncSender<(HostId, RelayEvent)>,
     /// Where signals go: one route per attached host, newest last.
-    routes: Mutex<Vec<Sender<ToHost>>>,
+    routes: Mutex<Vec<SyncSender<ToHost>>>,
     next_host: AtomicU64,
 }
 
 impl DeputyHandle {
+    /// A deputy for `pid`, and the queue of what its hosts report.
+    fn new(pid: u32) -> (Self, Receiver<(HostId, RelayEvent)>) {
+        let (events, rx) = mpsc::sync_channel(EVENT_QUEUE);
+        (DeputyHandle { pid, events, routes: Mutex::default(), next_host: AtomicU64::new(0) }, rx)
+    }
+
+    /// Queues `event` for the deputy, waiting while the queue is full.
     pub fn deliver(&self, host: HostId, event: RelayEvent) {
-        let _ = lock(&self.events).send((host, event));
+        let _ = self.events.send((host, event));
     }
 
     /// A new host: `Attached` goes before anything the host reports.
-    fn attach(&self, signals: Sender<ToHost>) -> HostId {
+    fn attach(&self, signals: SyncSender<ToHost>) -> HostId {
         let host = self.next_host.fetch_add(1, Ordering::SeqCst);
         self.deliver(host, RelayEvent::Attached);
         lock(&self.routes).push(signals);
@@ -96,13 +114,13 @@ impl DeputyHandle {
 
     /// The process runs at home again (as another local process); its
     /// events are delivered with the returned id.
-    pub fn attach_local(&self, signals: Sender<ToHost>) -> HostId {
+    pub fn attach_local(&self, signals: SyncSender<ToHost>) -> HostId {
         self.attach(signals)
     }
 
     /// A host attached over a peer link.
     pub fn attach_remote(self: &Arc<Self>, mut rx: SyncReader, mut tx: SyncWriter) -> Result<(), Error> {
-        let (signals, pending) = mpsc::channel::<ToHost>();
+        let (signals, pending) = mpsc::sync_channel::<ToHost>(MAX_PENDING_REQUESTS);
         let pid = self.pid;
         thread::Builder::new()
             .name(format!("deputy-sig-{pid}"))
@@ -130,7 +148,10 @@ impl DeputyHandle {
                         match RelayEvent::from_peer(msg, data) {
                             Some(event) => event,
                             None => {
-                                tracing::warn!("deputy {pid}: unexpected {name} on its relay link; ignored");
+                                tracing::warn!(
+                                    "deputy {pid}: unexpected or invalid {name} on its relay link (an Output's fd \
+                                     or size); dropped"
+                                );
                                 continue;
                             }
                         }
@@ -152,14 +173,22 @@ impl DeputyHandle {
         Ok(())
     }
 
-    /// Sends `request` to the newest host still reachable.
+    /// Sends `request` to the newest host still reachable, never waiting: a
+    /// request beyond [`MAX_PENDING_REQUESTS`] not yet sent is dropped.
     pub fn to_host(&self, request: ToHost) {
         let mut routes = lock(&self.routes);
         while let Some(route) = routes.last() {
-            if route.send(request).is_ok() {
-                return;
-            }
-            routes.pop();
+            match route.try_send(request) {
+                Ok(()) => return,
+                Err(TrySendError::Full(_)) => {
+                    tracing::warn!(
+                        "deputy {}: {request:?} dropped, {MAX_PENDING_REQUESTS} requests for its host are pending",
+                        self.pid
+                    );
+                    return;
+                }
+                Err(TrySendError::Disconnected(_)) => routes.pop(),
+            };
         }
         tracing::warn!("deputy {}: {request:?} has no host to go to", self.pid);
     }
@@ -194,9 +223,8 @@ pub fn start(
     control: Control,
     link: Option<(SyncReader, SyncWriter)>,
 ) -> Result<(), Error> {
-    let (tx, rx) = mpsc::channel();
-    let handle =
-        Arc::new(DeputyHandle { pid, events: Mutex::new(tx), routes: Mutex::default(), next_host: AtomicU64::new(0) });
+    let (handle, rx) = DeputyHandle::new(pid);
+    let handle = Arc::new(handle);
     lock(&node.deputies).insert(token, handle.clone());
     if let Some((r, w)) = link {
         handle.attach_remote(r, w)?;
@@ -329,6 +357,7 @@ fn write_output(pid: u32, control: &mut Control, output: Vec<(u8, Vec<u8>)>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::migration::protocol::MAX_OUTPUT_DATA;
 
     fn out(fd: u8, s: &str) -> (u8, Vec<u8>) {
         (fd, s.as_bytes().to_vec())
@@ -361,6 +390,43 @@ mod tests {
         let flushed = hosts.output(3, 1, b"y".to_vec());
         assert_eq!(flushed, vec![(1, vec![b'x'; MAX_HELD]), out(1, "y")]);
         assert_eq!(hosts.held, 0);
+    }
+
+    #[test]
+    fn hosts_wait_while_the_deputys_queue_is_full() {
+        let (deputy, rx) = DeputyHandle::new(7);
+        let deputy = Arc::new(deputy);
+        for _ in 0..EVENT_QUEUE {
+            deputy.deliver(1, RelayEvent::Output { fd: 1, data: b"x".to_vec() });
+        }
+        let (done_tx, done) = mpsc::channel();
+        let sender = deputy.clone();
+        thread::spawn(move || {
+            sender.deliver(1, RelayEvent::Handoff);
+            done_tx.send(()).unwrap();
+        });
+        assert!(done.recv_timeout(Duration::from_millis(200)).is_err(), "a full queue took another event");
+        assert!(matches!(rx.recv().unwrap(), (1, RelayEvent::Output { .. })));
+        done.recv_timeout(Duration::from_secs(10)).expect("the host went on once there was room");
+        assert_eq!(rx.try_iter().count(), EVENT_QUEUE);
+    }
+
+    #[test]
+    fn requests_beyond_the_limit_are_dropped_without_waiting() {
+        let (deputy, _events) = DeputyHandle::new(7);
+        let (gone, _) = mpsc::sync_channel(MAX_PENDING_REQUESTS);
+        let (route, pending) = mpsc::sync_channel(MAX_PENDING_REQUESTS);
+        deputy.attach_local(route);
+        deputy.attach_local(gone);
+        for signal in 1..=MAX_PENDING_REQUESTS as i32 + 10 {
+            deputy.to_host(ToHost::Signal(signal));
+        }
+        // The newest route was closed: it is dropped, the older one used.
+        assert_eq!(lock(&deputy.routes).len(), 1);
+        let got: Vec<ToHost> = pending.try_iter().collect();
+        assert_eq!(got.len(), MAX_PENDING_REQUESTS);
+        assert_eq!(got[0], ToHost::Signal(1));
+        assert!(RelayEvent::from_peer(PeerMsg::Output { fd: 1 }, vec![0; MAX_OUTPUT_DATA + 1]).is_none());
     }
 
     #[test]

@@ -137,6 +137,9 @@ pub struct MigrationNode {
     relays: Mutex<HashMap<u32, relay::RelayHandle>>,
     /// Migrations received, by id.
     outcomes: Mutex<HashMap<u64, target::Outcome>>,
+    /// Pages the stores of incoming migrations hold together: guest RAM
+    /// and one batch.
+    page_budget: Arc<pages::PageBudget>,
     /// Membership, loads, pins, the balancer's state.
     pub cluster: ClusterState,
 }
@@ -156,13 +159,16 @@ impl MigrationNode {
             name,
             addr,
             key,
-            memory,
             vsock,
             rt,
             fault_file,
             deputies: Mutex::default(),
             relays: Mutex::default(),
             outcomes: Mutex::default(),
+            page_budget: pages::PageBudget::new(
+                crate::guest_ram::ram_frames(&memory) as usize + protocol::PAGES_PER_BATCH,
+            ),
+            memory,
             cluster,
         })
     }

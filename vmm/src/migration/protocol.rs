@@ -28,6 +28,9 @@ use crate::rundir::{validate_name, MAX_NAME_LEN};
 
 /// Pages per [`PeerMsg::Pages`] batch: 4 MiB of data per frame.
 pub const PAGES_PER_BATCH: usize = 1024;
+/// Data of one [`PeerMsg::Output`] (the agent's pipe reads are this size):
+/// what a deputy queues is bounded by it.
+pub const MAX_OUTPUT_DATA: usize = 64 << 10;
 /// Longest peer address (`host:port`) accepted in a message.
 const MAX_ADDR_LEN: usize = 256;
 /// Longest process name accepted in an offer (`TASK_COMM_LEN`).
@@ -135,6 +138,8 @@ pub enum ProtocolError {
     PageAddr(u64),
     #[error("output for fd {0} (only 1 and 2 are forwarded)")]
     OutputFd(u8),
+    #[error("an Output message with {0} bytes (at most {MAX_OUTPUT_DATA})")]
+    OutputTooLarge(usize),
     #[error("signal {0} is not a valid signal number")]
     Signal(i32),
 }
@@ -169,12 +174,14 @@ pub fn check_pages(vaddrs: &[u64], data: &[u8]) -> Result<(), ProtocolError> {
     }
 }
 
-/// Checks the fd of an `Output` message.
-pub fn check_output_fd(fd: u8) -> Result<(), ProtocolError> {
-    if fd == 1 || fd == 2 {
-        Ok(())
-    } else {
+/// Checks an `Output` message: fd 1 or 2, at most [`MAX_OUTPUT_DATA`] bytes.
+pub fn check_output(fd: u8, data: &[u8]) -> Result<(), ProtocolError> {
+    if fd != 1 && fd != 2 {
         Err(ProtocolError::OutputFd(fd))
+    } else if data.len() > MAX_OUTPUT_DATA {
+        Err(ProtocolError::OutputTooLarge(data.len()))
+    } else {
+        Ok(())
     }
 }
 
@@ -228,8 +235,9 @@ mod tests {
 
     #[test]
     fn relay_fields_are_validated() {
-        assert!(check_output_fd(1).is_ok() && check_output_fd(2).is_ok());
-        assert!(check_output_fd(0).is_err() && check_output_fd(3).is_err());
+        assert!(check_output(1, b"x").is_ok() && check_output(2, &[0; MAX_OUTPUT_DATA]).is_ok());
+        assert!(check_output(0, b"").is_err() && check_output(3, b"").is_err());
+        assert_eq!(check_output(1, &[0; MAX_OUTPUT_DATA + 1]), Err(ProtocolError::OutputTooLarge(MAX_OUTPUT_DATA + 1)));
         assert!(check_signal(15).is_ok() && check_signal(64).is_ok());
         assert!(check_signal(0).is_err() && check_signal(65).is_err() && check_signal(-9).is_err());
     }

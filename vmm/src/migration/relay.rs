@@ -6,18 +6,22 @@
 //! deputy itself when the process runs at home again. A remote home link
 //! that breaks is re-attached for a while; a process whose home cannot be
 //! reached any more is killed (its parent and terminal are gone).
+//!
+//! Requests from the home wait in a queue of
+//! [`MAX_PENDING_REQUESTS`](deputy::MAX_PENDING_REQUESTS); while it is full
+//! (a slow move home, say), the home link is not read and its sender waits.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use pmivmm_proto::{ExecEvent, ExecOutput, ExitStatus};
 
-use super::deputy::{DeputyHandle, HostId, RelayEvent, ToHost};
+use super::deputy::{self, DeputyHandle, HostId, RelayEvent, ToHost};
 use super::link::{self, SyncReader, SyncWriter};
-use super::protocol::{check_signal, HomeRef, PeerMsg};
+use super::protocol::{check_signal, HomeRef, PeerMsg, MAX_OUTPUT_DATA};
 use super::{source, Error, MigrationNode};
 use crate::devices::lock;
 
@@ -126,7 +130,7 @@ pub fn start(node: &Arc<MigrationNode>, pid: u32, home: HomeRef, session: Sessio
     let moving_away = Arc::new(AtomicBool::new(false));
     let handle = RelayHandle { home: home.clone(), arrived: Instant::now(), moving_away: moving_away.clone() };
     lock(&node.relays).insert(pid, handle);
-    let (signals_tx, signals_rx) = mpsc::channel();
+    let (signals_tx, signals_rx) = mpsc::sync_channel(deputy::MAX_PENDING_REQUESTS);
     let sink = match link {
         Some(HomeLink::Local(deputy)) => {
             let host = deputy.attach_local(signals_tx);
@@ -169,13 +173,13 @@ fn relay_output(
                 break ExitStatus::Signal { signal: libc::SIGKILL, core_dumped: false };
             }
         };
-        let (msg, data) = match event {
-            ExecEvent::Stdout(d) => (PeerMsg::Output { fd: 1 }, d),
-            ExecEvent::Stderr(d) => (PeerMsg::Output { fd: 2 }, d),
+        let (fd, data) = match event {
+            ExecEvent::Stdout(d) => (1, d),
+            ExecEvent::Stderr(d) => (2, d),
             ExecEvent::Exited(status) => break status,
         };
         if home_ok {
-            if let Err(e) = sink.send(msg, data) {
+            if let Err(e) = output_pieces(data).into_iter().try_for_each(|d| sink.send(PeerMsg::Output { fd }, d)) {
                 tracing::warn!("migrated PID {pid}: output lost, home link: {e}");
                 home_ok = false;
             }
@@ -189,6 +193,15 @@ fn relay_output(
     }
 }
 
+/// `data` in the pieces a deputy accepts: [`MAX_OUTPUT_DATA`] bytes at most
+/// (what the agent reads from a pipe at once).
+fn output_pieces(data: Vec<u8>) -> Vec<Vec<u8>> {
+    if data.len() <= MAX_OUTPUT_DATA {
+        return vec![data];
+    }
+    data.chunks(MAX_OUTPUT_DATA).map(<[u8]>::to_vec).collect()
+}
+
 /// Reads signals from a remote home link (attaching first without one);
 /// re-attaches when it breaks, and kills the process when its home is gone
 /// for good.
@@ -198,7 +211,7 @@ fn spawn_home_reader(
     home: HomeRef,
     mut rx: Option<SyncReader>,
     writer: Arc<Mutex<Option<SyncWriter>>>,
-    signals: Sender<ToHost>,
+    signals: SyncSender<ToHost>,
 ) {
     let run = move || loop {
         let received = match rx.as_mut() {
@@ -277,5 +290,19 @@ fn spawn_requests(node: Arc<MigrationNode>, pid: u32, home: HomeRef, requests: R
     };
     if let Err(e) = thread::Builder::new().name(format!("requests-{pid}")).spawn(run) {
         tracing::error!("cannot start the request handler of PID {pid}: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_goes_home_in_pieces_a_deputy_accepts() {
+        assert_eq!(output_pieces(b"tick\n".to_vec()), vec![b"tick\n".to_vec()]);
+        let big: Vec<u8> = (0..MAX_OUTPUT_DATA * 2 + 5).map(|i| i as u8).collect();
+        let pieces = output_pieces(big.clone());
+        assert_eq!(pieces.iter().map(Vec::len).collect::<Vec<_>>(), [MAX_OUTPUT_DATA, MAX_OUTPUT_DATA, 5]);
+        assert_eq!(pieces.concat(), big);
     }
 }

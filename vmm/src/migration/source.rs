@@ -26,6 +26,9 @@ const MAX_ROUNDS: usize = 5;
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(900);
 /// How long the target may take to answer an offer.
 pub(super) const ACCEPT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a source whose link failed while sending looks for the target's
+/// reason.
+const REFUSAL_WAIT: Duration = Duration::from_secs(2);
 /// How long the source tries to learn the outcome of a migration whose link
 /// broke after `Commit`.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -174,7 +177,8 @@ fn transfer(
         m.tx.send(&offer(""))?;
         accepted(&mut rx)?;
         loop {
-            let n = m.send_pages(pages.iter().filter(|p| p.kind == PageKind::Data))?;
+            let n =
+                m.send_pages(pages.iter().filter(|p| p.kind == PageKind::Data)).map_err(|e| refusal_or(&mut rx, e))?;
             rounds.push(n);
             if n <= FINAL_ROUND_PAGES as u64 || rounds.len() >= MAX_ROUNDS {
                 break;
@@ -194,12 +198,12 @@ fn transfer(
         accepted(&mut rx)?;
     }
     let data = frames::data_pages(&pages, &image.pages)?;
-    m.tx.send(&PeerMsg::Image { image: image_bytes })?;
+    m.tx.send(&PeerMsg::Image { image: image_bytes }).map_err(|e| refusal_or(&mut rx, e))?;
     // Pages not sent yet, written since, or whose frame changed.
     let final_pages: Vec<&PageRef> =
         data.iter().filter(|p| p.dirty || m.sent.get(&p.vaddr) != Some(&p.pfn)).collect();
-    let frozen_pages = m.send_pages(final_pages.into_iter())?;
-    m.tx.send(&PeerMsg::Commit)?;
+    let frozen_pages = m.send_pages(final_pages.into_iter()).map_err(|e| refusal_or(&mut rx, e))?;
+    m.tx.send(&PeerMsg::Commit).map_err(|e| refusal_or(&mut rx, e))?;
     let bytes_sent = m.bytes;
     let committed = Instant::now();
 
@@ -237,6 +241,19 @@ fn accepted(rx: &mut SyncReader) -> Result<(), Error> {
         (PeerMsg::Accepted, _) => Ok(()),
         (PeerMsg::Refused { reason }, _) => Err(Error::Refused(reason)),
         (other, _) => Err(Error::unexpected("Accepted", &other)),
+    }
+}
+
+/// Why sending to the target failed: its `Refused` if it sent one before it
+/// closed the link (it refuses pages while they arrive when other incoming
+/// migrations hold its page budget), else the error itself.
+fn refusal_or(rx: &mut SyncReader, e: Error) -> Error {
+    if !matches!(e, Error::Link(_) | Error::PeerClosed) {
+        return e;
+    }
+    match rx.recv(REFUSAL_WAIT) {
+        Ok(Some((PeerMsg::Refused { reason }, _))) => Error::Refused(reason),
+        _ => e,
     }
 }
 

@@ -15,7 +15,7 @@ use vm_memory::GuestMemoryMmap;
 
 use super::link::{SyncReader, SyncWriter};
 use super::pages::PageStore;
-use super::protocol::{check_pages, Offer, PeerMsg};
+use super::protocol::{check_pages, Offer, PeerMsg, PAGES_PER_BATCH};
 use super::{relay, Error, MigrationNode};
 use crate::checkpoint::frames;
 
@@ -180,10 +180,13 @@ fn run(
     if node.cluster.is_blocked() {
         return Err(Error::Blocked(node.name.clone()));
     }
+    // Other incoming migrations may leave too little room for this one's
+    // pages: refused before the source sends any.
+    node.page_budget.check_room(PAGES_PER_BATCH)?;
     fault_point(node, "offer", tx)?;
     tx.send(&PeerMsg::Accepted)?;
     let limit = crate::guest_ram::ram_frames(&node.memory) as usize;
-    let mut store = PageStore::new(limit);
+    let mut store = PageStore::new(limit, node.page_budget.clone());
     let mut prepared = None;
     loop {
         let (msg, data) = rx.expect(IDLE_TIMEOUT)?;
