@@ -96,6 +96,9 @@ pub struct PeerConfig {
     pub cluster_key: PathBuf,
     /// Peer addresses of cluster members to join through.
     pub join: Vec<String>,
+    /// The multicast group to send discovery beacons to and hear other
+    /// nodes' on; None: no discovery.
+    pub discover: Option<std::net::SocketAddrV4>,
     /// Send processes to less-loaded nodes automatically.
     pub balance: bool,
 }

@@ -4,10 +4,12 @@
 //! Each node `labI` (I = 1..N) runs in its own network namespace
 //! `pmivmm-lab-nI`, whose `eth0` (10.77.0.(10+I)/24) is one end of a veth
 //! pair; the host end `pmlabI` is a port of the bridge `pmivmm-lab0`
-//! (10.77.0.1/24 on the host). Every node listens for peers on
-//! 10.77.0.(10+I):7000 and all but lab1 join lab1, so they form one cluster
-//! whose gossip and migrations cross real (virtual) links. Nothing is routed
-//! or NATed out of 10.77.0.0/24.
+//! (10.77.0.1/24 on the host, multicast snooping off: every port gets the
+//! discovery beacons). Every node listens for peers on 10.77.0.(10+I):7000
+//! and finds the others by their multicast beacons on the bridge
+//! (`--discover`, no `--join`), so they form one cluster whose discovery,
+//! gossip and migrations cross real (virtual) links. Nothing is routed or
+//! NATed out of 10.77.0.0/24.
 //!
 //! The run directories are not per namespace (`ip netns exec` keeps the
 //! host's /run), so `pmivmm exec/ps/cluster --node labI` work from the host.
@@ -52,8 +54,9 @@ const STOP_GRACE: Duration = Duration::from_secs(10);
 #[derive(Debug, clap::Subcommand)]
 pub enum LabCommand {
     /// Start N node VMs (1-8) on this machine, each in its own network
-    /// namespace on the bridge pmivmm-lab0 (10.77.0.0/24), joined into one
-    /// cluster; waits until all are ready (root only).
+    /// namespace on the bridge pmivmm-lab0 (10.77.0.0/24), that find each
+    /// other by multicast discovery and form one cluster; waits until all
+    /// are ready (root only).
     Up {
         /// Number of nodes: lab1 .. labN.
         #[arg(value_name = "N")]
@@ -163,7 +166,7 @@ fn args(words: &[&str]) -> Vec<String> {
 pub fn up_commands(n: u32) -> Vec<Vec<String>> {
     let host = format!("{HOST_ADDR}/{PREFIX_LEN}");
     let mut cmds = vec![
-        args(&["link", "add", BRIDGE, "type", "bridge"]),
+        args(&["link", "add", BRIDGE, "type", "bridge", "mcast_snooping", "0"]),
         args(&["addr", "add", &host, "dev", BRIDGE]),
         args(&["link", "set", BRIDGE, "up"]),
     ];
@@ -262,9 +265,7 @@ pub fn node_command(exe: &Path, node: LabNode, mem_mib: u64, share: Option<&Path
     let mut argv: Vec<OsString> = vec!["netns".into(), "exec".into(), node.netns().into(), exe.into()];
     let mut push = |words: &[&str]| argv.extend(words.iter().map(OsString::from));
     push(&["--node", "--name", &node.name(), "--mem", &format!("{mem_mib}M"), "--listen", &node.peer_addr()]);
-    if node.0 > 1 {
-        push(&["--join", &LabNode(1).peer_addr()]);
-    }
+    push(&["--discover"]);
     argv.push("--console".into());
     argv.push(console_file(log_dir, node).into());
     // Explicit either way: the node's own default would be the directory `ip` runs it in.
@@ -738,7 +739,7 @@ mod tests {
         assert_eq!(
             cmds,
             [
-                "link add pmivmm-lab0 type bridge",
+                "link add pmivmm-lab0 type bridge mcast_snooping 0",
                 "addr add 10.77.0.1/24 dev pmivmm-lab0",
                 "link set pmivmm-lab0 up",
                 "netns add pmivmm-lab-n1",
@@ -851,12 +852,12 @@ mod tests {
         assert_eq!(
             s(node_command(exe, LabNode(1), 256, None, logs)),
             "netns exec pmivmm-lab-n1 /usr/bin/pmivmm --node --name lab1 --mem 256M --listen 10.77.0.11:7000 \
-             --console /run/pmivmm/.lab/lab1.console --no-share"
+             --discover --console /run/pmivmm/.lab/lab1.console --no-share"
         );
         assert_eq!(
             s(node_command(exe, LabNode(3), 512, Some(Path::new("/srv/share")), logs)),
             "netns exec pmivmm-lab-n3 /usr/bin/pmivmm --node --name lab3 --mem 512M --listen 10.77.0.13:7000 \
-             --join 10.77.0.11:7000 --console /run/pmivmm/.lab/lab3.console --share /srv/share"
+             --discover --console /run/pmivmm/.lab/lab3.console --share /srv/share"
         );
         assert_eq!(log_file(logs, LabNode(2)), Path::new("/run/pmivmm/.lab/lab2.log"));
         // The log directory is no node name, so `pmivmm nodes` skips it.

@@ -376,6 +376,18 @@ struct NodeArgs {
     /// node learns all other members from it.
     #[arg(long, value_name = "HOST:PORT")]
     join: Vec<String>,
+    /// Find the other nodes on the network of the --listen address (which
+    /// must name this node's IPv4 address there, or 127.0.0.1 for the nodes
+    /// of this host) by multicast beacons to GROUP:PORT (239.77.0.1:7001
+    /// unless given), authenticated with the cluster key, and join them.
+    #[arg(
+        long,
+        value_name = "GROUP:PORT",
+        num_args = 0..=1,
+        default_missing_value = pmivmm::cluster::discovery::DEFAULT_GROUP,
+        value_parser = pmivmm::cluster::discovery::parse_group
+    )]
+    discover: Option<std::net::SocketAddrV4>,
     /// Do not send processes to less-loaded nodes automatically (they can
     /// still be migrated by hand, and arrive from other nodes).
     #[arg(long)]
@@ -431,6 +443,7 @@ impl NodeArgs {
                 listen: self.listen,
                 cluster_key: self.cluster_key.unwrap_or_else(pmivmm::rundir::default_cluster_key),
                 join: self.join,
+                discover: self.discover,
                 balance: !self.no_balance,
             },
             seccomp: match self.seccomp {

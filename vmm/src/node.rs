@@ -20,6 +20,7 @@ use crate::rundir::NodePaths;
 use crate::devices::lock;
 use crate::devices::serial::{ConsoleEvents, ConsoleSink, SerialDevice};
 use crate::vcpu::{self, StopCause, StopRequest, Vcpu, VmExit};
+use crate::cluster::discovery::Discovery;
 use crate::cluster::{self, ClusterState};
 use crate::migration::{self, MigrationNode};
 use crate::peer::ClusterKey;
@@ -203,7 +204,9 @@ fn start_peer_listener(
     let listener = std::net::TcpListener::bind(&config.peer.listen)
         .with_context(|| format!("cannot listen for peers on {}", config.peer.listen))?;
     listener.set_nonblocking(true).context("peer listener")?;
-    let addr = listener.local_addr().context("peer listener")?.to_string();
+    let local = listener.local_addr().context("peer listener")?;
+    let discovery = config.peer.discover.map(|group| Discovery::open(group, local)).transpose()?;
+    let addr = local.to_string();
     std::fs::write(paths.peer_addr(), format!("{addr}\n"))
         .with_context(|| format!("cannot write {}", paths.peer_addr().display()))?;
     let fingerprint = key.fingerprint();
@@ -223,6 +226,9 @@ fn start_peer_listener(
     };
     runtime.spawn(migration::server::serve(listener, migration.clone()));
     cluster::gossip::start(migration.clone()).context("cannot start the cluster loop")?;
+    if let Some(discovery) = discovery {
+        discovery.start(migration.clone()).context("cannot start discovery")?;
+    }
     tracing::info!(node = %config.name, "listening for peers on {addr} (cluster key {fingerprint})");
     Ok((runtime, migration))
 }

@@ -1,8 +1,8 @@
 //! The node's cluster loops: every [`ROUND`] it bumps its heartbeat and
 //! exchanges tables (with its last known load) with every known member (and
-//! the `--join` seeds) over short peer links (push-pull); another loop reads
-//! the load from its agent and, every [`BALANCE_EVERY`] polls, lets its
-//! balancer send one process away.
+//! the `--join` and discovered seeds) over short peer links (push-pull);
+//! another loop reads the load from its agent and, every [`BALANCE_EVERY`]
+//! polls, lets its balancer send one process away.
 //!
 //! Why not a gossip crate (chitchat, foca): both speak their own UDP
 //! protocols without our cluster-key authentication; clusters here are a
@@ -72,7 +72,7 @@ fn poll_and_balance(node: &Arc<MigrationNode>) {
         let cluster = &node.cluster;
         // A node alone does not ask its agent (guest kernel time is precious
         // on emulated hosts).
-        let alone = cluster.seeds.is_empty() && lock(&cluster.table).peers().is_empty();
+        let alone = cluster.seeds(Instant::now()).is_empty() && lock(&cluster.table).peers().is_empty();
         let load = match alone {
             true => None,
             false => agent.ask(node, |a| a.load()).map(|i| node_load(&i)),
@@ -128,9 +128,9 @@ fn exchange(node: &Arc<MigrationNode>) {
         let table = lock(&node.cluster.table);
         (table.gossip(Instant::now()), table.peers().into_iter().map(|(_, addr)| addr).collect::<Vec<_>>())
     };
-    for seed in &node.cluster.seeds {
-        if !peers.contains(seed) && *seed != node.addr {
-            peers.push(seed.clone());
+    for seed in node.cluster.seeds(Instant::now()) {
+        if !peers.contains(&seed) && seed != node.addr {
+            peers.push(seed);
         }
     }
     for addr in peers {

@@ -111,8 +111,15 @@ impl ClusterKey {
     /// the same fingerprint exactly when they hold the same key (up to
     /// 32-bit collisions).
     pub fn fingerprint(&self) -> String {
-        let hash = blake3::derive_key("pmivmm cluster key fingerprint v1", &self.0);
-        hex(&hash[..4])
+        hex(&self.derive("pmivmm cluster key fingerprint v1")[..4])
+    }
+
+    /// A key for one use of the cluster key other than the peer link's (the
+    /// multicast discovery beacons): BLAKE3 in derive-key mode, `context`
+    /// naming the use, so that neither reveals anything of the other or of
+    /// the cluster key.
+    pub fn derive(&self, context: &str) -> [u8; KEY_LEN] {
+        blake3::derive_key(context, &self.0)
     }
 
     pub(super) fn as_bytes(&self) -> &[u8; KEY_LEN] {
