@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use pmivmm_proto::{ClientError, LoadInfo, Migratability, MigrationObstacle};
 
 use super::balancer::{self, History, Policy};
-use super::membership::NodeLoad;
+use super::membership::{LoadSamples, NodeLoad};
 use super::InFlight;
 use crate::devices::lock;
 use crate::migration::protocol::PeerMsg;
@@ -66,6 +66,7 @@ fn poll_and_balance(node: &Arc<MigrationNode>) {
     let mut history = History::default();
     let policy = Policy::default();
     let mut agent = AgentLink::default();
+    let mut samples = LoadSamples::default();
     let mut round: u32 = 0;
     loop {
         let started = Instant::now();
@@ -75,7 +76,7 @@ fn poll_and_balance(node: &Arc<MigrationNode>) {
         let alone = cluster.seeds(Instant::now()).is_empty() && lock(&cluster.table).peers().is_empty();
         let load = match alone {
             true => None,
-            false => agent.ask(node, |a| a.load()).map(|i| node_load(&i)),
+            false => agent.ask(node, |a| a.load()).map(|i| samples.push(node_load(&i))),
         };
         if let Some(load) = load {
             *lock(&cluster.load) = load;

@@ -30,6 +30,28 @@ pub struct NodeLoad {
     pub mem_free_mib: u64,
 }
 
+/// How many load samples [`LoadSamples`] keeps: 2 s at the balancer's pace.
+const LOAD_SAMPLES: usize = 4;
+
+/// A node's recent loads. The runnable count it gossips is the least of the
+/// last [`LOAD_SAMPLES`]: /proc/loadavg also counts whatever agent threads
+/// happen to run (answering the poll, relaying a migrated process's
+/// output), which a CPU-bound job set would then see as one more job on an
+/// idle node and never send it anything; jobs are runnable in every sample.
+#[derive(Default)]
+pub struct LoadSamples(std::collections::VecDeque<u32>);
+
+impl LoadSamples {
+    /// Adds `load`'s sample; returns `load` with the smoothed count.
+    pub fn push(&mut self, load: NodeLoad) -> NodeLoad {
+        if self.0.len() == LOAD_SAMPLES {
+            self.0.pop_front();
+        }
+        self.0.push_back(load.runnable);
+        NodeLoad { runnable: self.0.iter().copied().min().unwrap_or(load.runnable), ..load }
+    }
+}
+
 /// One node, as gossiped.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Member {
@@ -230,5 +252,18 @@ mod tests {
         assert!(matches!(m.merge(&[bad], t0), Err(TableError::Addr(_))));
         let many: Vec<Member> = (0..=MAX_MEMBERS).map(|i| member(&format!("n{i}"), 1, 0)).collect();
         assert!(matches!(m.merge(&many, t0), Err(TableError::TooLarge(_))));
+    }
+
+    #[test]
+    fn load_samples_keep_the_least_recent_runnable_count() {
+        let mut samples = LoadSamples::default();
+        let load = |runnable| NodeLoad { runnable, cpus: 1, mem_free_mib: 100 };
+        assert_eq!(samples.push(load(2)).runnable, 2);
+        assert_eq!(samples.push(load(1)).runnable, 1);
+        for _ in 0..LOAD_SAMPLES - 1 {
+            assert_eq!(samples.push(load(3)).runnable, 1);
+        }
+        // The 1 has left the window.
+        assert_eq!(samples.push(load(3)), load(3));
     }
 }
