@@ -9,6 +9,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
@@ -44,6 +45,15 @@ const CHUNK: usize = 64 << 10;
 /// After the process has exited, at most this many more rounds of output
 /// (from children still holding its pipes) are forwarded.
 const ROUNDS_AFTER_EXIT: u32 = 16;
+
+/// Output goes out at most once per interval while the process runs; what
+/// it writes meanwhile gathers in the pipe and goes out in one message. A
+/// message costs the emulated guest kernel far more than its bytes (vsock
+/// packets, wake-ups; for a migrated process also the relay and the
+/// deputy's write at home): a job printing a line every 0.1 s kept both
+/// nodes' vCPUs busy with its output. A line after a quiet spell goes out
+/// at once.
+const MIN_SEND_INTERVAL: Duration = Duration::from_millis(250);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {
@@ -300,9 +310,13 @@ fn forward_output<W: Write>(
         ExitWatch::AlreadyExited | ExitWatch::PipesOnly => None,
     };
     let mut buf = vec![0u8; CHUNK];
+    let mut last_sent: Option<Instant> = None;
     while pipes.iter().any(Option::is_some)
         && rounds_after_exit.is_none_or(|r| r < ROUNDS_AFTER_EXIT)
     {
+        if let (Some(sent), None) = (last_sent, rounds_after_exit) {
+            std::thread::sleep(MIN_SEND_INTERVAL.saturating_sub(sent.elapsed()));
+        }
         let mut ready = Vec::with_capacity(3);
         {
             let mut which = Vec::with_capacity(3);
@@ -346,6 +360,7 @@ fn forward_output<W: Write>(
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Ok(0) | Err(_) => pipes[i] = None,
                 Ok(n) => {
+                    last_sent = Some(Instant::now());
                     let data = buf[..n].to_vec();
                     sink.send(&if i == 0 {
                         Response::Stdout(data)

@@ -99,6 +99,18 @@ fn workload(name: &str, args: &[&str]) -> ExecRequest {
     migratable(&argv)
 }
 
+/// Reads more of an exec's stdout into `out` unless it holds `text`
+/// already (output comes in chunks of several lines).
+fn read_more<R: std::io::Read, W: std::io::Write>(
+    session: &mut pmivmm_proto::ExecSession<R, W>,
+    out: &mut String,
+    text: &str,
+) {
+    if !out.contains(text) {
+        *out += &read_until(session, text);
+    }
+}
+
 /// Reads an exec's events until its stdout contains `text`; returns the
 /// stdout read.
 fn read_until<R: std::io::Read, W: std::io::Write>(
@@ -658,7 +670,7 @@ fn precopy_rounds_pass_the_running_process_its_signals() {
     let first = c.precopy_round(pid, true, true).unwrap();
     assert!(!first.listed.is_empty() && first.listed.iter().all(|p| p.dirty));
     assert_ne!(tracer_pid(pid), Some(0), "not seized");
-    out += &read_until(&mut session, "iter 12 ");
+    read_more(&mut session, &mut out, "iter 12 ");
     let second = c.precopy_round(pid, false, true).unwrap();
     assert!(
         !second.listed.is_empty(),
@@ -685,7 +697,7 @@ fn precopy_rounds_pass_the_running_process_its_signals() {
             ..
         })
     ));
-    out += &read_until(&mut session, "iter 20 ");
+    read_more(&mut session, &mut out, "iter 20 ");
 
     let (_, pages) = c.checkpoint(pid, true).unwrap();
     assert!(!pages.listed.is_empty());
@@ -745,7 +757,7 @@ fn restored_process_streams_its_output_on_the_restoring_connection() {
     let read = |vaddr| read_page(&mem, vaddr);
     let mut copies = common::PageCopies::default();
     copies.round(&c.precopy_round(pid, true, true).unwrap(), read);
-    out += &read_until(&mut session, "iter 10 ");
+    read_more(&mut session, &mut out, "iter 10 ");
     copies.round(&c.precopy_round(pid, false, true).unwrap(), read);
     let (image_bytes, pages) = c.checkpoint(pid, true).unwrap();
     let image = ProcessImage::from_bytes(&image_bytes).unwrap();
