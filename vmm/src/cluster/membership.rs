@@ -30,8 +30,8 @@ pub struct NodeLoad {
     pub mem_free_mib: u64,
 }
 
-/// How many load samples [`LoadSamples`] keeps: 2 s at the balancer's pace.
-const LOAD_SAMPLES: usize = 4;
+/// How many load samples [`LoadSamples`] keeps (4 s at the balancer's pace).
+const LOAD_SAMPLES: usize = 2;
 
 /// A node's recent loads. The runnable count it gossips is the least of the
 /// last [`LOAD_SAMPLES`]: /proc/loadavg also counts whatever agent threads
