@@ -1,5 +1,6 @@
 //! The node's load: /proc/loadavg (load averages, runnable and total
-//! tasks), /proc/meminfo and the online CPU count.
+//! tasks; the agent's own running threads are not counted), /proc/meminfo
+//! and the online CPU count.
 
 use std::io;
 use std::path::Path;
@@ -29,6 +30,8 @@ pub fn load() -> Result<LoadInfo, LoadError> {
         file: "/proc/loadavg",
         text: loadavg.clone(),
     })?;
+    // The agent's own running threads (this one at least) are no load.
+    info.runnable_tasks = info.runnable_tasks.saturating_sub(own_running_threads(&mut buf));
     (info.mem_total_bytes, info.mem_free_bytes, info.mem_available_bytes) = memory(&mut buf)?;
     info.cpus = online_cpus();
     Ok(info)
@@ -65,6 +68,24 @@ fn memory(buf: &mut Vec<u8>) -> Result<(u64, u64, u64), LoadError> {
     Ok(memory)
 }
 
+/// How many of the agent's threads are running or runnable (state `R` in
+/// /proc/self/task/TID/stat); at least 1, the caller.
+fn own_running_threads(buf: &mut Vec<u8>) -> u32 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return 1 };
+    let running = tasks
+        .flatten()
+        .filter(|task| {
+            read_into(&task.path().join("stat"), buf).is_ok() && stat_state(&String::from_utf8_lossy(buf)) == Some('R')
+        })
+        .count() as u32;
+    running.max(1)
+}
+
+/// The state letter of a /proc stat line (after the comm's last `)`).
+fn stat_state(stat: &str) -> Option<char> {
+    stat[stat.rfind(')')? + 1..].trim_start().chars().next()
+}
+
 /// The online CPU count, read once (sysconf reads a sysfs file each time,
 /// and a node's CPUs do not change).
 fn online_cpus() -> u32 {
@@ -99,6 +120,15 @@ fn parse_loadavg(text: &str) -> Option<LoadInfo> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_the_state_of_a_stat_line() {
+        assert_eq!(stat_state("17 (connection) R 1 1 0"), Some('R'));
+        assert_eq!(stat_state("18 (a) b) S 1"), Some('S'));
+        assert_eq!(stat_state("garbage"), None);
+        // This test's own thread runs.
+        assert!(own_running_threads(&mut Vec::new()) >= 1);
+    }
 
     #[test]
     fn parses_loadavg() {

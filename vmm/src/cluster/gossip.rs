@@ -37,8 +37,7 @@ const GOSSIP_TIMEOUT: Duration = Duration::from_secs(1);
 
 fn node_load(info: &LoadInfo) -> NodeLoad {
     NodeLoad {
-        // The agent's own thread reading /proc/loadavg is runnable too.
-        runnable: info.runnable_tasks.saturating_sub(1),
+        runnable: info.runnable_tasks,
         cpus: info.cpus,
         mem_free_mib: info.mem_available_bytes >> 20,
     }

@@ -34,10 +34,10 @@ pub struct NodeLoad {
 const LOAD_SAMPLES: usize = 2;
 
 /// A node's recent loads. The runnable count it gossips is the least of the
-/// last [`LOAD_SAMPLES`]: /proc/loadavg also counts whatever agent threads
-/// happen to run (answering the poll, relaying a migrated process's
-/// output), which a CPU-bound job set would then see as one more job on an
-/// idle node and never send it anything; jobs are runnable in every sample.
+/// last [`LOAD_SAMPLES`]: a kernel thread that happens to run (vsock
+/// packets, a migration's page faults) is counted too, and a CPU-bound job
+/// set would see it as one more job on an idle node and send it nothing;
+/// jobs are runnable in every sample.
 #[derive(Default)]
 pub struct LoadSamples(std::collections::VecDeque<u32>);
 
