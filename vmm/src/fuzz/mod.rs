@@ -1,8 +1,8 @@
 //! Fuzz targets for every decoder that sees untrusted bytes: from peers
 //! ([`frame`]: sealed frames tampered with on the wire; [`peer`]: the
 //! messages in them), from the guest agent and towards it ([`agent`]), from a
-//! hostile guest driver ([`mmio`], [`vsock`], [`p9`]) and from disk
-//! ([`checkpoint`]).
+//! hostile guest driver ([`mmio`], [`vsock`], [`p9`]), from disk
+//! ([`checkpoint`]) and from anyone on the lab network ([`beacon`]).
 //!
 //! Each target is a `run_one(&[u8]) -> String` that must not panic, must
 //! not allocate more than [`MAX_ALLOC`] at once, and touches guest memory
@@ -14,6 +14,7 @@
 
 pub mod alloc;
 mod agent;
+mod beacon;
 mod checkpoint;
 pub mod command;
 mod frame;
@@ -85,6 +86,12 @@ pub const TARGETS: &[Target] = &[
         what: "checkpoint directories (descriptor, image, page file) read from disk",
         run_one: checkpoint::run_one,
         seeds: checkpoint::seeds,
+    },
+    Target {
+        name: "beacon",
+        what: "discovery beacons (UDP multicast datagrams) checked with the cluster's beacon key",
+        run_one: beacon::run_one,
+        seeds: beacon::seeds,
     },
 ];
 

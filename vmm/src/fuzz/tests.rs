@@ -8,7 +8,7 @@ use super::*;
 
 /// Inputs per target: a few seconds each in a release build.
 const CI_EXECS: &[(&str, u64)] =
-    &[("peer", 300_000), ("frame", 10_000), ("agent", 100_000), ("vsock", 20_000), ("mmio", 50_000), ("p9", 6_000), ("checkpoint", 40_000)];
+    &[("peer", 300_000), ("frame", 10_000), ("agent", 100_000), ("vsock", 20_000), ("mmio", 50_000), ("p9", 6_000), ("checkpoint", 40_000), ("beacon", 200_000)];
 const CI_SEED: u64 = 0x00c1_5eed;
 
 fn ci_run(name: &str) {
@@ -68,4 +68,9 @@ fn every_target_runs_in_ci() {
     for t in TARGETS {
         assert!(CI_EXECS.iter().any(|(n, _)| *n == t.name), "{} has no CI budget", t.name);
     }
+}
+
+#[test]
+fn fuzz_beacon() {
+    ci_run("beacon");
 }
