@@ -2,7 +2,7 @@
 //! client closes.
 
 use std::io;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -18,6 +18,9 @@ use crate::ps::list_processes;
 use crate::server::Stream;
 use crate::sink::ResponseSink;
 use crate::spawn::SpawnError;
+
+/// How long a `Poweroff` waits for its client to close the connection.
+const POWER_OFF_WAIT: Duration = Duration::from_secs(2);
 
 /// What requests do to the node beyond the agent's own work.
 #[derive(Clone, Copy)]
@@ -108,10 +111,21 @@ impl<S: Stream> Connection<S> {
                 self.sink.send(&reply)?;
             }
             if self.power_off_requested {
+                self.await_close(POWER_OFF_WAIT);
                 (self.actions.power_off)();
             }
         }
         Ok(())
+    }
+
+    /// Waits (at most `limit`) until the client closes the connection: a
+    /// reply sent just before the node powers off must reach it first (the
+    /// reset drops vsock packets the guest has not sent yet, and the agent
+    /// runs ahead of the kernel thread that sends them).
+    fn await_close(&mut self, limit: Duration) {
+        let mut fds = [PollFd::new(self.reader.as_fd(), PollFlags::POLLIN)];
+        let timeout = PollTimeout::try_from(limit.as_millis()).unwrap_or(PollTimeout::MAX);
+        let _ = poll(&mut fds, timeout);
     }
 
     /// Waits until the next request can be read, tending meanwhile what
