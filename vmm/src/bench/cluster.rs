@@ -21,8 +21,8 @@ pub struct ClusterBench {
 }
 
 /// Runs the job set; returns the wall time, the time until the balancer
-/// first sent a job away, and the jobs' last output lines.
-fn job_set(paths: &NodePaths, b: &ClusterBench) -> anyhow::Result<(Duration, Option<Duration>, Vec<String>)> {
+/// first sent a job away, how many it sent, and the jobs' last output lines.
+fn job_set(paths: &NodePaths, b: &ClusterBench) -> anyhow::Result<(Duration, Option<Duration>, u64, Vec<String>)> {
     let start = Instant::now();
     let mut sessions = Vec::new();
     for _ in 0..b.jobs {
@@ -43,13 +43,14 @@ fn job_set(paths: &NodePaths, b: &ClusterBench) -> anyhow::Result<(Duration, Opt
         std::thread::sleep(Duration::from_millis(250));
     }
     let wall = start.elapsed();
+    let moved = control::cluster(&paths.control())?.auto_migrations - before;
     let mut results = Vec::new();
     for w in waiters {
         let out = w.join().map_err(|_| anyhow::anyhow!("a job waiter panicked"))??;
         anyhow::ensure!(out.status == ExitStatus::Code(0), "a job failed: {}", out.status);
         results.push(String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or_default().to_owned());
     }
-    Ok((wall, first_move, results))
+    Ok((wall, first_move, moved, results))
 }
 
 pub fn run(b: &ClusterBench) -> anyhow::Result<()> {
@@ -63,9 +64,7 @@ pub fn run(b: &ClusterBench) -> anyhow::Result<()> {
     for on in [false, true] {
         control::control(&paths.control(), ClusterAction::Balance { on })?;
         eprintln!("bench cluster: {} jobs of {} units on {}, balancing {}...", b.jobs, b.units, b.node, if on { "on" } else { "off" });
-        let before = control::cluster(&paths.control())?.auto_migrations;
-        let (wall, first, results) = job_set(&paths, b).with_context(|| format!("job set on {}", b.node))?;
-        let moved = control::cluster(&paths.control())?.auto_migrations - before;
+        let (wall, first, moved, results) = job_set(&paths, b).with_context(|| format!("job set on {}", b.node))?;
         match &reference {
             Some(r) => anyhow::ensure!(*r == results, "results differ between the runs"),
             None => reference = Some(results),
