@@ -66,26 +66,8 @@ pub fn spawn(prog: &Program<'_>) -> Result<i32, SpawnError> {
     if let Some(cwd) = &cwd {
         actions.chdir(cwd).map_err(fail)?;
     }
-    let attr = Attributes::new().map_err(fail)?;
-    let argv_ptrs = null_terminated(&argv);
-    let env_ptrs = null_terminated(&env);
-    let mut pid = 0;
-    // SAFETY: every pointer is valid for the call: path and the NULL
-    // terminated argv/env arrays point into CStrings that outlive it, and
-    // actions/attr are initialised objects owned by this frame.
-    let rc = unsafe {
-        libc::posix_spawn(
-            &mut pid,
-            path.as_ptr(),
-            &actions.0,
-            &attr.0,
-            argv_ptrs.as_ptr(),
-            env_ptrs.as_ptr(),
-        )
-    };
-    if rc != 0 {
-        return Err(fail(Errno::from_raw(rc)));
-    }
+    let attr = Attributes::new(&Signals::Program).map_err(fail)?;
+    let pid = posix_spawn(&path, &argv, &env, &actions, &attr).map_err(fail)?;
     // posix_spawn cannot set a nice value: the program starts at the
     // agent's and is put back at once (it may have exited already).
     if let Err(e) = priority::set_nice(pid, 0) {
@@ -148,6 +130,35 @@ fn cstring(s: String) -> Result<CString, SpawnError> {
         .map_err(|e| SpawnError::Nul(String::from_utf8_lossy(&e.into_vec()).into_owned()))
 }
 
+/// `posix_spawn(3)`: starts `path` with `argv` and the complete
+/// environment `env`. Returns the child's PID.
+pub(crate) fn posix_spawn(
+    path: &CStr,
+    argv: &[CString],
+    env: &[CString],
+    actions: &FileActions,
+    attr: &Attributes,
+) -> Result<i32, Errno> {
+    let argv_ptrs = null_terminated(argv);
+    let env_ptrs = null_terminated(env);
+    let mut pid = 0;
+    // SAFETY: every pointer is valid for the call: path and the NULL
+    // terminated argv/env arrays point into CStrings that outlive it, and
+    // actions/attr are initialised objects owned by the caller.
+    let rc = unsafe {
+        libc::posix_spawn(
+            &mut pid,
+            path.as_ptr(),
+            &actions.0,
+            &attr.0,
+            argv_ptrs.as_ptr(),
+            env_ptrs.as_ptr(),
+        )
+    };
+    check(rc)?;
+    Ok(pid)
+}
+
 fn null_terminated(strings: &[CString]) -> Vec<*mut libc::c_char> {
     strings
         .iter()
@@ -164,10 +175,10 @@ fn check(rc: libc::c_int) -> Result<(), Errno> {
 }
 
 /// An initialised `posix_spawn_file_actions_t`.
-struct FileActions(libc::posix_spawn_file_actions_t);
+pub(crate) struct FileActions(libc::posix_spawn_file_actions_t);
 
 impl FileActions {
-    fn new() -> Result<Self, Errno> {
+    pub(crate) fn new() -> Result<Self, Errno> {
         // SAFETY: an all-zero value is a valid argument to ..._init, which
         // initialises it.
         let mut actions = FileActions(unsafe { std::mem::zeroed() });
@@ -176,7 +187,7 @@ impl FileActions {
         Ok(actions)
     }
 
-    fn dup2(&mut self, fd: libc::c_int, target: libc::c_int) -> Result<(), Errno> {
+    pub(crate) fn dup2(&mut self, fd: libc::c_int, target: libc::c_int) -> Result<(), Errno> {
         // SAFETY: self.0 is initialised; fds are plain integers here.
         check(unsafe { libc::posix_spawn_file_actions_adddup2(&mut self.0, fd, target) })
     }
@@ -194,31 +205,48 @@ impl Drop for FileActions {
     }
 }
 
-/// An initialised `posix_spawnattr_t`: new session, empty signal mask,
-/// SIGPIPE back to its default (the Rust runtime ignores it in the agent).
-struct Attributes(libc::posix_spawnattr_t);
+/// The signal state a spawned child starts with.
+pub(crate) enum Signals {
+    /// A program the agent runs: leader of a new session, empty signal
+    /// mask, SIGPIPE back to its default (the Rust runtime ignores it in the
+    /// agent; the other dispositions the agent changed are handlers, which
+    /// exec resets).
+    Program,
+    /// The child a restore builds a process in: the agent's session, every
+    /// signal blocked and at its default disposition.
+    Restore,
+}
+
+/// An initialised `posix_spawnattr_t`.
+pub(crate) struct Attributes(libc::posix_spawnattr_t);
 
 impl Attributes {
-    fn new() -> Result<Self, Errno> {
+    pub(crate) fn new(signals: &Signals) -> Result<Self, Errno> {
         // SAFETY: an all-zero value is a valid argument to ..._init.
         let mut attr = Attributes(unsafe { std::mem::zeroed() });
         // SAFETY: a valid pointer to an uninitialised attribute object.
         check(unsafe { libc::posix_spawnattr_init(&mut attr.0) })?;
-        // SAFETY: sigset_t values are written by sigemptyset before use.
-        let mut empty: libc::sigset_t = unsafe { std::mem::zeroed() };
-        // SAFETY: as above.
-        let mut sigpipe: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: sigset_t values are written by sigemptyset/sigfillset
+        // before use.
+        let (mut mask, mut default): (libc::sigset_t, libc::sigset_t) = unsafe { std::mem::zeroed() };
         // SAFETY: valid pointers to local sigsets and to the initialised
         // attribute object; the flags are valid POSIX_SPAWN_* bits.
         unsafe {
-            libc::sigemptyset(&mut empty);
-            libc::sigemptyset(&mut sigpipe);
-            libc::sigaddset(&mut sigpipe, libc::SIGPIPE);
-            check(libc::posix_spawnattr_setsigmask(&mut attr.0, &empty))?;
-            check(libc::posix_spawnattr_setsigdefault(&mut attr.0, &sigpipe))?;
-            let flags = (libc::POSIX_SPAWN_SETSIGMASK | libc::POSIX_SPAWN_SETSIGDEF)
-                as libc::c_short
-                | libc::POSIX_SPAWN_SETSID;
+            let mut flags = (libc::POSIX_SPAWN_SETSIGMASK | libc::POSIX_SPAWN_SETSIGDEF) as libc::c_short;
+            match signals {
+                Signals::Program => {
+                    libc::sigemptyset(&mut mask);
+                    libc::sigemptyset(&mut default);
+                    libc::sigaddset(&mut default, libc::SIGPIPE);
+                    flags |= libc::POSIX_SPAWN_SETSID;
+                }
+                Signals::Restore => {
+                    libc::sigfillset(&mut mask);
+                    libc::sigfillset(&mut default);
+                }
+            }
+            check(libc::posix_spawnattr_setsigmask(&mut attr.0, &mask))?;
+            check(libc::posix_spawnattr_setsigdefault(&mut attr.0, &default))?;
             check(libc::posix_spawnattr_setflags(&mut attr.0, flags))?;
         }
         Ok(attr)

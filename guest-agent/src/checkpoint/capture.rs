@@ -32,7 +32,7 @@ use pmivmm_proto::image::{
 };
 use pmivmm_proto::MigrationObstacle;
 
-use super::inject::{find_syscall_insn, InjectError, Injector};
+use super::inject::{self, find_syscall_insn, InjectError, Injector, Syscall, BATCH_ENTRY_LEN, BATCH_RUNNER};
 use super::pagemap::{tracked, Pagemap, PagemapError};
 use super::pagetables::{MmTables, PageTablesError};
 use super::procfs::{self, MapsEntry, ProcfsError, Stat, Status, PF_KTHREAD};
@@ -99,13 +99,20 @@ const ITIMERVAL_LEN: usize = 32;
 pub const STACK_T_LEN: usize = 24;
 pub const SS_AUTODISARM: u32 = 1 << 31;
 
-/// Where the results of the injected reads go in the scratch page.
-const SCRATCH_SIGACTIONS: u64 = 0;
+/// The scratch area mapped in the process for the injected reads: the
+/// batch runner, its table, then where the results go.
+const SCRATCH_LEN: u64 = 2 * PAGE_SIZE;
+const SCRATCH_RUNNER: u64 = 0;
+const SCRATCH_TABLE: u64 = 64;
+/// Entries: brk, one `rt_sigaction` per caught signal, sigaltstack, three
+/// setitimer.
+const SCRATCH_SIGACTIONS: u64 = SCRATCH_TABLE + (MAX_SIGNAL as u64 + 5) * BATCH_ENTRY_LEN as u64;
 const SCRATCH_ALTSTACK: u64 = SCRATCH_SIGACTIONS + MAX_SIGNAL as u64 * KERNEL_SIGACTION_LEN as u64;
 const SCRATCH_ITIMERS: u64 = SCRATCH_ALTSTACK + STACK_T_LEN as u64;
 /// Never written: the zero `itimerval` that disarms a timer.
 const SCRATCH_ZERO_ITIMER: u64 = SCRATCH_ITIMERS + 3 * ITIMERVAL_LEN as u64;
 const SCRATCH_USED: usize = SCRATCH_ZERO_ITIMER as usize + ITIMERVAL_LEN;
+const _: () = assert!(SCRATCH_USED as u64 <= SCRATCH_LEN && BATCH_RUNNER.len() as u64 <= SCRATCH_TABLE);
 
 /// Freezes `pid` and captures it. Returns the image and every present page
 /// with its frame (the VMM copies the [`PageKind::Data`] ones, in order; they
@@ -347,7 +354,6 @@ fn capture_frozen(
     // delivered half-way; the caller restores the mask.
     tracee.set_sigmask(!0)?;
     let injector = Injector::new(tracee, *regs, syscall_insn(pid, &vmas)?);
-    let brk = injector.call(|| "brk(0)".into(), libc::SYS_brk, &[0])?;
     let injected = with_scratch(&injector, |scratch| {
         read_injected(&injector, scratch, &status)
     })?;
@@ -387,7 +393,7 @@ fn capture_frozen(
             start_data: stat.start_data,
             end_data: stat.end_data,
             start_brk: stat.start_brk,
-            brk,
+            brk: injected.brk,
             start_stack: stat.start_stack,
             arg_start: stat.arg_start,
             arg_end: stat.arg_end,
@@ -674,24 +680,28 @@ fn syscall_insn(pid: i32, vmas: &[Vma]) -> Result<u64, CheckpointError> {
     Err(CheckpointError::NoSyscallInsn { pid })
 }
 
-/// Runs `f` with a fresh page mapped in the process (`f` gets its address),
-/// unmapped after.
+/// Runs `f` with a fresh scratch area mapped in the process (`f` gets its
+/// address), unmapped after. It holds [`BATCH_RUNNER`] at
+/// [`SCRATCH_RUNNER`].
 fn with_scratch<T>(
     injector: &Injector,
     f: impl FnOnce(u64) -> Result<T, CheckpointError>,
 ) -> Result<T, CheckpointError> {
-    let prot = (libc::PROT_READ | libc::PROT_WRITE) as u64;
+    let prot = (libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC) as u64;
     let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
     let scratch = injector.call(
-        || "mmap of a scratch page".into(),
+        || "mmap of a scratch area".into(),
         libc::SYS_mmap,
-        &[0, PAGE_SIZE, prot, flags, u64::MAX, 0],
+        &[0, SCRATCH_LEN, prot, flags, u64::MAX, 0],
     )?;
-    let out = f(scratch);
+    let out = injector
+        .poke(scratch + SCRATCH_RUNNER, &BATCH_RUNNER)
+        .map_err(CheckpointError::from)
+        .and_then(|()| f(scratch));
     let unmapped = injector.call(
-        || "munmap of the scratch page".into(),
+        || "munmap of the scratch area".into(),
         libc::SYS_munmap,
-        &[scratch, PAGE_SIZE],
+        &[scratch, SCRATCH_LEN],
     );
     let out = out?;
     unmapped?;
@@ -700,6 +710,8 @@ fn with_scratch<T>(
 
 /// What only injected syscalls tell.
 struct Injected {
+    /// The kernel's exact break, `brk(0)`.
+    brk: u64,
     /// Dispositions of every signal that is not `SIG_DFL`.
     actions: Vec<SigAction>,
     sigaltstack: Option<AltStack>,
@@ -718,27 +730,27 @@ fn read_injected(
     let caught: Vec<u32> = (1..=MAX_SIGNAL)
         .filter(|&s| is_set(status.sig_caught, s))
         .collect();
+    // One batch: brk(0), each caught signal's action, the alternate stack,
+    // the timers (read and disarmed).
+    let mut calls = vec![Syscall::new(libc::SYS_brk, &[0])];
+    let mut what = vec!["brk(0)".to_owned()];
     for (i, &sig) in caught.iter().enumerate() {
         let old = scratch + SCRATCH_SIGACTIONS + (i * KERNEL_SIGACTION_LEN) as u64;
-        injector.call(
-            || format!("rt_sigaction({sig})"),
-            libc::SYS_rt_sigaction,
-            &[sig as u64, 0, old, SIGSET_LEN],
-        )?;
+        calls.push(Syscall::new(libc::SYS_rt_sigaction, &[sig as u64, 0, old, SIGSET_LEN]));
+        what.push(format!("rt_sigaction({sig})"));
     }
-    injector.call(
-        || "sigaltstack".into(),
-        libc::SYS_sigaltstack,
-        &[0, scratch + SCRATCH_ALTSTACK],
-    )?;
+    calls.push(Syscall::new(libc::SYS_sigaltstack, &[0, scratch + SCRATCH_ALTSTACK]));
+    what.push("sigaltstack".into());
     for which in 0..3 {
         let old = scratch + SCRATCH_ITIMERS + which * ITIMERVAL_LEN as u64;
-        injector.call(
-            || format!("setitimer({which}) to read and disarm it"),
-            libc::SYS_setitimer,
-            &[which, scratch + SCRATCH_ZERO_ITIMER, old],
-        )?;
+        calls.push(Syscall::new(libc::SYS_setitimer, &[which, scratch + SCRATCH_ZERO_ITIMER, old]));
+        what.push(format!("setitimer({which}) to read and disarm it"));
     }
+    let results = injector.batch(scratch + SCRATCH_RUNNER, scratch + SCRATCH_TABLE, &calls)?;
+    let results = (results.into_iter().zip(&what))
+        .map(|(r, what)| inject::check(|| what.clone(), r))
+        .collect::<Result<Vec<u64>, _>>()?;
+    let brk = results[0];
     let mut buf = vec![0u8; SCRATCH_USED];
     injector.peek(scratch, &mut buf)?;
     let word = |at: u64| {
@@ -793,6 +805,7 @@ fn read_injected(
         }
     });
     Ok(Injected {
+        brk,
         actions,
         sigaltstack,
         itimers,

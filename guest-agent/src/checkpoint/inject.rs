@@ -8,13 +8,16 @@
 //! does not apply syscall-restart logic to the injected registers.
 //!
 //! Cost: six agent syscalls per injected one (SETREGS, 2 x (SYSCALL + wait),
-//! GETREGS). Callers keep injections few.
+//! GETREGS), and the tracee stops twice: 30-50 ms in the emulated guest
+//! kernel of the development hosts. Where the tracee's memory holds
+//! [`BATCH_RUNNER`], [`Injector::batch`] runs many syscalls with one stop.
 
 use std::io::{IoSlice, IoSliceMut};
 
 use libc::user_regs_struct;
 use nix::errno::Errno;
 use nix::sys::signal::Signal;
+use nix::sys::wait::WaitStatus;
 use nix::sys::uio::{process_vm_readv, process_vm_writev, RemoteIoVec};
 use nix::unistd::Pid;
 use std::os::unix::fs::FileExt;
@@ -45,6 +48,72 @@ pub enum InjectError {
 /// The bytes of `syscall`.
 pub const SYSCALL_INSN: [u8; 2] = [0x0f, 0x05];
 
+/// A loop that runs the syscalls of a table, entry after entry, each entry
+/// [`BATCH_ENTRY_LEN`] bytes: number, six arguments, result (written by the
+/// loop). It starts with `r12` at the first entry and `r13` holding the
+/// count, and ends with `int3` after the last entry or the first that
+/// failed (`r12` then points at it). `as`, Intel syntax:
+/// ```text
+/// 0: mov rax, [r12]; mov rdi, [r12+8]; mov rsi, [r12+16]; mov rdx, [r12+24]
+///    mov r10, [r12+32]; mov r8, [r12+40]; mov r9, [r12+48]
+///    syscall
+///    mov [r12+56], rax
+///    cmp rax, -4095; jae 1f          # -4095..-1: an error
+///    add r12, 64; dec r13; jnz 0b
+/// 1: int3
+/// ```
+pub const BATCH_RUNNER: [u8; 59] = [
+    0x49, 0x8b, 0x04, 0x24, 0x49, 0x8b, 0x7c, 0x24, 0x08, 0x49, 0x8b, 0x74, //
+    0x24, 0x10, 0x49, 0x8b, 0x54, 0x24, 0x18, 0x4d, 0x8b, 0x54, 0x24, 0x20, //
+    0x4d, 0x8b, 0x44, 0x24, 0x28, 0x4d, 0x8b, 0x4c, 0x24, 0x30, 0x0f, 0x05, //
+    0x49, 0x89, 0x44, 0x24, 0x38, 0x48, 0x3d, 0x01, 0xf0, 0xff, 0xff, 0x73, //
+    0x09, 0x49, 0x83, 0xc4, 0x40, 0x49, 0xff, 0xcd, 0x75, 0xc6, 0xcc,
+];
+/// Bytes per syscall in a [`BATCH_RUNNER`] table.
+pub const BATCH_ENTRY_LEN: usize = 64;
+
+/// A syscall for [`Injector::batch`]: number and arguments (unused ones 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Syscall {
+    pub nr: i64,
+    pub args: [u64; 6],
+}
+
+impl Syscall {
+    pub fn new(nr: i64, args: &[u64]) -> Self {
+        let mut all = [0; 6];
+        all[..args.len()].copy_from_slice(args);
+        Syscall { nr, args: all }
+    }
+}
+
+/// The table [`BATCH_RUNNER`] reads for `calls` (results zero).
+fn batch_table(calls: &[Syscall]) -> Vec<u8> {
+    let mut table = Vec::with_capacity(calls.len() * BATCH_ENTRY_LEN);
+    for call in calls {
+        table.extend_from_slice(&call.nr.to_le_bytes());
+        for arg in call.args {
+            table.extend_from_slice(&arg.to_le_bytes());
+        }
+        table.extend_from_slice(&0u64.to_le_bytes());
+    }
+    table
+}
+
+/// The raw results of the entries [`BATCH_RUNNER`] ran: all of them, or up
+/// to and including the first that failed.
+fn batch_results(table: &[u8]) -> Vec<i64> {
+    let mut results = Vec::new();
+    for entry in table.chunks_exact(BATCH_ENTRY_LEN) {
+        let r = i64::from_le_bytes(entry[56..64].try_into().expect("8 bytes"));
+        results.push(r);
+        if (-4095..0).contains(&r) {
+            break;
+        }
+    }
+    results
+}
+
 /// The offset of the first `syscall` instruction pattern in `code`.
 pub fn find_syscall_insn(code: &[u8]) -> Option<usize> {
     code.windows(2).position(|w| w == SYSCALL_INSN)
@@ -65,6 +134,49 @@ impl Injector {
             template,
             syscall_at,
         }
+    }
+
+    /// The same injector, using the `syscall` instruction at `syscall_at`.
+    pub fn moved_to(&self, syscall_at: u64) -> Self {
+        Injector::new(self.tracee, self.template, syscall_at)
+    }
+
+    /// Runs `calls` in order with one stop of the tracee: [`BATCH_RUNNER`]
+    /// must be at `runner_at` in its memory, and `table_at` must be
+    /// writable for [`BATCH_ENTRY_LEN`] bytes per call. Returns the raw
+    /// results of the calls that ran: all of them, or up to and including
+    /// the first that failed. The tracee must have every signal blocked.
+    pub fn batch(&self, runner_at: u64, table_at: u64, calls: &[Syscall]) -> Result<Vec<i64>, InjectError> {
+        if calls.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut table = batch_table(calls);
+        self.poke(table_at, &table)?;
+        let mut regs = self.template;
+        regs.rip = runner_at;
+        regs.orig_rax = u64::MAX;
+        regs.r12 = table_at;
+        regs.r13 = calls.len() as u64;
+        self.tracee.set_regs(&regs)?;
+        self.tracee.cont_with(0)?;
+        match self.tracee.wait()? {
+            WaitStatus::Stopped(_, Signal::SIGTRAP) => {}
+            status => {
+                return Err(PtraceError::UnexpectedStop {
+                    pid: self.tracee.pid.as_raw(),
+                    status,
+                    expected: "the end of an injected batch (SIGTRAP)",
+                }
+                .into())
+            }
+        }
+        let end = runner_at + BATCH_RUNNER.len() as u64;
+        let rip = self.tracee.regs()?.rip;
+        if rip != end {
+            return Err(InjectError::Strayed { rip, syscall_at: end - 1 });
+        }
+        self.peek(table_at, &mut table)?;
+        Ok(batch_results(&table))
     }
 
     /// Runs syscall `nr` with up to six arguments and returns its raw result
@@ -194,7 +306,7 @@ impl Injector {
 }
 
 /// A raw syscall result; a negative one is an error naming `what`.
-fn check(what: impl Fn() -> String, r: i64) -> Result<u64, InjectError> {
+pub fn check(what: impl Fn() -> String, r: i64) -> Result<u64, InjectError> {
     if (-4095..0).contains(&r) {
         return Err(InjectError::Failed {
             what: what(),
@@ -264,6 +376,26 @@ pub fn read_remote(pid: Pid, addr: u64, buf: &mut [u8]) -> Result<(), InjectErro
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn batch_tables_and_results() {
+        let calls = [Syscall::new(1, &[2, 3]), Syscall::new(4, &[5, 6, 7, 8, 9, 10])];
+        let mut table = batch_table(&calls);
+        assert_eq!(table.len(), 2 * BATCH_ENTRY_LEN);
+        let word = |t: &[u8], i: usize| u64::from_le_bytes(t[i * 8..i * 8 + 8].try_into().unwrap());
+        assert_eq!((0..8).map(|i| word(&table, i)).collect::<Vec<_>>(), [1, 2, 3, 0, 0, 0, 0, 0]);
+        assert_eq!((8..16).map(|i| word(&table, i)).collect::<Vec<_>>(), [4, 5, 6, 7, 8, 9, 10, 0]);
+        // Both ran.
+        table[56..64].copy_from_slice(&7i64.to_le_bytes());
+        table[120..128].copy_from_slice(&0i64.to_le_bytes());
+        assert_eq!(batch_results(&table), [7, 0]);
+        // The first failed: the second never ran.
+        table[56..64].copy_from_slice(&(-22i64).to_le_bytes());
+        assert_eq!(batch_results(&table), [-22]);
+        // The runner's loop jumps back to its start and ends in int3.
+        assert_eq!(BATCH_RUNNER.last(), Some(&0xcc));
+        assert_eq!(find_syscall_insn(&BATCH_RUNNER), Some(34));
+    }
 
     #[test]
     fn finds_syscall_instructions() {

@@ -22,6 +22,7 @@ mod precopy;
 mod procfs;
 mod procmem;
 mod restore;
+mod stub;
 mod tracee;
 
 #[cfg(test)]

@@ -175,11 +175,6 @@ pub fn maps(pid: i32) -> Result<Vec<MapsEntry>, ProcfsError> {
         .collect()
 }
 
-/// The calling process's own mappings.
-pub fn own_maps() -> Result<Vec<MapsEntry>, ProcfsError> {
-    maps(std::process::id() as i32)
-}
-
 fn parse_maps_line(line: &str) -> Option<MapsEntry> {
     // start-end perms offset dev inode [name]; the name may contain spaces.
     let mut parts = line.splitn(6, ' ');
@@ -375,7 +370,7 @@ mod tests {
         let me = std::process::id() as i32;
         assert!(status(me).unwrap().threads >= 1);
         assert!(stat(me).unwrap().start_code > 0);
-        assert!(own_maps().unwrap().iter().any(|m| m.name == "[stack]"));
+        assert!(maps(std::process::id() as i32).unwrap().iter().any(|m| m.name == "[stack]"));
         assert_eq!(limits(me).unwrap().len(), 16);
         assert!(fd_numbers(me).unwrap().contains(&0));
         // SAFETY: personality(0xffffffff) only reads the caller's persona.

@@ -1,24 +1,27 @@
-//! Restore: rebuild a process from an image in a forked child.
+//! Restore: rebuild a process from an image in a child built for it.
 //!
-//! [`prepare_restore`] forks a child that sets up what it can itself (stdio,
-//! no other descriptors, default signal dispositions, umask, name), maps a
-//! small scratch area holding `syscall; int3` at an address the image does
-//! not use, and stops. From then on the child only runs injected syscalls
-//! from the scratch area: everything else of its (the agent's) address space
-//! is unmapped, the vdso/vvar are moved to the image's addresses if they
-//! differ, the image's VMAs are recreated and the pages that will receive
-//! contents are populated; their frames are returned. [`finish_restore`]
-//! then restores descriptors, cwd, limits, signals, the alternate signal
-//! stack, the personality, FPU state, the interval timers (last, so that
-//! they start as close as possible to the process), unmaps the scratch
-//! area, sets the registers and detaches.
+//! [`prepare_restore`] starts the restore stub (a program of a few
+//! instructions, see [`super::stub`]) with the restored process's stdio; it
+//! asks to be traced and stops. From then on the child only runs injected
+//! syscalls: a small scratch area holding `syscall; int3` is mapped at an
+//! address the image does not use, the umask and name are set, everything
+//! else of its address space is unmapped, the vdso/vvar are moved to the
+//! image's addresses if they differ, the image's VMAs are recreated and the
+//! pages that will receive contents are populated; their frames are
+//! returned. [`finish_restore`] then restores descriptors, cwd, limits,
+//! signals, the alternate signal stack, the personality, FPU state, the
+//! interval timers (last, so that they start as close as possible to the
+//! process), unmaps the scratch area, sets the registers and detaches.
+//! Injected syscalls go in batches where they can ([`Batch`]: one stop of
+//! the child for many; an injection costs 30-50 ms in the emulated guest
+//! kernel of the development hosts).
 //!
 //! A [`RestoredChild`] that is dropped before [`finish_restore`] succeeded is
 //! killed: there is never a half-restored process. The child is traced with
 //! `PTRACE_O_EXITKILL`, so it also dies if the agent does.
 
-use std::ffi::CString;
-use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::collections::BTreeSet;
+use std::os::fd::BorrowedFd;
 use std::os::unix::fs::MetadataExt;
 use std::sync::mpsc::Receiver;
 
@@ -35,10 +38,11 @@ use pmivmm_proto::ExitStatus;
 use crate::priority;
 
 use super::capture::{set_itimers, KERNEL_SIGACTION_LEN, SIGSET_LEN, SS_AUTODISARM, STACK_T_LEN};
-use super::inject::{InjectError, Injector};
+use super::inject::{self, InjectError, Injector, Syscall, BATCH_ENTRY_LEN, BATCH_RUNNER};
 use super::pagemap::{Pagemap, PagemapError};
 use super::pagetables::{MmTables, PageTablesError};
 use super::procfs::{self, MapsEntry, ProcfsError};
+use super::stub;
 use super::tracee::{regs_from_image, PtraceError, Tracee};
 
 #[derive(Debug, thiserror::Error)]
@@ -49,15 +53,18 @@ pub enum RestoreError {
     MappedFile { path: String, reason: String },
     #[error("no free address range for the {len}-byte scratch area")]
     NoScratchSpace { len: u64 },
-    #[error("cannot fork the restore child: {0}")]
-    Fork(Errno),
+    #[error("cannot start the restore child: {0}")]
+    Start(Errno),
     #[error("cannot set the nice value: {0}")]
     Nice(Errno),
-    #[error("the restore child failed to {step} ({status:?})")]
-    ChildSetup {
-        step: &'static str,
-        status: WaitStatus,
-    },
+    #[error("the restore child did not stop for the agent: {0}")]
+    ChildStart(&'static str),
+    #[error("the restore child's scratch area went to {got:#x}, not {wanted:#x}")]
+    Scratch { wanted: u64, got: u64 },
+    #[error("{what}: {len} bytes of data do not fit in the restore's scratch area")]
+    BatchData { what: String, len: usize },
+    #[error("{path} was opened as fd {got}, not {wanted}")]
+    FdNumber { path: String, wanted: u64, got: u64 },
     #[error("vdso: {0}")]
     Vdso(String),
     #[error("setting resource limit {resource}: {errno}")]
@@ -75,25 +82,21 @@ pub enum RestoreError {
 }
 
 /// Scratch area: page 0 holds the code, the rest is data for injected
-/// syscalls (paths, structures).
-const SCRATCH_LEN: u64 = 4 * PAGE_SIZE;
+/// syscalls (paths, structures; a batch's table, then its data).
+const SCRATCH_LEN: u64 = 16 * PAGE_SIZE;
 const SCRATCH_CODE: [u8; 3] = [0x0f, 0x05, 0xcc]; // syscall; int3
+/// Where [`BATCH_RUNNER`] lies in the scratch area.
+const RUNNER_OFFSET: u64 = 16;
+/// Calls in one batch table, at the start of the data pages ...
+const BATCH_CALLS: usize = 256;
+/// ... followed by the batch's data.
+const BATCH_DATA_LEN: usize = (SCRATCH_LEN - PAGE_SIZE) as usize - BATCH_CALLS * BATCH_ENTRY_LEN;
 /// Lowest address the scratch area may use (above any `mmap_min_addr`).
 const SCRATCH_MIN: u64 = 1 << 20;
 /// Runs of pages to populate are merged across gaps up to this many pages
 /// (populating a few extra pages costs less than another syscall).
 const POPULATE_MERGE_GAP: u64 = 8;
 
-/// What the child does before it stops, as the exit status it reports when
-/// that fails.
-const CHILD_STEPS: [&str; 4] = [
-    "duplicate its stdio",
-    "map the scratch area",
-    "request tracing (PTRACE_TRACEME)",
-    "stop for the tracer",
-];
-const CHILD_EXIT_BASE: i32 = 100;
-const RSEQ_FLAG_UNREGISTER: u64 = 1;
 
 /// A child being restored, stopped under ptrace. Killed when dropped unless
 /// [`finish_restore`] let it run.
@@ -123,6 +126,26 @@ impl RestoredChild {
         self.scratch + PAGE_SIZE
     }
 
+    /// Maps the scratch area at `scratch` with its code, and injects from
+    /// there on.
+    fn map_scratch(&mut self, scratch: u64) -> Result<(), RestoreError> {
+        let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE) as u64;
+        let prot = (libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC) as u64;
+        let got = self.injector.call(
+            || "mmap of the scratch area".into(),
+            libc::SYS_mmap,
+            &[scratch, SCRATCH_LEN, prot, flags, u64::MAX, 0],
+        )?;
+        if got != scratch {
+            return Err(RestoreError::Scratch { wanted: scratch, got });
+        }
+        self.injector.poke(scratch, &SCRATCH_CODE)?;
+        self.injector.poke(scratch + RUNNER_OFFSET, &BATCH_RUNNER)?;
+        self.injector = self.injector.moved_to(scratch);
+        self.scratch = scratch;
+        Ok(())
+    }
+
     /// Injects a syscall whose first argument is `path` (copied into the
     /// scratch area).
     fn call_with_path(
@@ -141,6 +164,95 @@ impl RestoredChild {
     }
 }
 
+/// Syscalls injected into a [`RestoredChild`] together, in order, with one
+/// stop of the child per [`BATCH_CALLS`] (see [`Injector::batch`]). A call's
+/// data (paths, structures) is copied into the scratch area with it. The
+/// first call that fails ends the batch with an error naming it.
+struct Batch<'c> {
+    child: &'c RestoredChild,
+    calls: Vec<Syscall>,
+    what: Vec<String>,
+    data: Vec<u8>,
+    results: Vec<u64>,
+}
+
+impl<'c> Batch<'c> {
+    fn new(child: &'c RestoredChild) -> Self {
+        Batch { child, calls: Vec::new(), what: Vec::new(), data: Vec::new(), results: Vec::new() }
+    }
+
+    fn table(&self) -> u64 {
+        self.child.data()
+    }
+
+    /// Adds syscall `nr`; `what` names it in an error. Returns the call's
+    /// place in the results of [`Self::run`].
+    fn push(&mut self, what: String, nr: i64, args: &[u64]) -> Result<usize, RestoreError> {
+        if self.calls.len() == BATCH_CALLS {
+            self.flush()?;
+        }
+        self.calls.push(Syscall::new(nr, args));
+        self.what.push(what);
+        Ok(self.results.len() + self.calls.len() - 1)
+    }
+
+    /// Adds syscall `nr` whose argument `data_arg` points at a copy of
+    /// `data` in the scratch area (`args[data_arg]` is replaced).
+    fn push_with_data(
+        &mut self,
+        what: String,
+        nr: i64,
+        args: &[u64],
+        data_arg: usize,
+        data: &[u8],
+    ) -> Result<usize, RestoreError> {
+        // Aligned for structures.
+        let at = self.data.len().next_multiple_of(8);
+        if at + data.len() > BATCH_DATA_LEN || self.calls.len() == BATCH_CALLS {
+            self.flush()?;
+            if data.len() > BATCH_DATA_LEN {
+                return Err(RestoreError::BatchData { what, len: data.len() });
+            }
+        }
+        let at = self.data.len().next_multiple_of(8);
+        self.data.resize(at, 0);
+        self.data.extend_from_slice(data);
+        let mut args = args.to_vec();
+        args[data_arg] = self.table() + (BATCH_CALLS * BATCH_ENTRY_LEN + at) as u64;
+        self.push(what, nr, &args)
+    }
+
+    /// Adds syscall `nr` whose first argument is `path`.
+    fn push_with_path(&mut self, what: &str, nr: i64, path: &str, args: &[u64]) -> Result<usize, RestoreError> {
+        let mut bytes = path.as_bytes().to_vec();
+        bytes.push(0);
+        let mut all = vec![0];
+        all.extend_from_slice(args);
+        self.push_with_data(format!("{what} {path}"), nr, &all, 0, &bytes)
+    }
+
+    fn flush(&mut self) -> Result<(), RestoreError> {
+        let injector = &self.child.injector;
+        if !self.data.is_empty() {
+            injector.poke(self.table() + (BATCH_CALLS * BATCH_ENTRY_LEN) as u64, &self.data)?;
+        }
+        let runner = self.child.scratch + RUNNER_OFFSET;
+        let raw = injector.batch(runner, self.table(), &self.calls)?;
+        for (r, what) in raw.into_iter().zip(self.what.drain(..)) {
+            self.results.push(inject::check(|| what.clone(), r)?);
+        }
+        self.calls.clear();
+        self.data.clear();
+        Ok(())
+    }
+
+    /// Runs what is left; returns the results of all calls, in order.
+    fn run(mut self) -> Result<Vec<u64>, RestoreError> {
+        self.flush()?;
+        Ok(self.results)
+    }
+}
+
 impl Drop for RestoredChild {
     fn drop(&mut self) {
         if !self.running {
@@ -149,7 +261,7 @@ impl Drop for RestoredChild {
     }
 }
 
-/// Forks a child and gives it the image's memory layout. Returns the child
+/// Starts a child and gives it the image's memory layout. Returns the child
 /// and, in the order of [`ProcessImage::pages`], the frame of every page
 /// that must receive saved contents (`page_walk`: as a walk for the VMM,
 /// where the kernel allows). `stdio` become the child's fds 0-2.
@@ -160,41 +272,21 @@ pub fn prepare_restore(
 ) -> Result<(RestoredChild, Pages), RestoreError> {
     image.validate()?;
     check_mapped_files(image)?;
-    let own = procfs::own_maps()?;
-    let own_vdso: Vec<&MapsEntry> = own.iter().filter(|m| m.is_vdso_family()).collect();
+    let mut child = start_child(stdio)?;
+    let maps = procfs::maps(child.pid())?;
+    let vdso: Vec<&MapsEntry> = maps.iter().filter(|m| m.is_vdso_family()).collect();
     let mut occupied: Vec<(u64, u64)> = image.vmas.iter().map(|v| (v.start, v.end)).collect();
-    occupied.extend(
-        own.iter()
-            .filter(|m| m.end <= USER_SPACE_END)
-            .map(|m| (m.start, m.end)),
-    );
-    let scratch = find_free(&mut occupied, SCRATCH_LEN)
-        .ok_or(RestoreError::NoScratchSpace { len: SCRATCH_LEN })?;
-
-    let mut child = fork_child(ChildPlan {
-        stdio: stdio.map(|fd| fd.as_raw_fd()),
-        umask: image.umask,
-        comm: CString::new(image.comm.as_str()).expect("validated: no NUL"),
-        scratch,
-    })?;
-    let tracee = child.tracee;
-    tracee.set_sigmask(!0)?;
-    // The kernel writes the rseq area (in the agent's TLS, about to be
-    // unmapped) on every return to user mode: unregister it first.
-    if let Some(r) = tracee.rseq()? {
-        let args = [
-            r.pointer,
-            r.size as u64,
-            RSEQ_FLAG_UNREGISTER,
-            r.signature as u64,
-        ];
-        child
-            .injector
-            .call(|| "rseq unregistration".into(), libc::SYS_rseq, &args)?;
-    }
+    occupied.extend(maps.iter().filter(|m| m.end <= USER_SPACE_END).map(|m| (m.start, m.end)));
+    let scratch = find_free(&mut occupied, SCRATCH_LEN).ok_or(RestoreError::NoScratchSpace { len: SCRATCH_LEN })?;
+    child.map_scratch(scratch)?;
+    let mut batch = Batch::new(&child);
+    batch.push("umask".into(), libc::SYS_umask, &[image.umask as u64])?;
+    let mut comm = image.comm.as_bytes().to_vec();
+    comm.push(0);
+    batch.push_with_data("prctl(PR_SET_NAME)".into(), libc::SYS_prctl, &[libc::PR_SET_NAME as u64, 0], 1, &comm)?;
 
     // Everything but the scratch area and the vdso goes.
-    let mut keep: Vec<(u64, u64)> = own_vdso.iter().map(|m| (m.start, m.end)).collect();
+    let mut keep: Vec<(u64, u64)> = vdso.iter().map(|m| (m.start, m.end)).collect();
     keep.push((scratch, scratch + SCRATCH_LEN));
     keep.sort_unstable();
     let mut from = 0;
@@ -204,15 +296,12 @@ pub fn prepare_restore(
         .chain([(USER_SPACE_END, USER_SPACE_END)])
     {
         if start > from {
-            child.injector.call(
-                || format!("munmap {from:#x}-{start:#x}"),
-                libc::SYS_munmap,
-                &[from, start - from],
-            )?;
+            batch.push(format!("munmap {from:#x}-{start:#x}"), libc::SYS_munmap, &[from, start - from])?;
         }
         from = end;
     }
-    place_vdso(&child, image, &own_vdso)?;
+    batch.run()?;
+    place_vdso(&child, image, &vdso)?;
     map_vmas(&mut child, image)?;
     populate(&child, image)?;
     set_mm(&child, image)?;
@@ -237,8 +326,31 @@ pub fn prepare_restore(
 /// Restores the rest of the process (its memory holds the saved pages by
 /// now) and lets it run. Returns its PID.
 pub fn finish_restore(mut child: RestoredChild, image: &ProcessImage) -> Result<i32, RestoreError> {
-    restore_fds(&child, image)?;
-    child.call_with_path("chdir", libc::SYS_chdir, &image.cwd, &[])?;
+    let mut batch = Batch::new(&child);
+    let opened = restore_fds(&mut batch, image)?;
+    batch.push_with_path("chdir", libc::SYS_chdir, &image.cwd, &[])?;
+    restore_signals(&mut batch, image)?;
+    restore_altstack(&mut batch, image)?;
+    // SAFETY: personality(0xffffffff) only reads the agent's persona, which
+    // the child inherited.
+    let inherited = unsafe { libc::personality(0xffff_ffff) } as u32;
+    if image.personality != inherited {
+        let what = format!("personality({:#x})", image.personality);
+        batch.push(what, libc::SYS_personality, &[image.personality as u64])?;
+    }
+    if let Some(r) = &image.rseq {
+        let args = [r.pointer, r.size as u64, 0, r.signature as u64];
+        batch.push("rseq registration".into(), libc::SYS_rseq, &args)?;
+    }
+    for &(start, end, prot) in &child.widened {
+        batch.push(format!("mprotect {start:#x}-{end:#x}"), libc::SYS_mprotect, &[start, end - start, prot as u64])?;
+    }
+    let results = batch.run()?;
+    for (call, wanted, path) in opened {
+        if results[call] != wanted {
+            return Err(RestoreError::FdNumber { path: path.to_owned(), wanted, got: results[call] });
+        }
+    }
     // The child inherited the agent's limits: set only those that differ.
     let inherited = procfs::limits(std::process::id() as i32)?;
     for r in &image.rlimits {
@@ -256,31 +368,6 @@ pub fn finish_restore(mut child: RestoredChild, image: &ProcessImage) -> Result<
             resource: r.resource,
             errno,
         })?;
-    }
-    restore_signals(&child, image)?;
-    restore_altstack(&child, image)?;
-    // SAFETY: personality(0xffffffff) only reads the agent's persona, which
-    // the child inherited.
-    let inherited = unsafe { libc::personality(0xffff_ffff) } as u32;
-    if image.personality != inherited {
-        child.injector.call(
-            || format!("personality({:#x})", image.personality),
-            libc::SYS_personality,
-            &[image.personality as u64],
-        )?;
-    }
-    if let Some(r) = &image.rseq {
-        let args = [r.pointer, r.size as u64, 0, r.signature as u64];
-        child
-            .injector
-            .call(|| "rseq registration".into(), libc::SYS_rseq, &args)?;
-    }
-    for &(start, end, prot) in &child.widened {
-        child.injector.call(
-            || format!("mprotect {start:#x}-{end:#x}"),
-            libc::SYS_mprotect,
-            &[start, end - start, prot as u64],
-        )?;
     }
     child.tracee.set_fpu(&image.fpu)?;
     set_itimers(&child.injector, child.data(), &image.itimers)?;
@@ -339,38 +426,22 @@ fn find_free(occupied: &mut [(u64, u64)], len: u64) -> Option<u64> {
     (candidate + len <= USER_SPACE_END).then_some(candidate)
 }
 
-struct ChildPlan {
-    stdio: [RawFd; 3],
-    umask: u32,
-    comm: CString,
-    scratch: u64,
-}
-
-/// Forks the child and waits until it stopped itself under our tracing.
-fn fork_child(plan: ChildPlan) -> Result<RestoredChild, RestoreError> {
-    // SAFETY: the child runs only `child_main`, which makes async-signal-safe
-    // calls on data prepared before the fork, and never returns.
-    let fork = || match unsafe { libc::fork() } {
-        -1 => Err(RestoreError::Fork(Errno::last())),
-        0 => child_main(&plan),
-        pid => Ok(pid),
-    };
+/// Starts the restore stub and waits until it stopped itself under our
+/// tracing.
+fn start_child(stdio: [BorrowedFd<'_>; 3]) -> Result<RestoredChild, RestoreError> {
+    let spawn = || stub::spawn(stdio).map_err(RestoreError::Start);
     // With the agent's reaper running, the child is registered as traced
     // before the reaper can see its first stop (see crate::reaper).
     let (pid, exit) = match crate::reaper::running() {
-        Some(reaper) => reaper
-            .spawn_traced(fork)
-            .map(|(pid, exit)| (pid, Some(exit)))?,
-        None => (fork()?, None),
+        Some(reaper) => reaper.spawn_traced(spawn).map(|(pid, exit)| (pid, Some(exit)))?,
+        None => (spawn()?, None),
     };
-    let tracee = Tracee {
-        pid: Pid::from_raw(pid),
-    };
-    let injector_template = |regs| Injector::new(tracee, regs, plan.scratch);
+    let tracee = Tracee { pid: Pid::from_raw(pid) };
+    let injector = |regs| Injector::new(tracee, regs, stub::syscall_insn());
     let mut child = RestoredChild {
         tracee,
-        injector: injector_template(regs_from_image(&Default::default())),
-        scratch: plan.scratch,
+        injector: injector(regs_from_image(&Default::default())),
+        scratch: 0,
         widened: Vec::new(),
         running: false,
         exit,
@@ -378,78 +449,17 @@ fn fork_child(plan: ChildPlan) -> Result<RestoredChild, RestoreError> {
     match tracee.wait() {
         Ok(WaitStatus::Stopped(_, Signal::SIGSTOP)) => {}
         Ok(status) | Err(PtraceError::Gone { status, .. }) => {
-            let step = match status {
-                WaitStatus::Exited(_, code) if code >= CHILD_EXIT_BASE => CHILD_STEPS
-                    .get((code - CHILD_EXIT_BASE) as usize)
-                    .copied()
-                    .unwrap_or("start"),
-                _ => "start",
-            };
-            return Err(RestoreError::ChildSetup { step, status });
+            return Err(RestoreError::ChildStart(match status {
+                WaitStatus::Exited(_, stub::EXIT_TRACEME_FAILED) => "PTRACE_TRACEME failed",
+                WaitStatus::Exited(_, stub::EXIT_RESUMED) => "it was resumed from its stop",
+                _ => "it ended before its stop",
+            }))
         }
         Err(e) => return Err(e.into()),
     }
     tracee.set_options(Options::PTRACE_O_TRACESYSGOOD | Options::PTRACE_O_EXITKILL)?;
-    child.injector = injector_template(tracee.regs()?);
+    child.injector = injector(tracee.regs()?);
     Ok(child)
-}
-
-/// The forked child's own set-up. Only async-signal-safe calls: the agent
-/// may have other threads, whose locks the child inherits held.
-fn child_main(plan: &ChildPlan) -> ! {
-    let fail = |step: usize| -> ! {
-        // SAFETY: _exit is async-signal-safe and ends the child.
-        unsafe { libc::_exit(CHILD_EXIT_BASE + step as i32) }
-    };
-    // SAFETY: plain syscalls on integers and on memory owned by `plan` or
-    // this stack frame; the scratch area is written only after mmap put it
-    // at the requested address.
-    unsafe {
-        // Move the caller's fds out of the way first: they may be 0-2 in
-        // another order.
-        let mut high = [0; 3];
-        for (h, &fd) in high.iter_mut().zip(&plan.stdio) {
-            *h = libc::fcntl(fd, libc::F_DUPFD, 3);
-            if *h < 0 {
-                fail(0);
-            }
-        }
-        for (i, &h) in high.iter().enumerate() {
-            if libc::dup2(h, i as i32) < 0 {
-                fail(0);
-            }
-        }
-        libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-        let default = [0u64; 4];
-        for sig in 1..=64u64 {
-            libc::syscall(
-                libc::SYS_rt_sigaction,
-                sig,
-                default.as_ptr(),
-                0usize,
-                SIGSET_LEN,
-            );
-        }
-        libc::umask(plan.umask);
-        libc::prctl(libc::PR_SET_NAME, plan.comm.as_ptr());
-        let addr = libc::mmap(
-            plan.scratch as *mut libc::c_void,
-            SCRATCH_LEN as usize,
-            libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
-            -1,
-            0,
-        );
-        if addr as u64 != plan.scratch {
-            fail(1);
-        }
-        std::ptr::copy_nonoverlapping(SCRATCH_CODE.as_ptr(), addr.cast::<u8>(), SCRATCH_CODE.len());
-        if libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0) < 0 {
-            fail(2);
-        }
-        libc::kill(libc::getpid(), libc::SIGSTOP);
-        fail(3)
-    }
 }
 
 /// Names and ranges of the vdso and its vvar pages, by address.
@@ -534,68 +544,66 @@ fn receives_pages(image: &ProcessImage, vma: &Vma) -> bool {
 }
 
 fn map_vmas(child: &mut RestoredChild, image: &ProcessImage) -> Result<(), RestoreError> {
-    let mut open_file: Option<(&str, u64)> = None;
+    // The files first (the mmaps need their numbers): consecutive VMAs of
+    // one file share one open.
+    fn file_of(vma: &Vma) -> Option<&str> {
+        match &vma.kind {
+            VmaKind::File { path, .. } => Some(path.as_str()),
+            _ => None,
+        }
+    }
+    let mut files: Vec<&str> = Vec::new();
+    let mut previous = None;
+    for path in image.vmas.iter().map(file_of) {
+        if let Some(path) = path.filter(|&p| previous != Some(p)) {
+            files.push(path);
+        }
+        previous = path;
+    }
+    let mut opens = Batch::new(child);
+    let flags = (libc::O_RDONLY | libc::O_CLOEXEC) as u64;
+    for path in &files {
+        opens.push_with_path("open", libc::SYS_open, path, &[flags])?;
+    }
+    let fds = opens.run()?;
+
+    let mut widened = Vec::new();
+    let mut maps = Batch::new(child);
+    let mut file = None;
+    let mut previous = None;
     for vma in &image.vmas {
         let mut prot = vma.prot;
         if receives_pages(image, vma) && prot & PROT_WRITE == 0 {
             prot |= PROT_WRITE;
-            child.widened.push((vma.start, vma.end, vma.prot));
+            widened.push((vma.start, vma.end, vma.prot));
         }
         let len = vma.end - vma.start;
-        let what = || format!("mmap of {:#x}-{:#x} ({:?})", vma.start, vma.end, vma.kind);
+        let what = format!("mmap of {:#x}-{:#x} ({:?})", vma.start, vma.end, vma.kind);
         let fixed = libc::MAP_FIXED as u64;
-        match &vma.kind {
-            VmaKind::Vdso | VmaKind::Vvar { .. } => continue,
-            VmaKind::File { path, .. } => {
-                // Consecutive VMAs of one file share one open.
-                let fd = match open_file {
-                    Some((p, fd)) if p == path => fd,
-                    _ => {
-                        close_open_file(child, open_file.take())?;
-                        let flags = (libc::O_RDONLY | libc::O_CLOEXEC) as u64;
-                        let fd = child.call_with_path("open", libc::SYS_open, path, &[flags])?;
-                        open_file = Some((path, fd));
-                        fd
-                    }
-                };
-                let share = if vma.shared {
-                    libc::MAP_SHARED
-                } else {
-                    libc::MAP_PRIVATE
-                } as u64;
-                child.injector.call(
-                    what,
-                    libc::SYS_mmap,
-                    &[vma.start, len, prot as u64, share | fixed, fd, vma.offset],
-                )?;
+        let path = file_of(vma);
+        if path.is_some() && path != previous {
+            file = Some(file.map_or(0, |f| f + 1));
+        }
+        previous = path;
+        match (&vma.kind, file) {
+            (VmaKind::Vdso | VmaKind::Vvar { .. }, _) => {}
+            (VmaKind::File { .. }, Some(file)) => {
+                let share = if vma.shared { libc::MAP_SHARED } else { libc::MAP_PRIVATE } as u64;
+                let args = [vma.start, len, prot as u64, share | fixed, fds[file], vma.offset];
+                maps.push(what, libc::SYS_mmap, &args)?;
             }
-            kind => {
-                let grows = if *kind == VmaKind::Stack {
-                    libc::MAP_GROWSDOWN
-                } else {
-                    0
-                };
+            (kind, _) => {
+                let grows = if *kind == VmaKind::Stack { libc::MAP_GROWSDOWN } else { 0 };
                 let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | grows) as u64 | fixed;
-                child.injector.call(
-                    what,
-                    libc::SYS_mmap,
-                    &[vma.start, len, prot as u64, flags, u64::MAX, 0],
-                )?;
+                maps.push(what, libc::SYS_mmap, &[vma.start, len, prot as u64, flags, u64::MAX, 0])?;
             }
         }
     }
-    close_open_file(child, open_file)
-}
-
-fn close_open_file(
-    child: &RestoredChild,
-    open_file: Option<(&str, u64)>,
-) -> Result<(), RestoreError> {
-    if let Some((path, fd)) = open_file {
-        child
-            .injector
-            .call(|| format!("close of {path}"), libc::SYS_close, &[fd])?;
+    for (path, fd) in files.iter().zip(&fds) {
+        maps.push(format!("close of {path}"), libc::SYS_close, &[*fd])?;
     }
+    maps.run()?;
+    child.widened = widened;
     Ok(())
 }
 
@@ -621,21 +629,15 @@ fn populate(child: &RestoredChild, image: &ProcessImage) -> Result<(), RestoreEr
             start = end;
         }
     }
+    let mut batch = Batch::new(child);
     for (start, end) in spans {
-        let r = child.injector.call(
-            || format!("MADV_POPULATE_WRITE of {start:#x}-{end:#x}"),
-            libc::SYS_madvise,
-            &[start, end - start, libc::MADV_POPULATE_WRITE as u64],
-        );
-        match r {
-            Err(InjectError::Failed {
-                errno: Errno::ENOSYS,
-                ..
-            }) => return populate_by_writes(child, image),
-            other => other?,
-        };
+        let what = format!("MADV_POPULATE_WRITE of {start:#x}-{end:#x}");
+        batch.push(what, libc::SYS_madvise, &[start, end - start, libc::MADV_POPULATE_WRITE as u64])?;
     }
-    Ok(())
+    match batch.run() {
+        Err(RestoreError::Inject(InjectError::Failed { errno: Errno::ENOSYS, .. })) => populate_by_writes(child, image),
+        other => other.map(drop),
+    }
 }
 
 /// The fallback of [`populate`] on kernels without madvise (the node kernel
@@ -719,108 +721,70 @@ fn set_mm(child: &RestoredChild, image: &ProcessImage) -> Result<(), RestoreErro
             std::mem::size_of::<PrctlMmMap>(),
         )
     };
-    child.injector.poke(child.data(), bytes)?;
-    let args = [
-        libc::PR_SET_MM as u64,
-        PR_SET_MM_MAP,
-        child.data(),
-        bytes.len() as u64,
-    ];
-    child
-        .injector
-        .call(|| "prctl(PR_SET_MM_MAP)".into(), libc::SYS_prctl, &args)?;
-    child.injector.call(
-        || "close of the executable".into(),
-        libc::SYS_close,
-        &[exe_fd],
-    )?;
-    Ok(())
+    let mut batch = Batch::new(child);
+    let args = [libc::PR_SET_MM as u64, PR_SET_MM_MAP, 0, bytes.len() as u64];
+    batch.push_with_data("prctl(PR_SET_MM_MAP)".into(), libc::SYS_prctl, &args, 2, bytes)?;
+    batch.push("close of the executable".into(), libc::SYS_close, &[exe_fd])?;
+    batch.run().map(drop)
 }
 
 /// Reopens files by path at their descriptor number and offset, and
-/// duplicates the descriptors that shared an open file. Opening in
-/// ascending order with no other descriptor above 2 makes `open` return the
-/// wanted number whenever the numbers are dense.
-fn restore_fds(child: &RestoredChild, image: &ProcessImage) -> Result<(), RestoreError> {
-    let inject = &child.injector;
+/// duplicates the descriptors that shared an open file. The child has no
+/// descriptor above 2, so each `open` returns the lowest free number, which
+/// is known in advance: a file whose number is not that one is opened there
+/// and moved. Returns, for every open, its call in `batch`, the number it
+/// must return and the path (checked once the batch ran).
+fn restore_fds<'i>(batch: &mut Batch, image: &'i ProcessImage) -> Result<Vec<(usize, u64, &'i str)>, RestoreError> {
+    let mut used: BTreeSet<u64> = (0..3).collect();
+    let lowest_free = |used: &BTreeSet<u64>| (0..).find(|fd| !used.contains(fd)).expect("a free number");
+    let mut opened = Vec::new();
     for f in &image.fds {
         let (path, flags, offset) = match &f.kind {
             FdKind::Stdio => continue,
             FdKind::Dup { of, cloexec } => {
                 let cloexec = if *cloexec { libc::O_CLOEXEC as u64 } else { 0 };
-                inject.call(
-                    || format!("dup3 of fd {of} to {}", f.fd),
-                    libc::SYS_dup3,
-                    &[*of as u64, f.fd as u64, cloexec],
-                )?;
+                let what = format!("dup3 of fd {of} to {}", f.fd);
+                batch.push(what, libc::SYS_dup3, &[*of as u64, f.fd as u64, cloexec])?;
+                used.insert(f.fd as u64);
                 continue;
             }
-            FdKind::Path {
-                path,
-                flags,
-                offset,
-            } => (path, flags, offset),
+            FdKind::Path { path, flags, offset } => (path, flags, offset),
         };
         let open_flags = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_NOCTTY);
-        let fd = child.call_with_path("open", libc::SYS_open, path, &[open_flags as u64])?;
+        let fd = lowest_free(&used);
+        opened.push((batch.push_with_path("open", libc::SYS_open, path, &[open_flags as u64])?, fd, path.as_str()));
         if *offset != 0 {
-            inject.call(
-                || format!("lseek of {path}"),
-                libc::SYS_lseek,
-                &[fd, *offset, libc::SEEK_SET as u64],
-            )?;
+            batch.push(format!("lseek of {path}"), libc::SYS_lseek, &[fd, *offset, libc::SEEK_SET as u64])?;
         }
         if fd != f.fd as u64 {
             let cloexec = (flags & libc::O_CLOEXEC) as u64;
-            inject.call(
-                || format!("dup3 of {path} to {}", f.fd),
-                libc::SYS_dup3,
-                &[fd, f.fd as u64, cloexec],
-            )?;
-            inject.call(|| format!("close of {path}"), libc::SYS_close, &[fd])?;
+            batch.push(format!("dup3 of {path} to {}", f.fd), libc::SYS_dup3, &[fd, f.fd as u64, cloexec])?;
+            batch.push(format!("close of {path}"), libc::SYS_close, &[fd])?;
         }
+        used.insert(f.fd as u64);
     }
-    Ok(())
+    Ok(opened)
 }
 
-fn restore_signals(child: &RestoredChild, image: &ProcessImage) -> Result<(), RestoreError> {
+fn restore_signals(batch: &mut Batch, image: &ProcessImage) -> Result<(), RestoreError> {
     let signals = &image.signals;
-    let inject = &child.injector;
-    let mut structs = Vec::with_capacity(signals.actions.len() * KERNEL_SIGACTION_LEN);
     for a in &signals.actions {
+        let mut act = Vec::with_capacity(KERNEL_SIGACTION_LEN);
         for word in [a.handler, a.flags, a.restorer, a.mask] {
-            structs.extend_from_slice(&word.to_ne_bytes());
+            act.extend_from_slice(&word.to_ne_bytes());
         }
+        let what = format!("rt_sigaction({})", a.signo);
+        batch.push_with_data(what, libc::SYS_rt_sigaction, &[a.signo as u64, 0, 0, SIGSET_LEN], 1, &act)?;
     }
-    inject.poke(child.data(), &structs)?;
-    for (i, a) in signals.actions.iter().enumerate() {
-        let act = child.data() + (i * KERNEL_SIGACTION_LEN) as u64;
-        inject.call(
-            || format!("rt_sigaction({})", a.signo),
-            libc::SYS_rt_sigaction,
-            &[a.signo as u64, act, 0, SIGSET_LEN],
-        )?;
-    }
-    let pid = child.pid() as u64;
-    let queues = [
-        (false, &signals.pending_thread),
-        (true, &signals.pending_process),
-    ];
-    for (shared, info) in queues
-        .into_iter()
-        .flat_map(|(shared, q)| q.iter().map(move |i| (shared, i)))
-    {
-        inject.poke(child.data(), &info.raw)?;
+    let pid = batch.child.pid() as u64;
+    let queues = [(false, &signals.pending_thread), (true, &signals.pending_process)];
+    for (shared, info) in queues.into_iter().flat_map(|(shared, q)| q.iter().map(move |i| (shared, i))) {
         let sig = info.signo as u64;
-        let what = || format!("queueing pending signal {sig}");
+        let what = format!("queueing pending signal {sig}");
         if shared {
-            inject.call(what, libc::SYS_rt_sigqueueinfo, &[pid, sig, child.data()])?;
+            batch.push_with_data(what, libc::SYS_rt_sigqueueinfo, &[pid, sig, 0], 2, &info.raw)?;
         } else {
-            inject.call(
-                what,
-                libc::SYS_rt_tgsigqueueinfo,
-                &[pid, pid, sig, child.data()],
-            )?;
+            batch.push_with_data(what, libc::SYS_rt_tgsigqueueinfo, &[pid, pid, sig, 0], 3, &info.raw)?;
         }
     }
     Ok(())
@@ -828,7 +792,7 @@ fn restore_signals(child: &RestoredChild, image: &ProcessImage) -> Result<(), Re
 
 /// Sets the image's alternate signal stack, or none: the child inherited
 /// the agent thread's.
-fn restore_altstack(child: &RestoredChild, image: &ProcessImage) -> Result<(), RestoreError> {
+fn restore_altstack(batch: &mut Batch, image: &ProcessImage) -> Result<(), RestoreError> {
     let (sp, flags, size) = match image.sigaltstack {
         Some(s) => (s.sp, if s.autodisarm { SS_AUTODISARM } else { 0 }, s.size),
         None => (0, libc::SS_DISABLE as u32, 0),
@@ -837,13 +801,8 @@ fn restore_altstack(child: &RestoredChild, image: &ProcessImage) -> Result<(), R
     for word in [sp, flags as u64, size] {
         stack.extend_from_slice(&word.to_ne_bytes());
     }
-    child.injector.poke(child.data(), &stack)?;
-    child.injector.call(
-        || format!("sigaltstack({sp:#x}, {size} bytes)"),
-        libc::SYS_sigaltstack,
-        &[child.data(), 0],
-    )?;
-    Ok(())
+    let what = format!("sigaltstack({sp:#x}, {size} bytes)");
+    batch.push_with_data(what, libc::SYS_sigaltstack, &[0, 0], 0, &stack).map(drop)
 }
 
 #[cfg(test)]
