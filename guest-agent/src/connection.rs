@@ -324,9 +324,17 @@ impl<S: Stream> Connection<S> {
                 None => Some(no_deputy()),
             },
             Request::DeputyExit(status) => Some(self.end_deputy(status)),
+            Request::DeputyMoved { node } => match &mut self.deputy {
+                Some(deputy) => {
+                    deputy.moved(node);
+                    None
+                }
+                None => Some(no_deputy()),
+            },
             _ if self.deputy.is_some() => Some(error(
                 ErrorKind::Busy,
-                "this connection serves a deputy: only DeputyOutput and DeputyExit are accepted",
+                "this connection serves a deputy: only DeputyOutput, DeputyExit and DeputyMoved are \
+                 accepted",
             )),
             Request::Hello { .. } => {
                 Some(error(ErrorKind::BadRequest, "hello was already exchanged"))

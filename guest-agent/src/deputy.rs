@@ -169,6 +169,12 @@ impl Deputy {
         self.tracee.pid.as_raw()
     }
 
+    /// Its migrated process now runs on `node`.
+    pub fn moved(&mut self, node: String) {
+        registry().insert(self.pid() as u32, node.clone());
+        self.node = node;
+    }
+
     /// What to poll while it lives: readable once it has died.
     pub fn watched(&self) -> Option<BorrowedFd<'_>> {
         (!self.ended).then(|| self.pidfd.as_fd())

@@ -465,6 +465,11 @@ impl<W: Write> DeputyControl<W> {
         Ok(())
     }
 
+    /// The migrated process now runs on `node`.
+    pub fn moved(&mut self, node: &str) -> Result<(), ClientError> {
+        Ok(write_frame(&mut self.writer, &Request::DeputyMoved { node: node.to_owned() })?)
+    }
+
     /// The migrated process ended this way: the agent ends the deputy the
     /// same way, so that its parent sees it, and [`DeputyEvents`] then
     /// reports `Ended`.

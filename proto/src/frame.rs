@@ -133,6 +133,7 @@ mod tests {
             Request::BecomeDeputy { pid: 77, node: "n2".into() },
             Request::DeputyOutput { fd: 1, data: b"out".to_vec() },
             Request::DeputyExit(ExitStatus::Signal { signal: 15, core_dumped: false }),
+            Request::DeputyMoved { node: "n3".into() },
         ]
     }
 
@@ -247,7 +248,7 @@ mod tests {
     #[test]
     fn request_variant_count_is_exact() {
         // The last variant's index must be VARIANTS - 1.
-        let last = Request::DeputyExit(ExitStatus::Code(0));
+        let last = Request::DeputyMoved { node: "n".into() };
         let frame = encode_frame(&last).unwrap();
         assert_eq!(frame[LEN_BYTES], (Request::VARIANTS - 1) as u8);
     }

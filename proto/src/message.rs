@@ -107,7 +107,7 @@ pub enum Request {
     /// `DeputySignal` for each signal sent to the deputy (which the deputy
     /// does not take; signals already pending at the checkpoint travel in
     /// the image and are not sent again), and accepts `DeputyOutput` and
-    /// `DeputyExit`. A SIGKILL kills the deputy: the agent sends
+    /// `DeputyExit` (and `DeputyMoved`). A SIGKILL kills the deputy: the agent sends
     /// `DeputySignal { signal: 9 }` and nothing more, drops further output
     /// and answers `DeputyExit` with `Ok` at once. If the connection closes
     /// before `DeputyExit`, the deputy is killed (SIGKILL): its migrated
@@ -126,12 +126,16 @@ pub enum Request {
     /// that cannot end a process gets `Error` (`BadRequest`) and the
     /// deputy stays.
     DeputyExit(ExitStatus),
+    /// The migrated process now runs on `node` (it moved on, or came
+    /// home): `Ps` shows it. No reply, except `Error` (`BadRequest`)
+    /// without a deputy.
+    DeputyMoved { node: String },
 }
 
 impl Request {
     /// How many variants [`Request`] has: a decoded variant index at or past
     /// this is a request from a newer protocol version.
-    pub const VARIANTS: u32 = 18;
+    pub const VARIANTS: u32 = 19;
 }
 
 /// Starts a process in the guest.

@@ -1,7 +1,7 @@
 //! Live migration between real node VMs.
 //!
-//! Nodes A (home) and B share a host directory; C exists to be killed by a
-//! fault. Workloads run with `pmivmm exec` on A, so their stdout and exit
+//! Nodes A (home), B and C share a host directory; D exists to be killed
+//! by a fault. Workloads run with `pmivmm exec` on A, so their stdout and exit
 //! status reach the test through A's agent: after a migration they come
 //! through the deputy at A, relayed from where the process runs. Each
 //! migrated run must give exactly the output and exit status of an
@@ -122,6 +122,28 @@ fn a_process_moves_on_and_comes_home() {
 }
 
 #[test]
+fn a_process_moves_from_node_to_node() {
+    let (a, b, c) = nodes();
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let expected = reference(a, "counter 300");
+    let job = Job::start(a, "counter 300");
+    job.wait_output();
+    let (ok, report, err) = migrate(a, job.pid, b, &[]);
+    assert!(ok, "A -> B: {err}");
+    let on_b = migrated_pid(&report);
+    std::thread::sleep(random_delay(100, 400));
+    let (ok, report, err) = migrate(b, on_b, c, &[]);
+    assert!(ok, "B -> C: {err}");
+    eprintln!("{}", report.trim());
+    assert!(process(b, on_b).is_none(), "the copy on B still runs after it moved on to C");
+    let on_c = migrated_pid(&report);
+    assert!(process(c, on_c).is_some(), "PID {on_c} does not run on C");
+    let deputy = process(a, job.pid).expect("the deputy at home is gone");
+    assert_eq!(deputy.remote.as_deref(), Some(c), "ps at home does not show that it runs on C now");
+    assert_eq!(job.finish(), expected, "A -> B -> C changed the output");
+}
+
+#[test]
 fn signals_to_the_deputy_reach_the_process() {
     let (a, b, _) = nodes();
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -183,14 +205,16 @@ fn failed_migrations_leave_the_process_running_at_home() {
 
 #[test]
 fn a_target_vmm_that_dies_mid_migration_loses_nothing() {
-    let (a, _, c) = nodes();
+    let (a, _, _) = nodes();
+    // Killed by the fault: no other test may use it.
+    let d = shared_node_with("mig-d", &["--share", share()]);
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let expected = reference(a, "counter 150");
     let job = Job::start(a, "counter 150");
     job.wait_output();
-    // C's VMM exits once the process runs there, before it says so.
-    let _fault = arm_fault(c, "running exit");
-    let (ok, _, err) = migrate(a, job.pid, c, &[]);
+    // D's VMM exits once the process runs there, before it says so.
+    let _fault = arm_fault(d, "running exit");
+    let (ok, _, err) = migrate(a, job.pid, d, &[]);
     assert!(!ok, "migration to a dying node succeeded");
     assert!(err.contains("not moved"), "{err}");
     assert_eq!(job.finish(), expected, "the process did not finish correctly at home");

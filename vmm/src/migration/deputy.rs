@@ -50,8 +50,8 @@ pub type HostId = u64;
 
 /// What the process's hosts report.
 pub enum RelayEvent {
-    /// A host attached.
-    Attached,
+    /// A host attached: the process runs on node `node` now.
+    Attached { node: String },
     Output { fd: u8, data: Vec<u8> },
     Exited(ExitStatus),
     /// A host's copy moved on (a new host has attached).
@@ -104,22 +104,23 @@ impl DeputyHandle {
         let _ = self.events.send((host, event));
     }
 
-    /// A new host: `Attached` goes before anything the host reports.
-    fn attach(&self, signals: SyncSender<ToHost>) -> HostId {
+    /// A new host, node `node`: `Attached` goes before anything the host
+    /// reports.
+    fn attach(&self, node: String, signals: SyncSender<ToHost>) -> HostId {
         let host = self.next_host.fetch_add(1, Ordering::SeqCst);
-        self.deliver(host, RelayEvent::Attached);
+        self.deliver(host, RelayEvent::Attached { node });
         lock(&self.routes).push(signals);
         host
     }
 
-    /// The process runs at home again (as another local process); its
-    /// events are delivered with the returned id.
-    pub fn attach_local(&self, signals: SyncSender<ToHost>) -> HostId {
-        self.attach(signals)
+    /// The process runs at home, node `node`, again (as another local
+    /// process); its events are delivered with the returned id.
+    pub fn attach_local(&self, node: String, signals: SyncSender<ToHost>) -> HostId {
+        self.attach(node, signals)
     }
 
-    /// A host attached over a peer link.
-    pub fn attach_remote(self: &Arc<Self>, mut rx: SyncReader, mut tx: SyncWriter) -> Result<(), Error> {
+    /// Node `node` attached over a peer link as the process's host.
+    pub fn attach_remote(self: &Arc<Self>, node: String, mut rx: SyncReader, mut tx: SyncWriter) -> Result<(), Error> {
         let (signals, pending) = mpsc::sync_channel::<ToHost>(MAX_PENDING_REQUESTS);
         let pid = self.pid;
         thread::Builder::new()
@@ -137,7 +138,7 @@ impl DeputyHandle {
                 }
             })
             .map_err(Error::Thread)?;
-        let host = self.attach(signals);
+        let host = self.attach(node, signals);
         let me = self.clone();
         thread::Builder::new()
             .name(format!("deputy-link-{pid}"))
@@ -214,20 +215,21 @@ type Events = DeputyEvents<UnixStream>;
 type Control = DeputyControl<UnixStream>;
 
 /// Starts the deputy of `pid` (token `token`), whose process now runs on the
-/// host at the other end of `link` (`None`: the host attaches later).
+/// host at the other end of `link`, named with it (`None`: the host
+/// attaches later).
 pub fn start(
     node: &Arc<MigrationNode>,
     token: u64,
     pid: u32,
     events: Events,
     control: Control,
-    link: Option<(SyncReader, SyncWriter)>,
+    link: Option<(String, SyncReader, SyncWriter)>,
 ) -> Result<(), Error> {
     let (handle, rx) = DeputyHandle::new(pid);
     let handle = Arc::new(handle);
     lock(&node.deputies).insert(token, handle.clone());
-    if let Some((r, w)) = link {
-        handle.attach_remote(r, w)?;
+    if let Some((host, r, w)) = link {
+        handle.attach_remote(host, r, w)?;
     }
     let signals = handle.clone();
     thread::Builder::new()
@@ -314,8 +316,11 @@ fn run(pid: u32, rx: Receiver<(HostId, RelayEvent)>, mut control: Control) {
             Some(t) => rx.recv_timeout(REATTACH_GRACE.saturating_sub(t.elapsed())),
         };
         let write = match event {
-            Ok((host, RelayEvent::Attached)) => {
+            Ok((host, RelayEvent::Attached { node })) => {
                 hosts.attached.push((host, Vec::new()));
+                if let Err(e) = control.moved(&node) {
+                    tracing::warn!("deputy {pid}: cannot tell the agent that the process runs on {node} now: {e}");
+                }
                 Vec::new()
             }
             Ok((host, RelayEvent::Output { fd, data })) => hosts.output(host, fd, data),
@@ -416,8 +421,8 @@ mod tests {
         let (deputy, _events) = DeputyHandle::new(7);
         let (gone, _) = mpsc::sync_channel(MAX_PENDING_REQUESTS);
         let (route, pending) = mpsc::sync_channel(MAX_PENDING_REQUESTS);
-        deputy.attach_local(route);
-        deputy.attach_local(gone);
+        deputy.attach_local("a".into(), route);
+        deputy.attach_local("a".into(), gone);
         for signal in 1..=MAX_PENDING_REQUESTS as i32 + 10 {
             deputy.to_host(ToHost::Signal(signal));
         }

@@ -133,7 +133,7 @@ pub fn start(node: &Arc<MigrationNode>, pid: u32, home: HomeRef, session: Sessio
     let (signals_tx, signals_rx) = mpsc::sync_channel(deputy::MAX_PENDING_REQUESTS);
     let sink = match link {
         Some(HomeLink::Local(deputy)) => {
-            let host = deputy.attach_local(signals_tx);
+            let host = deputy.attach_local(node.name.clone(), signals_tx);
             HomeSink::Local(deputy, host)
         }
         remote => {

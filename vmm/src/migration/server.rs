@@ -73,7 +73,7 @@ fn converse(node: &Arc<MigrationNode>, peer: String, mut rx: SyncReader, mut tx:
                 }
             };
             tracing::info!("{peer} now runs the process of deputy PID {}", deputy.pid);
-            deputy.attach_remote(rx, tx)
+            deputy.attach_remote(peer, rx, tx)
         }
         PeerMsg::Query { id } => {
             let running = node.outcome(id);

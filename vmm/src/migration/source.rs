@@ -101,7 +101,7 @@ pub fn migrate(node: &Arc<MigrationNode>, pid: u32, addr: &str, opts: Options) -
         // its relay go.
         if let (true, Some((rx, tx))) = (home.node == node.name, t.link) {
             node.deputy(home.token)
-                .and_then(|deputy| deputy.attach_remote(rx, tx))
+                .and_then(|deputy| deputy.attach_remote(t.peer.clone(), rx, tx))
                 .map_err(|e| Error::AfterCommit(Box::new(e)))?;
         }
         node.relay_moving_away(pid);
@@ -109,7 +109,8 @@ pub fn migrate(node: &Arc<MigrationNode>, pid: u32, addr: &str, opts: Options) -
     } else {
         let (events, control) =
             agent.become_deputy(pid, t.peer.clone()).map_err(|e| Error::AfterCommit(Box::new(Error::Agent(e))))?;
-        deputy::start(node, home.token, pid, events, control, t.link).map_err(|e| Error::AfterCommit(Box::new(e)))?;
+        let link = t.link.map(|(rx, tx)| (t.peer.clone(), rx, tx));
+        deputy::start(node, home.token, pid, events, control, link).map_err(|e| Error::AfterCommit(Box::new(e)))?;
     }
     tracing::info!(
         "migrated PID {pid} ({}) to {} as PID {}: {} pre-copy rounds, frozen {:?}",
