@@ -101,10 +101,10 @@ fn open_files_in_the_share_migrate() {
     assert_eq!(read("mig"), read("ref"), "the migrated run's file differs");
 }
 
-#[test]
-fn a_process_moves_on_and_comes_home() {
-    let (a, b, _) = nodes();
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+/// Starts `counter 300` on A, moves it to B and from there on to `next`
+/// (`extra`: options of that second move). Returns the output of an
+/// uninterrupted run, the job and the second move's report.
+fn moved_twice(a: &str, b: &str, next: &str, extra: &[&str]) -> ((i32, String), Job, String) {
     let expected = reference(a, "counter 300");
     let job = Job::start(a, "counter 300");
     job.wait_output();
@@ -112,10 +112,18 @@ fn a_process_moves_on_and_comes_home() {
     assert!(ok, "A -> B: {err}");
     let on_b = migrated_pid(&report);
     std::thread::sleep(random_delay(100, 400));
-    let (ok, report, err) = migrate(b, on_b, "home", &["--no-precopy"]);
-    assert!(ok, "B -> home: {err}");
+    let (ok, report, err) = migrate(b, on_b, next, extra);
+    assert!(ok, "B -> {next}: {err}");
     eprintln!("{}", report.trim());
-    assert!(process(b, on_b).is_none(), "the copy on B still runs after it went home");
+    assert!(process(b, on_b).is_none(), "the copy on B still runs after it moved to {next}");
+    (expected, job, report)
+}
+
+#[test]
+fn a_process_moves_on_and_comes_home() {
+    let (a, b, _) = nodes();
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (expected, job, report) = moved_twice(a, b, "home", &["--no-precopy"]);
     let back = migrated_pid(&report);
     assert!(process(a, back).is_some(), "PID {back} does not run at home");
     assert_eq!(job.finish(), expected, "A -> B -> A changed the output");
@@ -125,17 +133,7 @@ fn a_process_moves_on_and_comes_home() {
 fn a_process_moves_from_node_to_node() {
     let (a, b, c) = nodes();
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let expected = reference(a, "counter 300");
-    let job = Job::start(a, "counter 300");
-    job.wait_output();
-    let (ok, report, err) = migrate(a, job.pid, b, &[]);
-    assert!(ok, "A -> B: {err}");
-    let on_b = migrated_pid(&report);
-    std::thread::sleep(random_delay(100, 400));
-    let (ok, report, err) = migrate(b, on_b, c, &[]);
-    assert!(ok, "B -> C: {err}");
-    eprintln!("{}", report.trim());
-    assert!(process(b, on_b).is_none(), "the copy on B still runs after it moved on to C");
+    let (expected, job, report) = moved_twice(a, b, c, &[]);
     let on_c = migrated_pid(&report);
     assert!(process(c, on_c).is_some(), "PID {on_c} does not run on C");
     let deputy = process(a, job.pid).expect("the deputy at home is gone");
