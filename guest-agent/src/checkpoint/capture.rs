@@ -32,7 +32,7 @@ use pmivmm_proto::image::{
 };
 use pmivmm_proto::MigrationObstacle;
 
-use super::inject::{self, find_syscall_insn, InjectError, Injector, Syscall, BATCH_ENTRY_LEN, BATCH_RUNNER};
+use super::inject::{find_syscall_insn, InjectError, Injector, Syscall, BATCH_ENTRY_LEN, BATCH_RUNNER};
 use super::pagemap::{tracked, Pagemap, PagemapError};
 use super::pagetables::{MmTables, PageTablesError};
 use super::procfs::{self, MapsEntry, ProcfsError, Stat, Status, PF_KTHREAD};
@@ -746,10 +746,7 @@ fn read_injected(
         calls.push(Syscall::new(libc::SYS_setitimer, &[which, scratch + SCRATCH_ZERO_ITIMER, old]));
         what.push(format!("setitimer({which}) to read and disarm it"));
     }
-    let results = injector.batch(scratch + SCRATCH_RUNNER, scratch + SCRATCH_TABLE, &calls)?;
-    let results = (results.into_iter().zip(&what))
-        .map(|(r, what)| inject::check(|| what.clone(), r))
-        .collect::<Result<Vec<u64>, _>>()?;
+    let results = injector.batch_checked(scratch + SCRATCH_RUNNER, scratch + SCRATCH_TABLE, &calls, &what)?;
     let brk = results[0];
     let mut buf = vec![0u8; SCRATCH_USED];
     injector.peek(scratch, &mut buf)?;

@@ -179,6 +179,19 @@ impl Injector {
         Ok(batch_results(&table))
     }
 
+    /// [`Self::batch`] with a name for each call: the results of all
+    /// calls, or an error naming the first that failed.
+    pub fn batch_checked(
+        &self,
+        runner_at: u64,
+        table_at: u64,
+        calls: &[Syscall],
+        what: &[String],
+    ) -> Result<Vec<u64>, InjectError> {
+        let raw = self.batch(runner_at, table_at, calls)?;
+        raw.into_iter().zip(what).map(|(r, what)| check(|| what.clone(), r)).collect()
+    }
+
     /// Runs syscall `nr` with up to six arguments and returns its raw result
     /// (`-errno` on failure).
     pub fn syscall(&self, nr: i64, args: &[u64]) -> Result<i64, InjectError> {
@@ -306,7 +319,7 @@ impl Injector {
 }
 
 /// A raw syscall result; a negative one is an error naming `what`.
-pub fn check(what: impl Fn() -> String, r: i64) -> Result<u64, InjectError> {
+fn check(what: impl Fn() -> String, r: i64) -> Result<u64, InjectError> {
     if (-4095..0).contains(&r) {
         return Err(InjectError::Failed {
             what: what(),

@@ -38,7 +38,7 @@ use pmivmm_proto::ExitStatus;
 use crate::priority;
 
 use super::capture::{set_itimers, KERNEL_SIGACTION_LEN, SIGSET_LEN, SS_AUTODISARM, STACK_T_LEN};
-use super::inject::{self, InjectError, Injector, Syscall, BATCH_ENTRY_LEN, BATCH_RUNNER};
+use super::inject::{InjectError, Injector, Syscall, BATCH_ENTRY_LEN, BATCH_RUNNER};
 use super::pagemap::{Pagemap, PagemapError};
 use super::pagetables::{MmTables, PageTablesError};
 use super::procfs::{self, MapsEntry, ProcfsError};
@@ -145,23 +145,6 @@ impl RestoredChild {
         self.scratch = scratch;
         Ok(())
     }
-
-    /// Injects a syscall whose first argument is `path` (copied into the
-    /// scratch area).
-    fn call_with_path(
-        &self,
-        what: &str,
-        nr: i64,
-        path: &str,
-        args: &[u64],
-    ) -> Result<u64, RestoreError> {
-        let mut bytes = path.as_bytes().to_vec();
-        bytes.push(0);
-        self.injector.poke(self.data(), &bytes)?;
-        let mut all = vec![self.data()];
-        all.extend_from_slice(args);
-        Ok(self.injector.call(|| format!("{what} {path}"), nr, &all)?)
-    }
 }
 
 /// Syscalls injected into a [`RestoredChild`] together, in order, with one
@@ -237,11 +220,10 @@ impl<'c> Batch<'c> {
             injector.poke(self.table() + (BATCH_CALLS * BATCH_ENTRY_LEN) as u64, &self.data)?;
         }
         let runner = self.child.scratch + RUNNER_OFFSET;
-        let raw = injector.batch(runner, self.table(), &self.calls)?;
-        for (r, what) in raw.into_iter().zip(self.what.drain(..)) {
-            self.results.push(inject::check(|| what.clone(), r)?);
-        }
+        let results = injector.batch_checked(runner, self.table(), &self.calls, &self.what)?;
+        self.results.extend(results);
         self.calls.clear();
+        self.what.clear();
         self.data.clear();
         Ok(())
     }
@@ -695,7 +677,9 @@ const PR_SET_MM_MAP: u64 = 14;
 /// `prctl(PR_SET_MM, PR_SET_MM_MAP)` (needs CONFIG_CHECKPOINT_RESTORE).
 fn set_mm(child: &RestoredChild, image: &ProcessImage) -> Result<(), RestoreError> {
     let flags = (libc::O_RDONLY | libc::O_CLOEXEC) as u64;
-    let exe_fd = child.call_with_path("open", libc::SYS_open, &image.exe, &[flags])?;
+    let mut open = Batch::new(child);
+    open.push_with_path("open", libc::SYS_open, &image.exe, &[flags])?;
+    let exe_fd = open.run()?[0];
     let m = &image.mm;
     let map = PrctlMmMap {
         start_code: m.start_code,
