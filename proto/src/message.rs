@@ -431,7 +431,8 @@ impl fmt::Display for MigrationObstacle {
 pub struct LoadInfo {
     /// Load averages over 1, 5 and 15 minutes.
     pub load_avg: [f32; 3],
-    /// Tasks (threads) currently runnable, the agent's own not counted.
+    /// Threads of user space currently running or runnable, not counting
+    /// the agent's own or kernel threads.
     pub runnable_tasks: u32,
     /// Tasks (threads) that exist.
     pub total_tasks: u32,

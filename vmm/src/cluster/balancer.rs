@@ -39,15 +39,6 @@ impl Default for Policy {
     }
 }
 
-/// A process to send, and where.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Decision {
-    pub pid: u32,
-    pub comm: String,
-    pub target: String,
-    pub target_addr: String,
-}
-
 /// What the balancer remembers between rounds.
 #[derive(Default)]
 pub struct History {
@@ -62,22 +53,22 @@ fn per_cpu(runnable: u32, cpus: u32) -> f64 {
     runnable as f64 / cpus.max(1) as f64
 }
 
-/// Chooses at most one process of this node (`procs`, with `me`'s load) to
-/// send to one of `members`.
-pub fn choose(
+/// The member that should receive a process from this node (`me`'s load),
+/// if any: the least loaded of those that stay less loaded than this node
+/// after receiving one. Decided from the gossiped loads alone, before the
+/// process list (which costs the guest far more) is asked for.
+pub fn target<'a>(
     me: &NodeLoad,
-    members: &[MemberView],
-    procs: &[ProcessInfo],
-    pinned: &dyn Fn(u32) -> bool,
+    members: &'a [MemberView],
     history: &History,
     policy: &Policy,
     now: Instant,
-) -> Option<Decision> {
+) -> Option<&'a MemberView> {
     if me.runnable <= me.cpus.max(1) {
         return None;
     }
     let after_sending = per_cpu(me.runnable - 1, me.cpus);
-    let target = members
+    members
         .iter()
         .filter(|v| !v.me && v.health == Health::Alive && !v.member.blocked)
         .filter(|v| history.sent_to.get(&v.member.name).is_none_or(|t| now.duration_since(*t) >= policy.target_cooldown))
@@ -85,20 +76,26 @@ pub fn choose(
         .min_by(|a, b| {
             per_cpu(a.member.load.runnable, a.member.load.cpus)
                 .total_cmp(&per_cpu(b.member.load.runnable, b.member.load.cpus))
-        })?;
-    let process = procs
+        })
+}
+
+/// The process of this node (`procs`) to send: the one that has run the
+/// longest of those that are running, migratable, not pinned, CPU-bound
+/// long enough, small enough and did not move lately.
+pub fn process<'a>(
+    procs: &'a [ProcessInfo],
+    pinned: &dyn Fn(u32) -> bool,
+    history: &History,
+    policy: &Policy,
+    now: Instant,
+) -> Option<&'a ProcessInfo> {
+    procs
         .iter()
         .filter(|p| p.state == 'R' && p.remote.is_none() && p.migratable == Migratability::Migratable)
         .filter(|p| p.cpu_time_ms >= policy.min_cpu.as_millis() as u64 && p.rss_bytes <= policy.max_rss)
         .filter(|p| !pinned(p.pid))
         .filter(|p| history.moved.get(&p.pid).is_none_or(|t| now.duration_since(*t) >= policy.cooldown))
-        .max_by_key(|p| p.cpu_time_ms)?;
-    Some(Decision {
-        pid: process.pid,
-        comm: process.comm.clone(),
-        target: target.member.name.clone(),
-        target_addr: target.member.addr.clone(),
-    })
+        .max_by_key(|p| p.cpu_time_ms)
 }
 
 #[cfg(test)]
@@ -133,14 +130,28 @@ mod tests {
         }
     }
 
-    fn pick(me: u32, members: &[MemberView], procs: &[ProcessInfo]) -> Option<Decision> {
-        choose(&load(me), members, procs, &|_| false, &History::default(), &Policy::default(), Instant::now())
+    /// The PID sent and the node it goes to.
+    fn choose(
+        me: u32,
+        members: &[MemberView],
+        procs: &[ProcessInfo],
+        pinned: &dyn Fn(u32) -> bool,
+        history: &History,
+    ) -> Option<(u32, String)> {
+        let (policy, now) = (Policy::default(), Instant::now());
+        let to = target(&load(me), members, history, &policy, now)?;
+        let p = process(procs, pinned, history, &policy, now)?;
+        Some((p.pid, to.member.name.clone()))
+    }
+
+    fn pick(me: u32, members: &[MemberView], procs: &[ProcessInfo]) -> Option<(u32, String)> {
+        choose(me, members, procs, &|_| false, &History::default())
     }
 
     #[test]
     fn sends_the_longest_running_job_to_the_idlest_node() {
-        let d = pick(3, &[node("b", 1), node("c", 0)], &[proc_(10, 2000), proc_(11, 9000)]).unwrap();
-        assert_eq!((d.pid, d.target.as_str()), (11, "c"));
+        let d = pick(3, &[node("b", 1), node("c", 0)], &[proc_(10, 2000), proc_(11, 9000)]);
+        assert_eq!(d, Some((11, "c".into())));
     }
 
     #[test]
@@ -163,11 +174,10 @@ mod tests {
         let mut deputy = proc_(10, 9000);
         deputy.remote = Some("c".into());
         assert_eq!(pick(3, &peers, &[deputy]), None, "a deputy");
-        let pinned = choose(&load(3), &peers, &[proc_(10, 9000)], &|p| p == 10, &History::default(), &Policy::default(), Instant::now());
-        assert_eq!(pinned, None);
+        assert_eq!(choose(3, &peers, &[proc_(10, 9000)], &|p| p == 10, &History::default()), None, "pinned");
         let mut h = History::default();
         h.moved.insert(10, Instant::now());
-        assert_eq!(choose(&load(3), &peers, &[proc_(10, 9000)], &|_| false, &h, &Policy::default(), Instant::now()), None);
+        assert_eq!(choose(3, &peers, &[proc_(10, 9000)], &|_| false, &h), None, "moved lately");
     }
 
     #[test]
@@ -179,7 +189,6 @@ mod tests {
         assert_eq!(pick(3, &[blocked, suspect], &[proc_(10, 9000)]), None);
         let mut h = History::default();
         h.sent_to.insert("b".into(), Instant::now());
-        let d = choose(&load(3), &[node("b", 0)], &[proc_(10, 9000)], &|_| false, &h, &Policy::default(), Instant::now());
-        assert_eq!(d, None);
+        assert_eq!(choose(3, &[node("b", 0)], &[proc_(10, 9000)], &|_| false, &h), None, "just served");
     }
 }

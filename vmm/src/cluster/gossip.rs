@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use pmivmm_proto::{ClientError, LoadInfo, Migratability, MigrationObstacle};
+use pmivmm_proto::{ClientError, LoadInfo};
 
 use super::balancer::{self, History, Policy};
 use super::membership::{LoadSamples, NodeLoad};
@@ -169,51 +169,32 @@ fn balance(
     history: &mut History,
     policy: &Policy,
 ) {
-    // The process list costs the guest much more than the load: ask for it
-    // only when this node may have a process to spare.
-    if load.runnable <= load.cpus.max(1) {
-        return;
-    }
-    let members = lock(&node.cluster.table).view(Instant::now());
-    if members.iter().all(|m| m.me) {
-        return;
-    }
-    let Some(procs) = agent.ask(node, |a| a.ps()) else { return };
-    // This node's own count from the process list: /proc/loadavg also counts
-    // the agent's threads that happen to run (busy with this very ps, or
-    // with a migration).
-    let kernel_thread = |p: &pmivmm_proto::ProcessInfo| {
-        matches!(&p.migratable, Migratability::NotMigratable(o) if o.contains(&MigrationObstacle::KernelThread))
-    };
-    let runnable =
-        procs.iter().filter(|p| p.state == 'R' && p.pid != 1 && p.remote.is_none() && !kernel_thread(p)).count();
-    let load = &NodeLoad { runnable: runnable as u32, ..*load };
     let now = Instant::now();
+    let members = lock(&node.cluster.table).view(now);
+    // The process list costs the guest much more than the load (which the
+    // guest kernel counts without the agent or kernel threads): ask for it
+    // only when some member should receive a process.
+    let Some(to) = balancer::target(load, &members, history, policy, now) else { return };
+    let Some(procs) = agent.ask(node, |a| a.ps()) else { return };
     // Pinned processes stay, and so do those that just arrived (no
     // ping-pong between nodes).
     let pinned = |pid| node.cluster.is_pinned(pid) || node.arrived_within(pid, policy.cooldown);
-    let Some(d) = balancer::choose(load, &members, &procs, &pinned, history, policy, now) else { return };
-    tracing::info!(
-        "balancer: {} runnable on {} CPU(s) here; sending PID {} ({}) to {}",
-        load.runnable,
-        load.cpus,
-        d.pid,
-        d.comm,
-        d.target
-    );
-    history.sent_to.insert(d.target.clone(), now);
-    history.moved.insert(d.pid, now);
+    let Some(p) = balancer::process(&procs, &pinned, history, policy, now) else { return };
+    let (pid, comm, target, target_addr) = (p.pid, p.comm.clone(), to.member.name.clone(), to.member.addr.clone());
+    tracing::info!("balancer: {} runnable on {} CPU(s) here; sending PID {pid} ({comm}) to {target}", load.runnable, load.cpus);
+    history.sent_to.insert(target.clone(), now);
+    history.moved.insert(pid, now);
     // The migration runs on its own thread: gossip must go on meanwhile.
     node.cluster.busy.store(true, Ordering::SeqCst);
     let mover = node.clone();
     let settle = policy.target_cooldown;
     let spawned = thread::Builder::new().name("balancer".into()).spawn(move || {
         let node = &mover;
-        let flight = InFlight { pid: d.pid, comm: d.comm.clone(), target: d.target.clone(), automatic: true };
+        let flight = InFlight { pid, comm, target: target.clone(), automatic: true };
         let _flight = node.cluster.start_migration(flight);
-        match source::migrate(node, d.pid, &d.target_addr, source::Options { precopy: true }) {
-            Ok(r) => tracing::info!("balancer: PID {} runs on {} as PID {}", d.pid, r.target, r.remote_pid),
-            Err(e) => tracing::warn!("balancer: moving PID {} to {} failed: {e}", d.pid, d.target),
+        match source::migrate(node, pid, &target_addr, source::Options { precopy: true }) {
+            Ok(r) => tracing::info!("balancer: PID {pid} runs on {} as PID {}", r.target, r.remote_pid),
+            Err(e) => tracing::warn!("balancer: moving PID {pid} to {target} failed: {e}"),
         }
         // The next decision waits until the loads gossiped show this move.
         thread::sleep(settle);
