@@ -379,12 +379,25 @@ fn kill_of_a_missing_pid_says_so() {
     assert_eq!(kind, ErrorKind::BadRequest);
 }
 
+/// The load comes from /proc/pmivmm_load, which only the node kernel has
+/// (patch 0011; the KVM tests check the figures there): elsewhere the
+/// answer says what is missing.
 #[test]
-fn load_reports_this_machine() {
-    let load = client().load().unwrap();
-    assert!(load.cpus >= 1);
-    assert!(load.total_tasks >= load.runnable_tasks && load.total_tasks > 0);
-    assert!(load.mem_total_bytes >= load.mem_available_bytes);
+fn load_reports_this_machine_or_what_its_kernel_lacks() {
+    match client().load() {
+        Ok(load) => {
+            assert!(Path::new("/proc/pmivmm_load").exists());
+            assert!(load.cpus >= 1);
+            assert!(load.total_tasks >= load.runnable_tasks && load.total_tasks > 0);
+            assert!(load.mem_total_bytes >= load.mem_available_bytes);
+        }
+        Err(e) => {
+            assert!(!Path::new("/proc/pmivmm_load").exists(), "{e}");
+            let (kind, message) = agent_error(Err::<(), _>(e));
+            assert_eq!(kind, ErrorKind::Failed);
+            assert!(message.contains("/proc/pmivmm_load") && message.contains("patch 0011"), "{message}");
+        }
+    }
 }
 
 #[test]
@@ -427,8 +440,8 @@ fn unknown_and_garbage_requests_get_errors_and_the_connection_lives_on() {
             ..
         }
     ));
-    write_frame(&mut s, &Request::Load).unwrap();
-    assert!(matches!(reply(&mut s), Response::Load(_)));
+    write_frame(&mut s, &Request::Ps).unwrap();
+    assert!(matches!(reply(&mut s), Response::ProcessList(_)));
 }
 
 #[test]
@@ -712,8 +725,9 @@ fn precopy_rounds_pass_the_running_process_its_signals() {
 /// to its normal end.
 #[test]
 fn precopied_process_is_let_go_when_its_client_leaves() {
-    let expected = uninterrupted("counter", &["30"]);
-    let mut session = client().exec(workload("counter", &["30"])).unwrap();
+    // Long enough to still run when its output has come (once a second).
+    let expected = uninterrupted("counter", &["200"]);
+    let mut session = client().exec(workload("counter", &["200"])).unwrap();
     let pid = session.pid();
     wait_for_exec(pid, "counter");
     let mut out = read_until(&mut session, "tick 1\n");

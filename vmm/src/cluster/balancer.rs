@@ -10,8 +10,10 @@
 //! I/O-bound processes stay), be small enough to move quickly
 //! ([`Policy::max_rss`], the cost model: a page costs milliseconds to
 //! restore on emulated guests), and not have moved within
-//! [`Policy::cooldown`]. A node that just received a process is left alone
-//! for [`Policy::target_cooldown`], until its gossiped load shows it.
+//! [`Policy::cooldown`]. A node that just received processes from here
+//! counts them in its load for [`Policy::settle`], until its gossiped load
+//! shows them: the next process can follow as soon as the last one arrived,
+//! without sending too many to one node.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -25,16 +27,18 @@ pub struct Policy {
     pub min_cpu: Duration,
     pub max_rss: u64,
     pub cooldown: Duration,
-    pub target_cooldown: Duration,
+    pub settle: Duration,
 }
 
 impl Default for Policy {
     fn default() -> Self {
         Policy {
-            min_cpu: Duration::from_millis(1500),
+            min_cpu: Duration::from_millis(1000),
             max_rss: 64 << 20,
             cooldown: Duration::from_secs(30),
-            target_cooldown: Duration::from_secs(3),
+            // A node's load is polled every 2 s and gossiped as the least
+            // of its last 2 samples: 4-5 s until a process it received shows.
+            settle: Duration::from_secs(6),
         }
     }
 }
@@ -44,8 +48,35 @@ impl Default for Policy {
 pub struct History {
     /// When each PID last moved (from or to here).
     pub moved: HashMap<u32, Instant>,
-    /// When each node last received a process from here.
-    pub sent_to: HashMap<String, Instant>,
+    /// The processes each node received from here lately.
+    pub sent_to: HashMap<String, Sent>,
+}
+
+/// What this node sent to a member lately.
+#[derive(Debug, Clone, Copy)]
+pub struct Sent {
+    /// When the last process went.
+    pub at: Instant,
+    /// The member's load (runnable tasks) with the processes sent.
+    pub runnable: u32,
+}
+
+impl History {
+    /// A member's runnable tasks: as gossiped, or with the processes sent
+    /// to it within `policy.settle` if its gossip does not show them yet.
+    pub fn runnable(&self, member: &MemberView, policy: &Policy, now: Instant) -> u32 {
+        let gossiped = member.member.load.runnable;
+        match self.sent_to.get(&member.member.name) {
+            Some(sent) if now.duration_since(sent.at) < policy.settle => gossiped.max(sent.runnable),
+            _ => gossiped,
+        }
+    }
+
+    /// Remembers that a process went to `member`.
+    pub fn sent(&mut self, member: &MemberView, policy: &Policy, now: Instant) {
+        let runnable = self.runnable(member, policy, now) + 1;
+        self.sent_to.insert(member.member.name.clone(), Sent { at: now, runnable });
+    }
 }
 
 /// Load per CPU, in runnable tasks.
@@ -71,12 +102,10 @@ pub fn target<'a>(
     members
         .iter()
         .filter(|v| !v.me && v.health == Health::Alive && !v.member.blocked)
-        .filter(|v| history.sent_to.get(&v.member.name).is_none_or(|t| now.duration_since(*t) >= policy.target_cooldown))
-        .filter(|v| per_cpu(v.member.load.runnable + 1, v.member.load.cpus) <= after_sending)
-        .min_by(|a, b| {
-            per_cpu(a.member.load.runnable, a.member.load.cpus)
-                .total_cmp(&per_cpu(b.member.load.runnable, b.member.load.cpus))
-        })
+        .map(|v| (v, per_cpu(history.runnable(v, policy, now), v.member.load.cpus)))
+        .filter(|(v, load)| load + 1.0 / v.member.load.cpus.max(1) as f64 <= after_sending)
+        .min_by(|(_, a), (_, b)| a.total_cmp(b))
+        .map(|(v, _)| v)
 }
 
 /// The process of this node (`procs`) to send: the one that has run the
@@ -181,14 +210,31 @@ mod tests {
     }
 
     #[test]
-    fn blocked_suspect_and_just_served_nodes_receive_nothing() {
+    fn blocked_and_suspect_nodes_receive_nothing() {
         let mut blocked = node("b", 0);
         blocked.member.blocked = true;
         let mut suspect = node("c", 0);
         suspect.health = Health::Suspect;
         assert_eq!(pick(3, &[blocked, suspect], &[proc_(10, 9000)]), None);
+    }
+
+    #[test]
+    fn a_node_counts_what_it_was_sent_until_its_gossip_shows_it() {
+        let (policy, now) = (Policy::default(), Instant::now());
         let mut h = History::default();
-        h.sent_to.insert("b".into(), Instant::now());
-        assert_eq!(choose(3, &[node("b", 0)], &[proc_(10, 9000)], &|_| false, &h), None, "just served");
+        let b = node("b", 0);
+        // 4 jobs here, b idle: two go, one after the other, not a third.
+        assert!(target(&load(4), std::slice::from_ref(&b), &h, &policy, now).is_some());
+        h.sent(&b, &policy, now);
+        assert_eq!(h.runnable(&b, &policy, now), 1);
+        assert!(target(&load(3), std::slice::from_ref(&b), &h, &policy, now).is_some());
+        h.sent(&b, &policy, now);
+        assert!(target(&load(2), std::slice::from_ref(&b), &h, &policy, now).is_none());
+        // Its gossip shows one of them so far: both still count.
+        assert_eq!(h.runnable(&node("b", 1), &policy, now), 2);
+        // Once settled, the gossiped load alone counts.
+        let later = now + policy.settle;
+        assert_eq!(h.runnable(&b, &policy, later), 0);
+        assert!(target(&load(3), &[b], &h, &policy, later).is_some());
     }
 }

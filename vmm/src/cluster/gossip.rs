@@ -182,12 +182,11 @@ fn balance(
     let Some(p) = balancer::process(&procs, &pinned, history, policy, now) else { return };
     let (pid, comm, target, target_addr) = (p.pid, p.comm.clone(), to.member.name.clone(), to.member.addr.clone());
     tracing::info!("balancer: {} runnable on {} CPU(s) here; sending PID {pid} ({comm}) to {target}", load.runnable, load.cpus);
-    history.sent_to.insert(target.clone(), now);
+    history.sent(to, policy, now);
     history.moved.insert(pid, now);
     // The migration runs on its own thread: gossip must go on meanwhile.
     node.cluster.busy.store(true, Ordering::SeqCst);
     let mover = node.clone();
-    let settle = policy.target_cooldown;
     let spawned = thread::Builder::new().name("balancer".into()).spawn(move || {
         let node = &mover;
         let flight = InFlight { pid, comm, target: target.clone(), automatic: true };
@@ -196,8 +195,7 @@ fn balance(
             Ok(r) => tracing::info!("balancer: PID {pid} runs on {} as PID {}", r.target, r.remote_pid),
             Err(e) => tracing::warn!("balancer: moving PID {pid} to {target} failed: {e}"),
         }
-        // The next decision waits until the loads gossiped show this move.
-        thread::sleep(settle);
+        // The next decision counts this process at its target (History::sent).
         node.cluster.busy.store(false, Ordering::SeqCst);
     });
     if let Err(e) = spawned {
