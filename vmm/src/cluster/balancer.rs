@@ -49,16 +49,16 @@ pub struct History {
     /// When each PID last moved (from or to here).
     pub moved: HashMap<u32, Instant>,
     /// The processes each node received from here lately.
-    pub sent_to: HashMap<String, Sent>,
+    sent_to: HashMap<String, Sent>,
 }
 
 /// What this node sent to a member lately.
 #[derive(Debug, Clone, Copy)]
-pub struct Sent {
+struct Sent {
     /// When the last process went.
-    pub at: Instant,
+    at: Instant,
     /// The member's load (runnable tasks) with the processes sent.
-    pub runnable: u32,
+    runnable: u32,
 }
 
 impl History {
@@ -102,9 +102,9 @@ pub fn target<'a>(
     members
         .iter()
         .filter(|v| !v.me && v.health == Health::Alive && !v.member.blocked)
-        .map(|v| (v, per_cpu(history.runnable(v, policy, now), v.member.load.cpus)))
-        .filter(|(v, load)| load + 1.0 / v.member.load.cpus.max(1) as f64 <= after_sending)
-        .min_by(|(_, a), (_, b)| a.total_cmp(b))
+        .map(|v| (v, history.runnable(v, policy, now)))
+        .filter(|(v, runnable)| per_cpu(runnable + 1, v.member.load.cpus) <= after_sending)
+        .min_by(|(a, ra), (b, rb)| per_cpu(*ra, a.member.load.cpus).total_cmp(&per_cpu(*rb, b.member.load.cpus)))
         .map(|(v, _)| v)
 }
 
