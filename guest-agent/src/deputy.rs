@@ -5,10 +5,13 @@
 //! connection thread that froze it keeps it in a ptrace stop and
 //!
 //! - takes every signal sent to it, for the migrated process: every
-//!   [`SIGNAL_POLL`] it reads SigPnd/ShdPnd of /proc/PID/status (one pread
-//!   of a file kept open) and dequeues what is pending inside the deputy
-//!   with an injected zero-timeout `rt_sigtimedwait` (SIGSTOP, which that
-//!   cannot take, is suppressed at its delivery to ptrace on the way). A
+//!   [`SIGNAL_POLL`] it peeks at the deputy's signal queues
+//!   (`PTRACE_PEEKSIGINFO`; every [`STATUS_CHECK_EVERY`]th time it reads
+//!   SigPnd/ShdPnd of /proc/PID/status instead, which also shows a signal
+//!   the kernel could not queue an entry for) and dequeues what is pending
+//!   inside the deputy with an injected zero-timeout `rt_sigtimedwait`
+//!   (SIGSTOP, which that cannot take, is suppressed at its delivery to
+//!   ptrace on the way). A
 //!   SIGKILL kills the deputy; its pidfd reports that at once. Signals
 //!   pending at the checkpoint travelled in the image: they are dropped,
 //!   not forwarded twice;
@@ -42,11 +45,17 @@ use crate::checkpoint::{
 };
 use crate::pidfd;
 
-/// How often a deputy's pending signals are checked. Each check generates
-/// /proc/PID/status (~55 formatted lines), tens of milliseconds of emulated
-/// guest kernel on the development hosts: every 200 ms that made each
-/// deputy cost its home about a third of the vCPU, as much as a job.
+/// How often a deputy's pending signals are checked.
 pub const SIGNAL_POLL: Duration = Duration::from_secs(1);
+
+/// Every this many checks read /proc/PID/status, the others only peek at
+/// the signal queues. Generating the status (~55 formatted lines) costs
+/// ~20 ms of emulated guest kernel on the development hosts: read each
+/// second, two deputies took ~4% of their home's vCPU (guest profile of an
+/// idle home); two ptrace calls cost a small fraction of that. The status
+/// also shows a signal without a queue entry (one the kernel could not
+/// allocate an entry for), which peeking does not.
+const STATUS_CHECK_EVERY: u32 = 10;
 
 /// At most this many signals are taken from a deputy per check (the rest
 /// at the next one).
@@ -136,6 +145,8 @@ pub struct Deputy {
     stdio: [Option<Option<File>>; 2],
     /// It has ended (and its tracing with it).
     ended: bool,
+    /// Signal checks so far.
+    checks: u32,
 }
 
 impl Deputy {
@@ -162,6 +173,7 @@ impl Deputy {
             scratch: None,
             stdio: [None, None],
             ended: false,
+            checks: 0,
         })
     }
 
@@ -208,7 +220,11 @@ impl Deputy {
     }
 
     /// Its pending signals (thread and process); `None` once it has died.
-    fn pending(&self) -> Result<Option<u64>, DeputyError> {
+    fn pending(&mut self) -> Result<Option<u64>, DeputyError> {
+        self.checks = self.checks.wrapping_add(1);
+        if self.checks % STATUS_CHECK_EVERY != 0 {
+            return self.queued();
+        }
         let pid = self.pid();
         // SigPnd and ShdPnd come early in the file.
         let mut buf = [0u8; 4096];
@@ -220,6 +236,24 @@ impl Deputy {
         let status = parse_status(&String::from_utf8_lossy(&buf[..n]))
             .ok_or(DeputyError::StatusParse { pid })?;
         Ok((!matches!(status.state, 'Z' | 'X')).then_some(status.sig_pending))
+    }
+
+    /// The signals of its queue entries (thread and process); `None` once
+    /// it has died.
+    fn queued(&self) -> Result<Option<u64>, DeputyError> {
+        let mut set = 0;
+        for shared in [false, true] {
+            match self.tracee.pending(shared) {
+                Ok(queued) => {
+                    for info in queued.iter().filter(|i| (1..=MAX_SIGNAL).contains(&i.signo)) {
+                        set |= signal_bit(info.signo as i32);
+                    }
+                }
+                Err(PtraceError::Call { errno: Errno::ESRCH, .. }) => return Ok(None),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(Some(set))
     }
 
     /// Dequeues the `pending` signals inside the deputy into `taken`.

@@ -52,6 +52,8 @@ pub enum SeccompMode {
 pub struct ProfileConfig {
     pub system_map: PathBuf,
     pub interval: Duration,
+    /// How many functions each part of the report lists.
+    pub top: usize,
 }
 
 /// Everything needed to boot one node VM.

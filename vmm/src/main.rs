@@ -353,6 +353,9 @@ struct NodeArgs {
     /// [default: the one next to the cached kernel]
     #[arg(long)]
     system_map: Option<PathBuf>,
+    /// How many functions the profile lists for the boot and for the time after
+    #[arg(long, value_name = "N", default_value_t = 30, requires = "profile")]
+    profile_top: usize,
     /// Share a host directory with the node (virtio-9p): the guest mounts it at
     /// the same path, read-write; files it creates belong to the user running
     /// pmivmm, and it cannot reach anything outside DIR. [default: the
@@ -428,6 +431,7 @@ impl NodeArgs {
                 Some(ms) => Some(ProfileConfig {
                     system_map: self.system_map.unwrap_or_else(config::default_system_map),
                     interval: Duration::from_millis(ms),
+                    top: self.profile_top,
                 }),
                 None => None,
             },

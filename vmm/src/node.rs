@@ -107,6 +107,7 @@ pub fn run(config: &VmConfig) -> anyhow::Result<VmExit> {
         })
         .context("cannot start the vCPU thread")?;
     let profile_interval = config.profile.as_ref().map(|p| p.interval);
+    let profile_top = config.profile.as_ref().map_or(0, |p| p.top);
     let mut next_sample = Instant::now();
 
     let _raw_terminal = match config.console {
@@ -151,9 +152,9 @@ pub fn run(config: &VmConfig) -> anyhow::Result<VmExit> {
         let ready = events.milestones().agent_ready.unwrap_or(Duration::MAX);
         let (boot, after): (Vec<_>, Vec<_>) = samples.0.into_iter().partition(|(t, _)| *t <= ready);
         eprintln!("--- until the agent was ready");
-        eprint!("{}", profile::report(&Samples(boot), &symbols, 40, interval));
+        eprint!("{}", profile::report(&Samples(boot), &symbols, profile_top, interval));
         eprintln!("--- after the agent was ready");
-        eprint!("{}", profile::report(&Samples(after), &symbols, 20, interval));
+        eprint!("{}", profile::report(&Samples(after), &symbols, profile_top, interval));
     }
     if let Some(pv) = &vm.pv {
         let pv = lock(pv);
@@ -165,7 +166,11 @@ pub fn run(config: &VmConfig) -> anyhow::Result<VmExit> {
             pv.copied / 1024
         );
     }
-    runtime.shutdown_background();
+    // Threads of deputies and migrations may still wait on the peer runtime
+    // (a link's read with a timeout): shutting it down under them makes
+    // their timers panic. The process ends after this and its exit closes
+    // the links, so the runtime is left to it.
+    std::mem::forget(runtime);
     if seccomp::sigsys::refused() > 0 {
         tracing::warn!(
             node = %config.name,
