@@ -107,7 +107,6 @@ pub fn run(config: &VmConfig) -> anyhow::Result<VmExit> {
         })
         .context("cannot start the vCPU thread")?;
     let profile_interval = config.profile.as_ref().map(|p| p.interval);
-    let profile_top = config.profile.as_ref().map_or(0, |p| p.top);
     let mut next_sample = Instant::now();
 
     let _raw_terminal = match config.console {
@@ -147,14 +146,14 @@ pub fn run(config: &VmConfig) -> anyhow::Result<VmExit> {
         }
     };
     let _ = vcpu_thread.join();
-    if let (Some(samples), Some(symbols), Some(interval)) = (samples, symbols, profile_interval) {
+    if let (Some(samples), Some(symbols), Some(profile)) = (samples, symbols, &config.profile) {
         // Boot and what came after are different questions: split at ready.
         let ready = events.milestones().agent_ready.unwrap_or(Duration::MAX);
         let (boot, after): (Vec<_>, Vec<_>) = samples.0.into_iter().partition(|(t, _)| *t <= ready);
         eprintln!("--- until the agent was ready");
-        eprint!("{}", profile::report(&Samples(boot), &symbols, profile_top, interval));
+        eprint!("{}", profile::report(&Samples(boot), &symbols, profile.top, profile.interval));
         eprintln!("--- after the agent was ready");
-        eprint!("{}", profile::report(&Samples(after), &symbols, profile_top, interval));
+        eprint!("{}", profile::report(&Samples(after), &symbols, profile.top, profile.interval));
     }
     if let Some(pv) = &vm.pv {
         let pv = lock(pv);
