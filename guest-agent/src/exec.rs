@@ -423,4 +423,18 @@ mod tests {
             Err(ExecError::BadEnv(_))
         ));
     }
+
+    #[test]
+    fn a_pause_ends_when_the_process_exits() {
+        let mut child = std::process::Command::new("sleep").arg("0.2").spawn().unwrap();
+        let pidfd = pidfd::open(child.id() as i32).unwrap();
+        let started = Instant::now();
+        assert!(pause(Some(&pidfd), Duration::from_secs(10)));
+        assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+        child.wait().unwrap();
+        // Without an exit to wait for, the whole pause.
+        let started = Instant::now();
+        assert!(!pause(None, Duration::from_millis(100)));
+        assert!(started.elapsed() >= Duration::from_millis(100));
+    }
 }
