@@ -816,7 +816,7 @@ mod tests {
                 name: "lab1".into(),
                 addr: "10.77.0.11:7000".into(),
                 heartbeat: 1,
-                load: NodeLoad { runnable: 0, cpus, mem_free_mib: 0 },
+                load: NodeLoad { runnable: 0, cpus, mem_free_mib: 0, cpu_percent: 0 },
                 blocked: false,
             },
             health,

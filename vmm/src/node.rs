@@ -15,6 +15,7 @@ use vmm_sys_util::terminal::Terminal;
 
 use crate::config::{ConsoleConfig, VmConfig};
 use crate::control::{self, server::NodeHandle};
+use crate::cluster::cpu_use::CpuClock;
 use crate::profile::{self, Samples, SymbolTable};
 use crate::rundir::NodePaths;
 use crate::devices::lock;
@@ -79,7 +80,7 @@ pub fn run(config: &VmConfig) -> anyhow::Result<VmExit> {
             events.clone(),
             stop.clone(),
             vm.memory.clone(),
-            migration,
+            migration.clone(),
         ),
     )
     .context("cannot start the control server")?;
@@ -106,6 +107,12 @@ pub fn run(config: &VmConfig) -> anyhow::Result<VmExit> {
             let _ = done_tx.send((r, vcpu.stats, vcpu.take_samples()));
         })
         .context("cannot start the vCPU thread")?;
+    match CpuClock::of(&vcpu_thread) {
+        Ok(clock) => {
+            let _ = migration.cluster.vcpu_clock.set(clock);
+        }
+        Err(e) => tracing::warn!("no CPU clock of the vCPU thread ({e}): the node gossips a CPU use of 0%"),
+    }
     let profile_interval = config.profile.as_ref().map(|p| p.interval);
     let mut next_sample = Instant::now();
 

@@ -133,7 +133,7 @@ mod tests {
     use crate::cluster::membership::Member;
 
     fn load(runnable: u32) -> NodeLoad {
-        NodeLoad { runnable, cpus: 1, mem_free_mib: 100 }
+        NodeLoad { runnable, cpus: 1, mem_free_mib: 100, cpu_percent: 0 }
     }
 
     fn node(name: &str, runnable: u32) -> MemberView {

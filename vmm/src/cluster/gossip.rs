@@ -1,5 +1,6 @@
 //! The node's cluster loops: every [`ROUND`] it bumps its heartbeat and
-//! exchanges tables (with its last known load) with every known member (and
+//! exchanges tables (with its last known load and its vCPU's use over the
+//! round) with every known member (and
 //! the `--join` and discovered seeds) over short peer links (push-pull);
 //! another loop reads the load from its agent every [`LOAD_POLL`] and lets
 //! its balancer send one process away.
@@ -17,6 +18,7 @@ use std::time::{Duration, Instant};
 use pmivmm_proto::{ClientError, LoadInfo};
 
 use super::balancer::{self, History, Policy};
+use super::cpu_use::CpuUse;
 use super::membership::{LoadSamples, NodeLoad};
 use super::InFlight;
 use crate::devices::lock;
@@ -40,6 +42,7 @@ fn node_load(info: &LoadInfo) -> NodeLoad {
         runnable: info.runnable_tasks,
         cpus: info.cpus,
         mem_free_mib: info.mem_available_bytes >> 20,
+        cpu_percent: 0,
     }
 }
 
@@ -54,11 +57,14 @@ pub fn start(node: Arc<MigrationNode>) -> std::io::Result<()> {
 }
 
 fn gossip(node: &Arc<MigrationNode>) {
+    let mut cpu = CpuUse::default();
     loop {
         let started = Instant::now();
         let cluster = &node.cluster;
-        let load = *lock(&cluster.load);
-        lock(&cluster.table).tick(load, cluster.is_blocked(), Instant::now());
+        let now = Instant::now();
+        let cpu_percent = cluster.vcpu_clock.get().and_then(|c| c.now()).and_then(|t| cpu.sample(t, now));
+        let load = NodeLoad { cpu_percent: cpu_percent.unwrap_or(0), ..*lock(&cluster.load) };
+        lock(&cluster.table).tick(load, cluster.is_blocked(), now);
         exchange(node);
         thread::sleep(ROUND.saturating_sub(started.elapsed()));
     }

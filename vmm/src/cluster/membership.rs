@@ -28,6 +28,9 @@ pub struct NodeLoad {
     pub runnable: u32,
     pub cpus: u32,
     pub mem_free_mib: u64,
+    /// How busy its vCPU was over the last gossip round, in percent
+    /// (measured by its VMM, see [`super::cpu_use`]).
+    pub cpu_percent: u8,
 }
 
 /// How many load samples [`LoadSamples`] keeps (4 s at the balancer's pace).
@@ -89,6 +92,8 @@ pub enum TableError {
     Name(String),
     #[error("member {0} has an invalid address")]
     Addr(String),
+    #[error("member {0} reports a CPU use of {1}% (at most 100)")]
+    CpuUse(String, u8),
 }
 
 struct Entry {
@@ -143,6 +148,9 @@ impl Membership {
             validate_name(&m.name).map_err(|_| TableError::Name(m.name.clone()))?;
             if m.addr.is_empty() || m.addr.len() > MAX_ADDR_LEN {
                 return Err(TableError::Addr(m.name.clone()));
+            }
+            if m.load.cpu_percent > 100 {
+                return Err(TableError::CpuUse(m.name.clone(), m.load.cpu_percent));
             }
         }
         for m in members {
@@ -207,7 +215,7 @@ mod tests {
             name: name.into(),
             addr: format!("127.0.0.1:{}", 7000 + name.len()),
             heartbeat,
-            load: NodeLoad { runnable, cpus: 1, mem_free_mib: 100 },
+            load: NodeLoad { runnable, cpus: 1, mem_free_mib: 100, cpu_percent: 0 },
             blocked: false,
         }
     }
@@ -249,7 +257,10 @@ mod tests {
         assert!(m.peers().is_empty(), "nothing of a refused table is taken");
         bad.name = "c".into();
         bad.addr = String::new();
-        assert!(matches!(m.merge(&[bad], t0), Err(TableError::Addr(_))));
+        assert!(matches!(m.merge(&[bad.clone()], t0), Err(TableError::Addr(_))));
+        bad.addr = "127.0.0.1:7000".into();
+        bad.load.cpu_percent = 101;
+        assert!(matches!(m.merge(&[bad], t0), Err(TableError::CpuUse(_, 101))));
         let many: Vec<Member> = (0..=MAX_MEMBERS).map(|i| member(&format!("n{i}"), 1, 0)).collect();
         assert!(matches!(m.merge(&many, t0), Err(TableError::TooLarge(_))));
     }
@@ -257,7 +268,7 @@ mod tests {
     #[test]
     fn load_samples_keep_the_least_recent_runnable_count() {
         let mut samples = LoadSamples::default();
-        let load = |runnable| NodeLoad { runnable, cpus: 1, mem_free_mib: 100 };
+        let load = |runnable| NodeLoad { runnable, cpus: 1, mem_free_mib: 100, cpu_percent: 0 };
         assert_eq!(samples.push(load(2)).runnable, 2);
         assert_eq!(samples.push(load(1)).runnable, 1);
         for _ in 0..LOAD_SAMPLES - 1 {

@@ -9,13 +9,14 @@
 
 pub mod balancer;
 pub mod beacon;
+pub mod cpu_use;
 pub mod discovery;
 pub mod gossip;
 pub mod membership;
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -67,6 +68,8 @@ pub struct ClusterState {
     pub busy: AtomicBool,
     /// The load the agent reported last.
     pub load: Mutex<NodeLoad>,
+    /// The CPU-time clock of the node's vCPU thread, once it runs.
+    pub vcpu_clock: OnceLock<cpu_use::CpuClock>,
     pinned: Mutex<HashSet<u32>>,
     in_flight: Mutex<Vec<InFlight>>,
     auto_migrations: Mutex<u64>,
@@ -83,6 +86,7 @@ impl ClusterState {
             auto_balance: AtomicBool::new(auto_balance),
             busy: AtomicBool::new(false),
             load: Mutex::default(),
+            vcpu_clock: OnceLock::new(),
             pinned: Mutex::default(),
             in_flight: Mutex::default(),
             auto_migrations: Mutex::default(),

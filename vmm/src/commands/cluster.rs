@@ -23,11 +23,12 @@ pub fn describe(v: &ClusterView) -> String {
             state,
             m.member.load.runnable.to_string(),
             m.member.load.cpus.to_string(),
+            format!("{}%", m.member.load.cpu_percent),
             format!("{} MiB", m.member.load.mem_free_mib),
             format!("{:.1} s", m.silent_ms as f64 / 1000.0),
         ]
     });
-    let mut out = tables::render(&["NODE", "ADDRESS", "STATE", "RUNNABLE", "CPUS", "FREE", "HEARD"], rows);
+    let mut out = tables::render(&["NODE", "ADDRESS", "STATE", "RUNNABLE", "CPUS", "CPU USE", "FREE", "HEARD"], rows);
     out.push_str(&format!(
         "automatic balancing: {} ({} migrations so far); pinned here: {}\n",
         if v.auto_balance { "on" } else { "off" },

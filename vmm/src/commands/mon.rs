@@ -157,6 +157,7 @@ fn member_row(m: &MemberView) -> Row<'static> {
         Cell::from(state).style(Style::new().fg(color)),
         Cell::from(l.runnable.to_string()),
         Cell::from(l.cpus.to_string()),
+        Cell::from(format!("{}%", l.cpu_percent)),
         Cell::from(format!("{} MiB", l.mem_free_mib)),
         Cell::from(load_bar(l.runnable, l.cpus, BAR_WIDTH)).style(Style::new().fg(load_color(l.runnable, l.cpus))),
     ]);
@@ -222,12 +223,13 @@ pub fn draw(frame: &mut Frame, screen: &Screen) {
         title,
     );
 
-    let header = Row::new(["NODE", "ADDRESS", "STATE", "RUN", "CPUS", "FREE", "LOAD (runnable/cpu)"])
+    let header = Row::new(["NODE", "ADDRESS", "STATE", "RUN", "CPUS", "CPU", "FREE", "LOAD (runnable/cpu)"])
         .style(Style::new().add_modifier(Modifier::BOLD | Modifier::UNDERLINED));
     let widths = [
         Constraint::Length(10),
         Constraint::Length(21),
         Constraint::Length(16),
+        Constraint::Length(4),
         Constraint::Length(4),
         Constraint::Length(4),
         Constraint::Length(9),
@@ -263,7 +265,7 @@ mod tests {
                 name: name.into(),
                 addr: format!("10.77.0.{}:7000", 10 + name.len()),
                 heartbeat: 7,
-                load: NodeLoad { runnable, cpus: 1, mem_free_mib: 200 },
+                load: NodeLoad { runnable, cpus: 1, mem_free_mib: 200, cpu_percent: 37 },
                 blocked,
             },
             health,
@@ -311,7 +313,7 @@ mod tests {
         let all = lines.join("\n");
         assert!(lines[0].contains("cluster as lab1 sees it: 3 member(s), 2 alive; every 500 ms"), "{all}");
         let lab1 = row(&lines, "lab1 *");
-        assert!(lab1.contains("10.77.0.14:7000") && lab1.contains("alive") && lab1.contains("200 MiB"), "{all}");
+        assert!(lab1.contains("10.77.0.14:7000") && lab1.contains("alive") && lab1.contains(" 37% ") && lab1.contains("200 MiB"), "{all}");
         assert!(lab1.contains(&load_bar(2, 1, BAR_WIDTH)), "{all}");
         assert!(row(&lines, "lab2 ").contains("suspect"), "{all}");
         assert!(row(&lines, "lab3 ").contains("alive, blocked"), "{all}");

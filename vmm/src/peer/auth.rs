@@ -9,8 +9,9 @@ use super::key::ClusterKey;
 /// First bytes of every hello.
 pub const MAGIC: [u8; 8] = *b"PMIVMMPL";
 /// Version of the peer protocol (handshake, frames and the messages sent in
-/// them). Both ends must speak the same. Version 2: AES-256-GCM frames.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// them). Both ends must speak the same. Version 2: AES-256-GCM frames;
+/// 3: gossiped loads carry the vCPU's use.
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Longest hello on the wire: magic 8, version <= 5, name <= 1 + 64 and
 /// nonce 32 bytes, with room for fields that later versions may add.
 pub const MAX_HELLO_LEN: usize = 512;
@@ -235,11 +236,11 @@ mod tests {
         assert_eq!(Hello::decode(&bytes).unwrap(), Hello::new("node-b", [9; NONCE_LEN]));
 
         let mut future = Hello::new("node-b", [9; NONCE_LEN]);
-        future.version = 3;
+        future.version = PROTOCOL_VERSION + 1;
         let mut bytes = postcard::to_allocvec(&future).unwrap();
         // A later version's hello may look different after the version.
         bytes.truncate(12);
-        assert_eq!(Hello::decode(&bytes), Err(HelloError::Version { ours: 2, theirs: 3 }));
+        assert_eq!(Hello::decode(&bytes), Err(HelloError::Version { ours: PROTOCOL_VERSION, theirs: PROTOCOL_VERSION + 1 }));
 
         assert_eq!(Hello::decode(b"GET / HTTP/1.1\r\n"), Err(HelloError::NotAPeer));
         assert_eq!(Hello::decode(b""), Err(HelloError::NotAPeer));

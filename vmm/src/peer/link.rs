@@ -274,6 +274,7 @@ mod tests {
     use serde::Deserialize;
     use tokio::net::TcpListener;
 
+    use super::super::auth::PROTOCOL_VERSION;
     use super::super::test_util::Rng;
     use super::*;
 
@@ -376,13 +377,14 @@ mod tests {
             s.write_all(&hello_message(&hello)).await.unwrap();
         })
         .await;
-        assert!(matches!(err, Error::Hello { source: HelloError::Version { ours: 2, theirs: 7 }, .. }));
+        assert!(matches!(err, Error::Hello { source: HelloError::Version { ours: PROTOCOL_VERSION, theirs: 7 }, .. }));
         let err = err.to_string();
         assert!(err.starts_with("handshake with peer 127.0.0.1:"), "{err}");
         assert!(
-            err.ends_with(
-                "failed: it speaks peer protocol version 7, this node speaks version 2 (run the same pmivmm release on every node)"
-            ),
+            err.ends_with(&format!(
+                "failed: it speaks peer protocol version 7, this node speaks version {PROTOCOL_VERSION} (run the same \
+                 pmivmm release on every node)"
+            )),
             "{err}"
         );
     }
