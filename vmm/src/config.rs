@@ -213,9 +213,10 @@ pub fn default_kernel() -> PathBuf {
     cache_dir().join("kernel/current/vmlinux")
 }
 
-/// The System.map of that kernel.
-pub fn default_system_map() -> PathBuf {
-    cache_dir().join("kernel/current/System.map")
+/// The System.map next to `kernel` (a kernel build tree and the cache both
+/// keep it there).
+pub fn default_system_map(kernel: &std::path::Path) -> PathBuf {
+    kernel.with_file_name("System.map")
 }
 
 /// The initramfs `images/build.sh` built last.

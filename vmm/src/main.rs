@@ -350,7 +350,7 @@ struct NodeArgs {
     #[arg(long, value_name = "MS", num_args = 0..=1, default_missing_value = "10")]
     profile: Option<u64>,
     /// System.map used to name kernel functions in the profile
-    /// [default: the one next to the cached kernel]
+    /// [default: the one next to the kernel]
     #[arg(long)]
     system_map: Option<PathBuf>,
     /// How many functions the profile lists for the boot and for the time after
@@ -409,10 +409,10 @@ impl NodeArgs {
             }
         }
         let paths = pmivmm::rundir::NodePaths::new(&self.name).map_err(|e| e.to_string())?;
+        let kernel = self.kernel.unwrap_or_else(config::default_kernel);
         Ok(VmConfig {
             name: self.name,
             mem_mib: self.mem,
-            kernel: self.kernel.unwrap_or_else(config::default_kernel),
             initrd: self.initrd.unwrap_or_else(config::default_initrd),
             extra_cmdline: self.cmdline,
             console: match self.console.as_str() {
@@ -429,12 +429,13 @@ impl NodeArgs {
             profile: match self.profile {
                 Some(0) => return Err("--profile needs an interval of at least 1 ms".into()),
                 Some(ms) => Some(ProfileConfig {
-                    system_map: self.system_map.unwrap_or_else(config::default_system_map),
+                    system_map: self.system_map.unwrap_or_else(|| config::default_system_map(&kernel)),
                     interval: Duration::from_millis(ms),
                     top: self.profile_top,
                 }),
                 None => None,
             },
+            kernel,
             vsock: Some(VsockConfig::new(paths.vsock())),
             share: match (self.share, self.no_share) {
                 (Some(dir), _) => Some(ShareConfig::new(dir)),
