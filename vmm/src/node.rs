@@ -166,10 +166,12 @@ pub fn run(config: &VmConfig) -> anyhow::Result<VmExit> {
         let pv = lock(pv);
         tracing::info!(
             node = %config.name,
-            "paravirtual memory: the VMM cleared {} guest pages and made {} copies ({} KiB)",
+            "paravirtual memory: the VMM cleared {} guest pages, made {} copies ({} KiB) and {} strided stores ({} elements)",
             pv.cleared,
             pv.copies,
-            pv.copied / 1024
+            pv.copied / 1024,
+            pv.strides,
+            pv.stride_elements
         );
     }
     // Threads of deputies and migrations may still wait on the peer runtime
