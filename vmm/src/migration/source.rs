@@ -113,12 +113,14 @@ pub fn migrate(node: &Arc<MigrationNode>, pid: u32, addr: &str, opts: Options) -
         deputy::start(node, home.token, pid, events, control, link).map_err(|e| Error::AfterCommit(Box::new(e)))?;
     }
     tracing::info!(
-        "migrated PID {pid} ({}) to {} as PID {}: {} pre-copy rounds, frozen {:?}",
+        "migrated PID {pid} ({}) to {} as PID {}: {} pre-copy rounds, frozen {:?} (capture {:?}, then the target {:?})",
         report.comm,
         report.target,
         report.remote_pid,
         report.precopy_rounds.len(),
-        t.frozen
+        t.frozen,
+        t.capture,
+        t.target_restore
     );
     Ok(report)
 }
@@ -135,6 +137,8 @@ struct Transferred {
     bytes_sent: u64,
     precopy: Duration,
     frozen: Duration,
+    /// Of `frozen`: the agent's capture of the frozen process.
+    capture: Duration,
     target_restore: Duration,
     /// The migration link, now the relay link of the deputy (none after a
     /// `Query`: the target attaches again).
@@ -191,6 +195,7 @@ fn transfer(
 
     let frozen_at = Instant::now();
     let (image_bytes, pages) = agent.checkpoint(pid, true).map_err(Error::Agent)?;
+    let capture = frozen_at.elapsed();
     let mut image = ProcessImage::from_bytes(&image_bytes).map_err(Error::BadImage)?;
     let pages = frames::resolve_capture(&node.memory, &mut image, pages)?;
     let image_bytes = image.to_bytes();
@@ -231,6 +236,7 @@ fn transfer(
         bytes_sent,
         precopy,
         frozen: frozen_at.elapsed(),
+        capture,
         target_restore: committed.elapsed(),
         link,
     })

@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pmivmm_proto::image::{PageRef, ProcessImage};
 use vm_memory::GuestMemoryMmap;
@@ -126,11 +126,10 @@ pub fn receive(node: &Arc<MigrationNode>, source: String, offer: Offer, mut rx: 
     let id = offer.id;
     node.set_outcome(id, Outcome::Receiving);
     match run(node, &source, &offer, &mut rx, &mut tx) {
-        Ok(Started { pid, session, home_link }) => {
+        Ok(Started { pid, comm, session, home_link, steps }) => {
             node.set_outcome(id, Outcome::Running);
             tracing::info!(
-                "migration {id:#x} from {source}: {} runs here as PID {pid} (home {} PID {})",
-                offer.comm,
+                "migration {id:#x} from {source}: {comm} runs here as PID {pid} (home {} PID {}); {steps}",
                 offer.home.node,
                 offer.home.pid
             );
@@ -163,10 +162,31 @@ pub fn receive(node: &Arc<MigrationNode>, source: String, offer: Offer, mut rx: 
 
 struct Started {
     pid: u32,
+    /// From the image (a pre-copy's offer comes before the capture and
+    /// names no process).
+    comm: String,
     session: relay::Session,
     /// The link to the home made for this process, unless the source is the
     /// home (then the migration link becomes the home link).
     home_link: Option<relay::HomeLink>,
+    steps: Steps,
+}
+
+/// How long the steps of a restore took here, for the log.
+#[derive(Debug, Default)]
+struct Steps {
+    /// The agent building the process from the image.
+    prepare: Duration,
+    /// Writing the pages into its frames after `Commit`.
+    write: Duration,
+    /// The agent finishing and starting it.
+    finish: Duration,
+}
+
+impl std::fmt::Display for Steps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "prepared in {:?}, pages written in {:?}, finished in {:?}", self.prepare, self.write, self.finish)
+    }
 }
 
 fn run(
@@ -188,11 +208,13 @@ fn run(
     let limit = crate::guest_ram::ram_frames(&node.memory) as usize;
     let mut store = PageStore::new(limit, node.page_budget.clone());
     let mut prepared = None;
+    let mut steps = Steps::default();
     loop {
         let (msg, data) = rx.expect(IDLE_TIMEOUT)?;
         match msg {
             PeerMsg::Pages { vaddrs } => receive_pages(&mut store, &vaddrs, data)?,
             PeerMsg::Image { image } if prepared.is_none() => {
+                let started = Instant::now();
                 let parsed = ProcessImage::from_bytes(&image).map_err(Error::BadImage)?;
                 let mut agent = node.agent()?;
                 let (_, targets) = agent.prepare_restore(image, true, true).map_err(Error::Agent)?;
@@ -201,14 +223,17 @@ fn run(
                 let targets = frames::resolve(&node.memory, targets)?;
                 frames::check_order(&targets, &parsed.pages)?;
                 frames::check_frames(&node.memory, &targets)?;
-                prepared = Some((agent, targets));
+                prepared = Some((agent, targets, parsed.comm));
+                steps.prepare = started.elapsed();
                 fault_point(node, "image", tx)?;
             }
             PeerMsg::Commit => {
-                let Some((agent, targets)) = prepared else {
+                let Some((agent, targets, comm)) = prepared else {
                     return Err(Error::unexpected("Image", &PeerMsg::Commit));
                 };
+                let started = Instant::now();
                 write_received(&node.memory, &store, &targets)?;
+                steps.write = started.elapsed();
                 let home_link = if source == offer.home.node {
                     None
                 } else {
@@ -218,8 +243,10 @@ fn run(
                 if !node.begin_commit(offer.id) {
                     return Err(Error::Refused("the source gave the migration up".into()));
                 }
+                let started = Instant::now();
                 let session = agent.finish_restore_streaming().map_err(Error::Agent)?;
-                return Ok(Started { pid: session.pid(), session, home_link });
+                steps.finish = started.elapsed();
+                return Ok(Started { pid: session.pid(), comm, session, home_link, steps });
             }
             other => return Err(Error::unexpected("Pages, Image or Commit", &other)),
         }
