@@ -370,6 +370,7 @@ impl<S: Stream> Connection<S> {
                 forward_stdio,
                 page_walk,
             } => Some(self.migrations.prepare(&image, forward_stdio, page_walk)),
+            Request::StartRestore { forward_stdio } => Some(self.migrations.start(forward_stdio)),
             Request::FinishRestore => match self.migrations.finish() {
                 Finished::Reply(reply) => Some(reply),
                 Finished::Forward(streamed) => {

@@ -222,7 +222,7 @@ impl Deputy {
     /// Its pending signals (thread and process); `None` once it has died.
     fn pending(&mut self) -> Result<Option<u64>, DeputyError> {
         self.checks = self.checks.wrapping_add(1);
-        if self.checks % STATUS_CHECK_EVERY != 0 {
+        if !self.checks.is_multiple_of(STATUS_CHECK_EVERY) {
             return self.queued();
         }
         let pid = self.pid();

@@ -32,7 +32,7 @@ use pmivmm_proto::image::{Itimer, Pages, ProcessImage};
 use pmivmm_proto::{ErrorKind, Response};
 
 use crate::checkpoint::{
-    capture, finish_restore, kill_original, prepare_restore, resume_original, CheckpointError,
+    capture, finish_restore, kill_original, prepare_restore, resume_original, start_restore_child, CheckpointError,
     Precopy, RestoredChild, Tended,
 };
 use crate::exec::{stdio_pipe, Streamed};
@@ -56,8 +56,19 @@ pub struct Migrations {
     waker: Option<Waker>,
     /// Processes captured on this connection and still frozen.
     frozen: Vec<Frozen>,
+    /// A child started on this connection (`StartRestore`), waiting for
+    /// `PrepareRestore`.
+    started: Option<Started>,
     /// A child prepared on this connection, waiting for `FinishRestore`.
     restoring: Option<Restoring>,
+}
+
+/// The stopped child of a coming restore, and its output pipes.
+struct Started {
+    child: RestoredChild,
+    forward_stdio: bool,
+    /// With forwarded stdio: the read ends of its stdout and stderr.
+    outputs: Option<[OwnedFd; 2]>,
 }
 
 /// A process frozen by `Checkpoint`.
@@ -326,6 +337,23 @@ impl Migrations {
         Some(self.frozen.swap_remove(i))
     }
 
+    /// `StartRestore { forward_stdio }`.
+    pub fn start(&mut self, forward_stdio: bool) -> Response {
+        if self.restoring.is_some() || self.started.is_some() {
+            return error(
+                ErrorKind::Busy,
+                "a restore is already started on this connection",
+            );
+        }
+        match start_child(forward_stdio) {
+            Ok(started) => {
+                self.started = Some(started);
+                Response::Ok
+            }
+            Err(reply) => reply,
+        }
+    }
+
     /// `PrepareRestore { image, forward_stdio }`.
     pub fn prepare(&mut self, image: &[u8], forward_stdio: bool, page_walk: bool) -> Response {
         if self.restoring.is_some() {
@@ -338,31 +366,20 @@ impl Migrations {
             Ok(image) => image,
             Err(e) => return error(ErrorKind::BadRequest, format!("invalid image: {e}")),
         };
-        let null = match File::options().read(true).write(true).open("/dev/null") {
-            Ok(f) => f,
-            Err(e) => return error(ErrorKind::Failed, format!("cannot open /dev/null: {e}")),
-        };
-        // (read end, write end) of the stdout and stderr pipes.
-        let pipes: Option<[(OwnedFd, OwnedFd); 2]> = if forward_stdio {
-            // The exit status comes from the reaper, registered at the fork.
-            reaper::reaper();
-            match (stdio_pipe(), stdio_pipe()) {
-                (Ok(stdout), Ok(stderr)) => Some([stdout, stderr]),
-                (Err(e), _) | (_, Err(e)) => {
-                    return error(
-                        ErrorKind::Failed,
-                        format!("cannot create the stdio pipes: {e}"),
-                    )
-                }
+        let started = match self.started.take() {
+            Some(started) if started.forward_stdio == forward_stdio => started,
+            Some(_) => {
+                return error(
+                    ErrorKind::BadRequest,
+                    "the child started on this connection has other stdio than this restore asks for",
+                )
             }
-        } else {
-            None
+            None => match start_child(forward_stdio) {
+                Ok(started) => started,
+                Err(reply) => return reply,
+            },
         };
-        let stdio = match &pipes {
-            Some([stdout, stderr]) => [null.as_fd(), stdout.1.as_fd(), stderr.1.as_fd()],
-            None => [null.as_fd(); 3],
-        };
-        let (mut child, pages) = match prepare_restore(&image, stdio, page_walk) {
+        let (mut child, pages) = match prepare_restore(&image, started.child, page_walk) {
             Ok(prepared) => prepared,
             Err(e) => {
                 return error(
@@ -379,13 +396,12 @@ impl Migrations {
                 format!("{} pages do not fit in one reply", page_entries(&pages)),
             );
         }
-        // The write ends go with `pipes`: the child has its copies.
-        let forwarded = match (pipes, child.take_exit_status()) {
+        let forwarded = match (started.outputs, child.take_exit_status()) {
             (None, _) => None,
             (Some([stdout, stderr]), Some(exit)) => Some(Streamed {
                 pid,
-                stdout: File::from(stdout.0),
-                stderr: File::from(stderr.0),
+                stdout: File::from(stdout),
+                stderr: File::from(stderr),
                 exit,
             }),
             (Some(_), None) => {
@@ -430,6 +446,48 @@ impl Migrations {
     }
 }
 
+/// Starts the child of a restore with /dev/null as stdin and, with
+/// `forward_stdio`, pipes as stdout and stderr (else /dev/null).
+fn start_child(forward_stdio: bool) -> Result<Started, Response> {
+    let null = File::options()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .map_err(|e| error(ErrorKind::Failed, format!("cannot open /dev/null: {e}")))?;
+    // (read end, write end) of the stdout and stderr pipes.
+    let pipes: Option<[(OwnedFd, OwnedFd); 2]> = if forward_stdio {
+        // The exit status comes from the reaper, registered at the fork.
+        reaper::reaper();
+        match (stdio_pipe(), stdio_pipe()) {
+            (Ok(stdout), Ok(stderr)) => Some([stdout, stderr]),
+            (Err(e), _) | (_, Err(e)) => {
+                return Err(error(
+                    ErrorKind::Failed,
+                    format!("cannot create the stdio pipes: {e}"),
+                ))
+            }
+        }
+    } else {
+        None
+    };
+    let stdio = match &pipes {
+        Some([stdout, stderr]) => [null.as_fd(), stdout.1.as_fd(), stderr.1.as_fd()],
+        None => [null.as_fd(); 3],
+    };
+    let child = start_restore_child(stdio).map_err(|e| {
+        error(
+            ErrorKind::Failed,
+            format!("cannot start the restore: {e}"),
+        )
+    })?;
+    // The write ends go here: the child has its copies.
+    Ok(Started {
+        child,
+        forward_stdio,
+        outputs: pipes.map(|[stdout, stderr]| [stdout.0, stderr.0]),
+    })
+}
+
 impl Drop for Migrations {
     fn drop(&mut self) {
         for precopy in self.precopies.drain(..) {
@@ -445,6 +503,12 @@ impl Drop for Migrations {
             } else {
                 eprintln!("pmivmm-agent: client left during a checkpoint; PID {pid} resumed");
             }
+        }
+        if let Some(started) = self.started.take() {
+            eprintln!(
+                "pmivmm-agent: client left before its restore; killing the started child PID {}",
+                started.child.pid()
+            );
         }
         if let Some(restoring) = self.restoring.take() {
             eprintln!(

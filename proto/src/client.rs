@@ -163,6 +163,12 @@ impl<R: Read, W: Write> AgentClient<R, W> {
         self.call_ok(&Request::KillOriginal { pid })
     }
 
+    /// Starts the child of the next [`Self::prepare_restore`] on this client
+    /// ahead of it (see `Request::StartRestore`).
+    pub fn start_restore(&mut self, forward_stdio: bool) -> Result<(), ClientError> {
+        self.call_ok(&Request::StartRestore { forward_stdio })
+    }
+
     /// Builds a stopped process from an encoded image: its PID and the frame
     /// of every saved page, in image order. Complete it with
     /// [`Self::finish_restore`] (or, with `forward_stdio`,

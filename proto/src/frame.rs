@@ -134,6 +134,7 @@ mod tests {
             Request::DeputyOutput { fd: 1, data: b"out".to_vec() },
             Request::DeputyExit(ExitStatus::Signal { signal: 15, core_dumped: false }),
             Request::DeputyMoved { node: "n3".into() },
+            Request::StartRestore { forward_stdio: true },
         ]
     }
 

@@ -130,6 +130,13 @@ pub enum Request {
     /// home): `Ps` shows it. No reply, except `Error` (`BadRequest`)
     /// without a deputy.
     DeputyMoved { node: String },
+    /// Starts the child of a coming `PrepareRestore` on this connection (the
+    /// restore stub, stopped, with the stdio `forward_stdio` asks for), so
+    /// that a migration target does it while the pages are still arriving
+    /// rather than while the process is frozen. Replied with `Ok`. The
+    /// next `PrepareRestore` on this connection builds the process in it
+    /// (with the same `forward_stdio`); dropping the connection kills it.
+    StartRestore { forward_stdio: bool },
 }
 
 impl Request {

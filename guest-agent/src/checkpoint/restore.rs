@@ -1,8 +1,10 @@
 //! Restore: rebuild a process from an image in a child built for it.
 //!
-//! [`prepare_restore`] starts the restore stub (a program of a few
+//! [`start_restore_child`] starts the restore stub (a program of a few
 //! instructions, see [`super::stub`]) with the restored process's stdio; it
-//! asks to be traced and stops. From then on the child only runs injected
+//! asks to be traced and stops. [`prepare_restore`] builds the process in
+//! it (a migration target starts it while the pages still arrive). From
+//! then on the child only runs injected
 //! syscalls: a small scratch area holding `syscall; int3` is mapped at an
 //! address the image does not use, the umask and name are set, everything
 //! else of its address space is unmapped, the vdso/vvar are moved to the
@@ -104,8 +106,7 @@ pub struct RestoredChild {
     tracee: Tracee,
     injector: Injector,
     scratch: u64,
-    /// VMAs mapped writable to receive contents: (start, end, real prot).
-    widened: Vec<(u64, u64, u8)>,
+    widened: Widened,
     running: bool,
     /// Its exit status, from the agent's reaper (when it runs).
     exit: Option<Receiver<ExitStatus>>,
@@ -243,18 +244,17 @@ impl Drop for RestoredChild {
     }
 }
 
-/// Starts a child and gives it the image's memory layout. Returns the child
-/// and, in the order of [`ProcessImage::pages`], the frame of every page
-/// that must receive saved contents (`page_walk`: as a walk for the VMM,
-/// where the kernel allows). `stdio` become the child's fds 0-2.
+/// Gives `child` ([`start_restore_child`]) the image's memory layout.
+/// Returns the child and, in the order of [`ProcessImage::pages`], the
+/// frame of every page that must receive saved contents (`page_walk`: as a
+/// walk for the VMM, where the kernel allows).
 pub fn prepare_restore(
     image: &ProcessImage,
-    stdio: [BorrowedFd<'_>; 3],
+    mut child: RestoredChild,
     page_walk: bool,
 ) -> Result<(RestoredChild, Pages), RestoreError> {
     image.validate()?;
     check_mapped_files(image)?;
-    let mut child = start_child(stdio)?;
     let maps = procfs::maps(child.pid())?;
     let vdso: Vec<&MapsEntry> = maps.iter().filter(|m| m.is_vdso_family()).collect();
     let mut occupied: Vec<(u64, u64)> = image.vmas.iter().map(|v| (v.start, v.end)).collect();
@@ -282,11 +282,15 @@ pub fn prepare_restore(
         }
         from = end;
     }
-    batch.run()?;
-    place_vdso(&child, image, &vdso)?;
-    map_vmas(&mut child, image)?;
+    // The layout in the same batch (one stop of the child instead of one per
+    // step; each stop costs tens of ms where guest kernel code is emulated).
+    place_vdso(&mut batch, image, &vdso)?;
+    let (mut opened, widened) = map_vmas(&mut batch, image)?;
+    opened.push(set_mm(&mut batch, image)?);
+    let results = batch.run()?;
+    check_fd_numbers(&results, &opened)?;
+    child.widened = widened;
     populate(&child, image)?;
-    set_mm(&child, image)?;
 
     let pages = match MmTables::read(child.pid(), page_walk)? {
         Some(tables) => Pages {
@@ -328,11 +332,7 @@ pub fn finish_restore(mut child: RestoredChild, image: &ProcessImage) -> Result<
         batch.push(format!("mprotect {start:#x}-{end:#x}"), libc::SYS_mprotect, &[start, end - start, prot as u64])?;
     }
     let results = batch.run()?;
-    for (call, wanted, path) in opened {
-        if results[call] != wanted {
-            return Err(RestoreError::FdNumber { path: path.to_owned(), wanted, got: results[call] });
-        }
-    }
+    check_fd_numbers(&results, &opened)?;
     // The child inherited the agent's limits: set only those that differ.
     let inherited = procfs::limits(std::process::id() as i32)?;
     for r in &image.rlimits {
@@ -410,7 +410,9 @@ fn find_free(occupied: &mut [(u64, u64)], len: u64) -> Option<u64> {
 
 /// Starts the restore stub and waits until it stopped itself under our
 /// tracing.
-fn start_child(stdio: [BorrowedFd<'_>; 3]) -> Result<RestoredChild, RestoreError> {
+/// Starts the child a restore builds the process in: the stub, stopped and
+/// traced by this thread, `stdio` its fds 0-2 (dropping it kills it).
+pub fn start_restore_child(stdio: [BorrowedFd<'_>; 3]) -> Result<RestoredChild, RestoreError> {
     let spawn = || stub::spawn(stdio).map_err(RestoreError::Start);
     // With the agent's reaper running, the child is registered as traced
     // before the reaper can see its first stop (see crate::reaper).
@@ -454,25 +456,16 @@ fn vdso_family<'a>(entries: impl Iterator<Item = (&'a str, u64, u64)>) -> Vec<(&
 /// Moves the child's vdso and vvar to the image's addresses (they match
 /// when both nodes boot with `norandmaps`), or drops them if the image has
 /// none. The layouts must be the same kernel's.
-fn place_vdso(
-    child: &RestoredChild,
-    image: &ProcessImage,
-    own: &[&MapsEntry],
-) -> Result<(), RestoreError> {
+fn place_vdso(batch: &mut Batch, image: &ProcessImage, own: &[&MapsEntry]) -> Result<(), RestoreError> {
     let own = vdso_family(own.iter().map(|m| (m.name.as_str(), m.start, m.end)));
     let wanted = vdso_family(image.vmas.iter().filter_map(|v| match &v.kind {
         VmaKind::Vdso => Some(("[vdso]", v.start, v.end)),
         VmaKind::Vvar { name } => Some((name.as_str(), v.start, v.end)),
         _ => None,
     }));
-    let inject = &child.injector;
     if wanted.is_empty() {
         for &(name, start, end) in &own {
-            inject.call(
-                || format!("munmap of {name}"),
-                libc::SYS_munmap,
-                &[start, end - start],
-            )?;
+            batch.push(format!("munmap of {name}"), libc::SYS_munmap, &[start, end - start])?;
         }
         return Ok(());
     }
@@ -509,11 +502,8 @@ fn place_vdso(
     let flags = (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64;
     for (o, w) in own.iter().zip(&wanted) {
         let len = o.2 - o.1;
-        inject.call(
-            || format!("mremap of {} to {:#x}", o.0, w.1),
-            libc::SYS_mremap,
-            &[o.1, len, len, flags, w.1],
-        )?;
+        let what = format!("mremap of {} to {:#x}", o.0, w.1);
+        batch.push(what, libc::SYS_mremap, &[o.1, len, len, flags, w.1])?;
     }
     Ok(())
 }
@@ -525,9 +515,26 @@ fn receives_pages(image: &ProcessImage, vma: &Vma) -> bool {
     image.pages.get(i).is_some_and(|r| r.start < vma.end)
 }
 
-fn map_vmas(child: &mut RestoredChild, image: &ProcessImage) -> Result<(), RestoreError> {
-    // The files first (the mmaps need their numbers): consecutive VMAs of
-    // one file share one open.
+/// VMAs mapped writable to receive contents: (start, end, real prot).
+type Widened = Vec<(u64, u64, u8)>;
+
+/// An open in a batch: its call, the number it must return (the child has
+/// no descriptor above 2 while its layout is built, so each open returns
+/// the lowest free number, known in advance) and the path.
+type PredictedOpen<'i> = (usize, u64, &'i str);
+
+/// The first descriptor the child's opens return.
+const FIRST_FREE_FD: u64 = 3;
+
+/// Adds the mmaps of the image's VMAs to `batch`, with the opens of their
+/// files (the mmaps use the numbers the opens will return) and the closes.
+/// Returns the opens, to check once the batch ran, and the VMAs mapped
+/// writable to receive pages (`RestoredChild::widened`).
+fn map_vmas<'i>(
+    batch: &mut Batch,
+    image: &'i ProcessImage,
+) -> Result<(Vec<PredictedOpen<'i>>, Widened), RestoreError> {
+    // The files first: consecutive VMAs of one file share one open.
     fn file_of(vma: &Vma) -> Option<&str> {
         match &vma.kind {
             VmaKind::File { path, .. } => Some(path.as_str()),
@@ -542,15 +549,14 @@ fn map_vmas(child: &mut RestoredChild, image: &ProcessImage) -> Result<(), Resto
         }
         previous = path;
     }
-    let mut opens = Batch::new(child);
     let flags = (libc::O_RDONLY | libc::O_CLOEXEC) as u64;
-    for path in &files {
-        opens.push_with_path("open", libc::SYS_open, path, &[flags])?;
+    let mut opened = Vec::with_capacity(files.len());
+    for (path, fd) in files.iter().zip(FIRST_FREE_FD..) {
+        opened.push((batch.push_with_path("open", libc::SYS_open, path, &[flags])?, fd, *path));
     }
-    let fds = opens.run()?;
+    let fds: Vec<u64> = opened.iter().map(|&(_, fd, _)| fd).collect();
 
     let mut widened = Vec::new();
-    let mut maps = Batch::new(child);
     let mut file = None;
     let mut previous = None;
     for vma in &image.vmas {
@@ -572,20 +578,28 @@ fn map_vmas(child: &mut RestoredChild, image: &ProcessImage) -> Result<(), Resto
             (VmaKind::File { .. }, Some(file)) => {
                 let share = if vma.shared { libc::MAP_SHARED } else { libc::MAP_PRIVATE } as u64;
                 let args = [vma.start, len, prot as u64, share | fixed, fds[file], vma.offset];
-                maps.push(what, libc::SYS_mmap, &args)?;
+                batch.push(what, libc::SYS_mmap, &args)?;
             }
             (kind, _) => {
                 let grows = if *kind == VmaKind::Stack { libc::MAP_GROWSDOWN } else { 0 };
                 let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | grows) as u64 | fixed;
-                maps.push(what, libc::SYS_mmap, &[vma.start, len, prot as u64, flags, u64::MAX, 0])?;
+                batch.push(what, libc::SYS_mmap, &[vma.start, len, prot as u64, flags, u64::MAX, 0])?;
             }
         }
     }
     for (path, fd) in files.iter().zip(&fds) {
-        maps.push(format!("close of {path}"), libc::SYS_close, &[*fd])?;
+        batch.push(format!("close of {path}"), libc::SYS_close, &[*fd])?;
     }
-    maps.run()?;
-    child.widened = widened;
+    Ok((opened, widened))
+}
+
+/// Each open of a batch returned the number its later calls used.
+fn check_fd_numbers(results: &[u64], opened: &[PredictedOpen]) -> Result<(), RestoreError> {
+    for &(call, wanted, path) in opened {
+        if results[call] != wanted {
+            return Err(RestoreError::FdNumber { path: path.to_owned(), wanted, got: results[call] });
+        }
+    }
     Ok(())
 }
 
@@ -622,8 +636,8 @@ fn populate(child: &RestoredChild, image: &ProcessImage) -> Result<(), RestoreEr
     }
 }
 
-/// The fallback of [`populate`] on kernels without madvise (the node kernel
-/// has no CONFIG_ADVISE_SYSCALLS): one byte written through /proc/PID/mem
+/// The fallback of [`populate`] on kernels without madvise (built without
+/// CONFIG_ADVISE_SYSCALLS): one byte written through /proc/PID/mem
 /// per page (the tracer may write there; a write breaks copy-on-write like a
 /// fault would). The byte's value does not matter: every such page is
 /// overwritten with its saved contents.
@@ -673,13 +687,16 @@ struct PrctlMmMap {
 
 const PR_SET_MM_MAP: u64 = 14;
 
-/// Sets code/data/brk/stack/args boundaries and the executable in one
-/// `prctl(PR_SET_MM, PR_SET_MM_MAP)` (needs CONFIG_CHECKPOINT_RESTORE).
-fn set_mm(child: &RestoredChild, image: &ProcessImage) -> Result<(), RestoreError> {
+/// Adds to `batch` what sets code/data/brk/stack/args boundaries and the
+/// executable: one `prctl(PR_SET_MM, PR_SET_MM_MAP)` (needs
+/// CONFIG_CHECKPOINT_RESTORE) between an open of the executable and its
+/// close. Comes after the mmaps (the kernel checks the boundaries against
+/// the VMAs) and their closes (the open returns the first free number).
+/// Returns the open, to check once the batch ran.
+fn set_mm<'i>(batch: &mut Batch, image: &'i ProcessImage) -> Result<PredictedOpen<'i>, RestoreError> {
     let flags = (libc::O_RDONLY | libc::O_CLOEXEC) as u64;
-    let mut open = Batch::new(child);
-    open.push_with_path("open", libc::SYS_open, &image.exe, &[flags])?;
-    let exe_fd = open.run()?[0];
+    let exe_fd = FIRST_FREE_FD;
+    let open = batch.push_with_path("open", libc::SYS_open, &image.exe, &[flags])?;
     let m = &image.mm;
     let map = PrctlMmMap {
         start_code: m.start_code,
@@ -705,11 +722,10 @@ fn set_mm(child: &RestoredChild, image: &ProcessImage) -> Result<(), RestoreErro
             std::mem::size_of::<PrctlMmMap>(),
         )
     };
-    let mut batch = Batch::new(child);
     let args = [libc::PR_SET_MM as u64, PR_SET_MM_MAP, 0, bytes.len() as u64];
     batch.push_with_data("prctl(PR_SET_MM_MAP)".into(), libc::SYS_prctl, &args, 2, bytes)?;
     batch.push("close of the executable".into(), libc::SYS_close, &[exe_fd])?;
-    batch.run().map(drop)
+    Ok((open, exe_fd, image.exe.as_str()))
 }
 
 /// Reopens files by path at their descriptor number and offset, and
@@ -718,7 +734,7 @@ fn set_mm(child: &RestoredChild, image: &ProcessImage) -> Result<(), RestoreErro
 /// is known in advance: a file whose number is not that one is opened there
 /// and moved. Returns, for every open, its call in `batch`, the number it
 /// must return and the path (checked once the batch ran).
-fn restore_fds<'i>(batch: &mut Batch, image: &'i ProcessImage) -> Result<Vec<(usize, u64, &'i str)>, RestoreError> {
+fn restore_fds<'i>(batch: &mut Batch, image: &'i ProcessImage) -> Result<Vec<PredictedOpen<'i>>, RestoreError> {
     let mut used: BTreeSet<u64> = (0..3).collect();
     let lowest_free = |used: &BTreeSet<u64>| (0..).find(|fd| !used.contains(fd)).expect("a free number");
     let mut opened = Vec::new();

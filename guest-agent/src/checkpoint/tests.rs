@@ -29,6 +29,14 @@ use super::*;
 mod common;
 use common::{work_dir, workload, PageCopies};
 
+/// A restore child with `stdio`, prepared from `image` (no page walk).
+fn start_and_prepare(
+    image: &ProcessImage,
+    stdio: [std::os::fd::BorrowedFd<'_>; 3],
+) -> Result<(RestoredChild, Pages), RestoreError> {
+    prepare_restore(image, start_restore_child(stdio)?, false)
+}
+
 fn require_root() {
     assert!(
         nix::unistd::geteuid().is_root(),
@@ -168,7 +176,7 @@ fn restore(
     adjust(&mut image);
     let out = OpenOptions::new().append(true).open(&w.out).unwrap();
     let null = File::open("/dev/null").unwrap();
-    let (child, frames) = prepare_restore(&image, [null.as_fd(), out.as_fd(), out.as_fd()], false)
+    let (child, frames) = start_and_prepare(&image, [null.as_fd(), out.as_fd(), out.as_fd()])
         .unwrap_or_else(|e| panic!("prepare_restore failed: {e}"));
     assert_eq!(frames.listed.len() as u64, image.page_count());
     ProcMem::open(child.pid())
@@ -577,7 +585,7 @@ fn corrupt_image_is_rejected_before_forking() {
     let null = File::open("/dev/null").unwrap();
     let mut bad = image.clone();
     bad.vmas.swap(0, 1);
-    let err = prepare_restore(&bad, [null.as_fd(), null.as_fd(), null.as_fd()], false)
+    let err = start_and_prepare(&bad, [null.as_fd(), null.as_fd(), null.as_fd()])
         .err()
         .expect("accepted");
     assert!(
@@ -637,7 +645,7 @@ fn syscall_counts() {
     let out = OpenOptions::new().append(true).open(&w.out).unwrap();
     let null = File::open("/dev/null").unwrap();
     let (child, _) = count_syscalls("prepare_restore", || {
-        prepare_restore(&image, [null.as_fd(), out.as_fd(), out.as_fd()], false).unwrap()
+        start_and_prepare(&image, [null.as_fd(), out.as_fd(), out.as_fd()]).unwrap()
     });
     ProcMem::open(child.pid())
         .unwrap()

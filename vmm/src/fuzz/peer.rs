@@ -57,7 +57,6 @@ fn member(name: &str) -> Member {
 pub fn seeds() -> Vec<Vec<u8>> {
     let offer = Offer {
         id: 7,
-        comm: "counter".into(),
         home: HomeRef { node: "n1".into(), addr: "127.0.0.1:7000".into(), token: 1, pid: 42 },
     };
     let messages = [

@@ -2,8 +2,10 @@
 //! process and, afterwards, to connect it with its home node.
 //!
 //! A link carries one conversation, opened by its first message:
-//! - [`PeerMsg::Offer`] (source to target): a migration, answered with
-//!   [`PeerMsg::Accepted`] or [`PeerMsg::Refused`]. The source streams
+//! - [`PeerMsg::Offer`] (source to target, before the process is frozen):
+//!   a migration, answered with [`PeerMsg::Accepted`] or
+//!   [`PeerMsg::Refused`] (the target then starts the child the process
+//!   will be built in). The source streams
 //!   [`PeerMsg::Pages`] (pre-copy rounds while the process runs), then the
 //!   frozen process's [`PeerMsg::Image`], the pages dirtied since, and
 //!   [`PeerMsg::Commit`]; the target answers [`PeerMsg::Running`] once the
@@ -33,8 +35,6 @@ pub const PAGES_PER_BATCH: usize = 1024;
 pub const MAX_OUTPUT_DATA: usize = 64 << 10;
 /// Longest peer address (`host:port`) accepted in a message.
 const MAX_ADDR_LEN: usize = 256;
-/// Longest process name accepted in an offer (`TASK_COMM_LEN`).
-const MAX_COMM_LEN: usize = 16;
 
 /// Where a process started and how to reach its deputy there.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,8 +54,6 @@ pub struct HomeRef {
 pub struct Offer {
     /// Chosen by the source; names the migration in a later `Query`.
     pub id: u64,
-    /// The process's name, for logs.
-    pub comm: String,
     pub home: HomeRef,
 }
 
@@ -128,8 +126,6 @@ pub enum ProtocolError {
     HomeName(String),
     #[error("invalid home address {0:?}")]
     HomeAddr(String),
-    #[error("invalid process name in the offer")]
-    Comm,
     #[error("a Pages message with {pages} addresses carries {bytes} bytes")]
     PagesLength { pages: usize, bytes: usize },
     #[error("a Pages message with {0} pages (at most {PAGES_PER_BATCH})")]
@@ -151,9 +147,6 @@ impl Offer {
         }
         if self.home.addr.is_empty() || self.home.addr.len() > MAX_ADDR_LEN {
             return Err(ProtocolError::HomeAddr(self.home.addr.clone()));
-        }
-        if self.comm.len() > MAX_COMM_LEN {
-            return Err(ProtocolError::Comm);
         }
         Ok(())
     }
@@ -201,7 +194,6 @@ mod tests {
     fn offer() -> Offer {
         Offer {
             id: 7,
-            comm: "counter".into(),
             home: HomeRef { node: "n1".into(), addr: "127.0.0.1:7000".into(), token: 1, pid: 42 },
         }
     }
@@ -215,9 +207,6 @@ mod tests {
         let mut bad = offer();
         bad.home.addr = "x".repeat(1000);
         assert!(matches!(bad.validate(), Err(ProtocolError::HomeAddr(_))));
-        let mut bad = offer();
-        bad.comm = "c".repeat(100);
-        assert_eq!(bad.validate(), Err(ProtocolError::Comm));
     }
 
     #[test]

@@ -174,13 +174,14 @@ fn transfer(
     };
     let (peer, mut rx, mut tx) = link::connect(&node.rt, addr, &node.key, &node.name)?;
     let id = random_id();
-    let offer = |comm: &str| PeerMsg::Offer(Offer { id, comm: comm.to_owned(), home: home.clone() });
+    // Offered before the freeze in either mode: the target starts the child
+    // it will build the process in meanwhile.
+    tx.send(&PeerMsg::Offer(Offer { id, home: home.clone() }))?;
+    accepted(&mut rx)?;
     let mut m = Migration { node, tx: &mut tx, sent: HashMap::new(), bytes: 0 };
 
     let mut rounds = Vec::new();
     if let Some(mut pages) = first_round {
-        m.tx.send(&offer(""))?;
-        accepted(&mut rx)?;
         loop {
             let n =
                 m.send_pages(pages.iter().filter(|p| p.kind == PageKind::Data)).map_err(|e| refusal_or(&mut rx, e))?;
@@ -199,10 +200,6 @@ fn transfer(
     let mut image = ProcessImage::from_bytes(&image_bytes).map_err(Error::BadImage)?;
     let pages = frames::resolve_capture(&node.memory, &mut image, pages)?;
     let image_bytes = image.to_bytes();
-    if !opts.precopy {
-        m.tx.send(&offer(&image.comm))?;
-        accepted(&mut rx)?;
-    }
     let data = frames::data_pages(&pages, &image.pages)?;
     m.tx.send(&PeerMsg::Image { image: image_bytes }).map_err(|e| refusal_or(&mut rx, e))?;
     // Pages not sent yet, written since, or whose frame changed.

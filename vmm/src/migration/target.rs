@@ -205,21 +205,28 @@ fn run(
     node.page_budget.check_room(PAGES_PER_BATCH)?;
     fault_point(node, "offer", tx)?;
     tx.send(&PeerMsg::Accepted)?;
+    // The child the process will be built in is started now, while a
+    // pre-copy's pages arrive, not after the freeze (~0.2 s of guest work
+    // where its kernel is emulated). From here on an error drops `agent`:
+    // the agent kills the child.
+    let mut agent = node.agent()?;
+    agent.start_restore(true).map_err(Error::Agent)?;
     let limit = crate::guest_ram::ram_frames(&node.memory) as usize;
     let mut store = PageStore::new(limit, node.page_budget.clone());
+    let mut agent = Some(agent);
     let mut prepared = None;
     let mut steps = Steps::default();
     loop {
         let (msg, data) = rx.expect(IDLE_TIMEOUT)?;
         match msg {
             PeerMsg::Pages { vaddrs } => receive_pages(&mut store, &vaddrs, data)?,
-            PeerMsg::Image { image } if prepared.is_none() => {
+            PeerMsg::Image { image } => {
+                let Some(mut agent) = agent.take() else {
+                    return Err(Error::unexpected("Pages or Commit", &PeerMsg::Image { image }));
+                };
                 let started = Instant::now();
                 let parsed = ProcessImage::from_bytes(&image).map_err(Error::BadImage)?;
-                let mut agent = node.agent()?;
                 let (_, targets) = agent.prepare_restore(image, true, true).map_err(Error::Agent)?;
-                // From here on an error drops `agent`: the agent kills the
-                // half-built process.
                 let targets = frames::resolve(&node.memory, targets)?;
                 frames::check_order(&targets, &parsed.pages)?;
                 frames::check_frames(&node.memory, &targets)?;

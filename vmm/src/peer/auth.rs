@@ -10,8 +10,9 @@ use super::key::ClusterKey;
 pub const MAGIC: [u8; 8] = *b"PMIVMMPL";
 /// Version of the peer protocol (handshake, frames and the messages sent in
 /// them). Both ends must speak the same. Version 2: AES-256-GCM frames;
-/// 3: gossiped loads carry the vCPU's use.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// 3: gossiped loads carry the vCPU's use; 4: a migration's offer comes
+/// before the freeze, without the process's name.
+pub const PROTOCOL_VERSION: u32 = 4;
 /// Longest hello on the wire: magic 8, version <= 5, name <= 1 + 64 and
 /// nonce 32 bytes, with room for fields that later versions may add.
 pub const MAX_HELLO_LEN: usize = 512;
