@@ -249,7 +249,7 @@ mod tests {
     #[test]
     fn request_variant_count_is_exact() {
         // The last variant's index must be VARIANTS - 1.
-        let last = Request::DeputyMoved { node: "n".into() };
+        let last = Request::StartRestore { forward_stdio: true };
         let frame = encode_frame(&last).unwrap();
         assert_eq!(frame[LEN_BYTES], (Request::VARIANTS - 1) as u8);
     }

@@ -142,7 +142,7 @@ pub enum Request {
 impl Request {
     /// How many variants [`Request`] has: a decoded variant index at or past
     /// this is a request from a newer protocol version.
-    pub const VARIANTS: u32 = 19;
+    pub const VARIANTS: u32 = 20;
 }
 
 /// Starts a process in the guest.
