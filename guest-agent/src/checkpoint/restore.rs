@@ -408,10 +408,9 @@ fn find_free(occupied: &mut [(u64, u64)], len: u64) -> Option<u64> {
     (candidate + len <= USER_SPACE_END).then_some(candidate)
 }
 
-/// Starts the restore stub and waits until it stopped itself under our
-/// tracing.
-/// Starts the child a restore builds the process in: the stub, stopped and
-/// traced by this thread, `stdio` its fds 0-2 (dropping it kills it).
+/// Starts the child a restore builds the process in: the restore stub,
+/// waited for until it stopped itself under the tracing of this thread,
+/// `stdio` its fds 0-2 (dropping it kills it).
 pub fn start_restore_child(stdio: [BorrowedFd<'_>; 3]) -> Result<RestoredChild, RestoreError> {
     let spawn = || stub::spawn(stdio).map_err(RestoreError::Start);
     // With the agent's reaper running, the child is registered as traced

@@ -162,8 +162,7 @@ pub fn receive(node: &Arc<MigrationNode>, source: String, offer: Offer, mut rx: 
 
 struct Started {
     pid: u32,
-    /// From the image (a pre-copy's offer comes before the capture and
-    /// names no process).
+    /// From the image (the offer comes before the capture).
     comm: String,
     session: relay::Session,
     /// The link to the home made for this process, unless the source is the
@@ -205,10 +204,10 @@ fn run(
     node.page_budget.check_room(PAGES_PER_BATCH)?;
     fault_point(node, "offer", tx)?;
     tx.send(&PeerMsg::Accepted)?;
-    // The child the process will be built in is started now, while a
-    // pre-copy's pages arrive, not after the freeze (~0.2 s of guest work
-    // where its kernel is emulated). From here on an error drops `agent`:
-    // the agent kills the child.
+    // The child the process will be built in is started now, while the
+    // source still copies pages or captures the process (~0.2 s of guest
+    // work where its kernel is emulated). From here on an error drops
+    // `agent`: the agent kills the child.
     let mut agent = node.agent()?;
     agent.start_restore(true).map_err(Error::Agent)?;
     let limit = crate::guest_ram::ram_frames(&node.memory) as usize;
