@@ -208,9 +208,10 @@ impl Drop for FileActions {
 /// The signal state a spawned child starts with.
 pub(crate) enum Signals {
     /// A program the agent runs: leader of a new session, empty signal
-    /// mask, SIGPIPE back to its default (the Rust runtime ignores it in the
-    /// agent; the other dispositions the agent changed are handlers, which
-    /// exec resets).
+    /// mask, every signal at its default disposition (the Rust runtime
+    /// ignores SIGPIPE in the agent, and an agent started with a signal
+    /// ignored, as under nohup, would pass that on: a hang-up of the exec
+    /// did not end it).
     Program,
     /// The child a restore builds a process in: the agent's session, every
     /// signal blocked and at its default disposition.
@@ -236,8 +237,7 @@ impl Attributes {
             match signals {
                 Signals::Program => {
                     libc::sigemptyset(&mut mask);
-                    libc::sigemptyset(&mut default);
-                    libc::sigaddset(&mut default, libc::SIGPIPE);
+                    libc::sigfillset(&mut default);
                     flags |= libc::POSIX_SPAWN_SETSID;
                 }
                 Signals::Restore => {

@@ -56,13 +56,14 @@ fn responses(bytes: &[u8]) -> String {
         Ok(client) => client,
         Err(e) => return format!("hello {}", client_error(&e)),
     };
-    let result = match call % 7 {
+    let result = match call % 8 {
         0 => client.ps().map(|list| format!("ps {}", list.len().min(2))),
         1 => client.load().map(|_| "load".into()),
         2 => client.checkpoint(7, true).map(|(image, pages)| checkpointed(&image, pages)),
         3 => client.precopy_round(7, true, true).map(frames_checked),
         4 => client.prepare_restore(Vec::new(), true, true).map(|(_, pages)| frames_checked(pages)),
         5 => client.finish_restore().map(|_| "restored".into()),
+        6 => client.start_restore(true).map(|()| "started".into()),
         _ => client
             .exec(ExecRequest { argv: vec!["true".into()], env: vec![], cwd: None, stdin: false })
             .and_then(|session| session.wait_with_output())
@@ -70,7 +71,7 @@ fn responses(bytes: &[u8]) -> String {
     };
     match result {
         Ok(outcome) => outcome,
-        Err(e) => format!("call {} {}", call % 7, client_error(&e)),
+        Err(e) => format!("call {} {}", call % 8, client_error(&e)),
     }
 }
 
@@ -125,7 +126,7 @@ pub fn seeds() -> Vec<Vec<u8>> {
         mode,
         ranges: vec![WalkRange { start, end: start + 0x2000, soft_dirty: false }],
     };
-    let answers: [(u8, Vec<Response>); 7] = [
+    let answers: [(u8, Vec<Response>); 8] = [
         (0, vec![Response::ProcessList(vec![])]),
         (1, vec![Response::Error { kind: pmivmm_proto::message::ErrorKind::Refused, message: "no".into() }]),
         (
@@ -138,8 +139,9 @@ pub fn seeds() -> Vec<Vec<u8>> {
         (3, vec![Response::PrecopyPages { pages: listed(vec![page, PageRef { pfn: u64::MAX, ..page }]) }]),
         (4, vec![Response::RestorePrepared { pid: 9, pages: Pages { listed: vec![], walk: Some(walk(WalkMode::Populated, 0)) } }]),
         (5, vec![Response::Restored { pid: 9 }]),
+        (6, vec![Response::Ok]),
         (
-            6,
+            7,
             vec![
                 Response::Started { pid: 9 },
                 Response::Stdout(b"hi\n".to_vec()),

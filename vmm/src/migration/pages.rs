@@ -75,7 +75,7 @@ impl PageBudget {
     }
 
     fn busy(&self) -> StoreError {
-        StoreError::Busy { budget_mib: (self.total * PS >> 20) as u64 }
+        StoreError::Busy { budget_mib: ((self.total * PS) >> 20) as u64 }
     }
 }
 
@@ -128,7 +128,7 @@ impl PageStore {
     pub fn insert(&mut self, vaddrs: &[u64], data: Vec<u8>) -> Result<(), StoreError> {
         let new = vaddrs.iter().filter(|v| !self.index.contains_key(v)).count();
         if self.index.len() + new > self.limit_pages {
-            return Err(StoreError::Full { limit_mib: (self.limit_pages * PS >> 20) as u64 });
+            return Err(StoreError::Full { limit_mib: ((self.limit_pages * PS) >> 20) as u64 });
         }
         if self.held + vaddrs.len() > self.limit_pages {
             self.compact();
