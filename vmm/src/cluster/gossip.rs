@@ -61,10 +61,9 @@ fn gossip(node: &Arc<MigrationNode>) {
     loop {
         let started = Instant::now();
         let cluster = &node.cluster;
-        let now = Instant::now();
-        let cpu_percent = cluster.vcpu_clock.get().and_then(|c| c.now()).and_then(|t| cpu.sample(t, now));
+        let cpu_percent = cluster.vcpu_clock.get().and_then(|c| c.now()).and_then(|t| cpu.sample(t, started));
         let load = NodeLoad { cpu_percent: cpu_percent.unwrap_or(0), ..*lock(&cluster.load) };
-        lock(&cluster.table).tick(load, cluster.is_blocked(), now);
+        lock(&cluster.table).tick(load, cluster.is_blocked(), started);
         exchange(node);
         thread::sleep(ROUND.saturating_sub(started.elapsed()));
     }

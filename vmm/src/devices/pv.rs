@@ -225,12 +225,21 @@ impl PvInterface {
             guest_warn!("pv: {op:?} request {req:x?} refused (not inside guest RAM, overlapping, empty or a bad byte)");
             return;
         }
-        match self.mem.write_obj(1u64, block.unchecked_add(DONE)) {
-            Ok(()) => {
-                self.copies += 1;
-                self.copied += req.len;
+        if self.complete(block, DONE) {
+            self.copies += 1;
+            self.copied += req.len;
+        }
+    }
+
+    /// Sets the done word at `done` in the request block at `block`; false
+    /// (with a warning) if it cannot be written.
+    fn complete(&self, block: GuestAddress, done: u64) -> bool {
+        match self.mem.write_obj(1u64, block.unchecked_add(done)) {
+            Ok(()) => true,
+            Err(e) => {
+                guest_warn!("pv: completing the request at {:#x}: {e}", block.0);
+                false
             }
-            Err(e) => guest_warn!("pv: completing the request at {:#x}: {e}", block.0),
         }
     }
 
@@ -258,12 +267,9 @@ impl PvInterface {
             guest_warn!("pv: strided-store request {req:x?} failed: {e}");
             return;
         }
-        match self.mem.write_obj(1u64, block.unchecked_add(StrideRequest::DONE)) {
-            Ok(()) => {
-                self.strides += 1;
-                self.stride_elements += req.count;
-            }
-            Err(e) => guest_warn!("pv: completing the strided store at {:#x}: {e}", block.0),
+        if self.complete(block, StrideRequest::DONE) {
+            self.strides += 1;
+            self.stride_elements += req.count;
         }
     }
 
