@@ -24,7 +24,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use ring::hmac;
+use aws_lc_rs::hmac;
 
 use crate::peer::ClusterKey;
 use crate::rundir::{validate_name, MAX_NAME_LEN};
