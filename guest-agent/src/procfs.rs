@@ -30,6 +30,17 @@ pub fn read_into(path: &Path, buf: &mut Vec<u8>) -> io::Result<()> {
     }
 }
 
+/// NUL-separated strings (an argument or environment area), lossily
+/// decoded, empty ones dropped: information for `ps` and the image, never
+/// used to restore.
+pub fn nul_separated(bytes: &[u8]) -> Vec<String> {
+    bytes
+        .split(|&b| b == 0)
+        .filter(|s| !s.is_empty())
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .collect()
+}
+
 /// The value of a `Key:   value` line (as in /proc/meminfo, status).
 pub fn field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
     text.lines().find_map(|line| {

@@ -13,7 +13,7 @@ use nix::unistd::{getpid, sysconf, SysconfVar};
 use pmivmm_proto::{Migratability, MigrationObstacle, ProcessInfo};
 
 use crate::deputy::deputies;
-use crate::procfs::{count_posix_timers, deleted_file, field, read_into};
+use crate::procfs::{count_posix_timers, deleted_file, field, nul_separated, read_into};
 
 /// PF_KTHREAD in the flags field of /proc/PID/stat.
 const PF_KTHREAD: u64 = 0x0020_0000;
@@ -86,10 +86,7 @@ fn inspect(pid: u32, units: &Units, buf: &mut Vec<u8>) -> Option<ProcessInfo> {
         Vec::new()
     } else {
         read_into(&dir.join("cmdline"), buf).ok()?;
-        buf.split(|&b| b == 0)
-            .filter(|a| !a.is_empty())
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect()
+        nul_separated(buf)
     };
 
     let mut obstacles = Vec::new();

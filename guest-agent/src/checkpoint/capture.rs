@@ -26,18 +26,21 @@ use libc::user_regs_struct;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use pmivmm_proto::image::{
-    page_runs, AltStack, FdKind, FileDescriptor, Itimer, MmLayout, PageKind, Pages, ProcessImage,
-    Rlimit, Select, SigAction, SigInfo, SignalState, Vma, VmaKind, WalkMode, IMAGE_VERSION,
-    MAX_SIGNAL, PAGE_SIZE, PROT_READ, PROT_WRITE,
+    limits, page_runs, AltStack, FdKind, FileDescriptor, Itimer, MmLayout, PageKind, Pages,
+    ProcessImage, Rlimit, Select, SigAction, SigInfo, SignalState, Vma, VmaKind, WalkMode,
+    IMAGE_VERSION, MAX_SIGNAL, PAGE_SIZE, PROT_READ, PROT_WRITE,
 };
 use pmivmm_proto::MigrationObstacle;
 
-use super::inject::{find_syscall_insn, InjectError, Injector, Syscall, BATCH_ENTRY_LEN, BATCH_RUNNER};
+use super::inject::{
+    find_syscall_insn, read_remote, InjectError, Injector, Syscall, BATCH_ENTRY_LEN, BATCH_RUNNER,
+};
 use super::pagemap::{tracked, Pagemap, PagemapError};
 use super::pagetables::{MmTables, PageTablesError};
 use super::procfs::{self, MapsEntry, ProcfsError, Stat, Status, PF_KTHREAD};
+use super::rlimits::{self, RlimitError};
 use super::tracee::{regs_to_image, rewind_interrupted_syscall, PtraceError, Tracee};
-use crate::procfs::deleted_file;
+use crate::procfs::{deleted_file, nul_separated};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
@@ -54,6 +57,8 @@ pub enum CheckpointError {
     Inject(#[from] InjectError),
     #[error(transparent)]
     Pagemap(#[from] PagemapError),
+    #[error(transparent)]
+    Rlimit(#[from] RlimitError),
     #[error(transparent)]
     PageTables(#[from] PageTablesError),
     #[error("PID {pid}: no `syscall` instruction in its vdso or code to run syscalls with")]
@@ -319,9 +324,7 @@ pub(super) fn present_pages(
         .iter()
         .partition(|v| tables.is_some() && MmTables::walks(v));
     let mut listed = Vec::new();
-    for vma in read {
-        pagemap.present_pages(vma, select, &mut listed)?;
-    }
+    pagemap.present_pages(&read, select, &mut listed)?;
     let walk = tables.map(|t| t.walk_vmas(WalkMode::Present(tracked(select)), walked));
     Ok(Pages { listed, walk })
 }
@@ -342,10 +345,10 @@ fn capture_frozen(
         fds,
     } = inspect_stopped(pid)?;
     let exe = procfs::link(pid, "exe")?;
-    let argv = procfs::nul_separated(pid, "cmdline")?;
-    let environ = procfs::nul_separated(pid, "environ")?;
+    let argv = strings_at(tracee.pid, stat.arg_start, stat.arg_end)?;
+    let environ = strings_at(tracee.pid, stat.env_start, stat.env_end)?;
     let cwd = procfs::link(pid, "cwd")?;
-    let limits = procfs::limits(pid)?;
+    let limits = rlimits::of(pid)?;
     let personality = procfs::personality(pid)?;
     let fpu = tracee.fpu()?;
     let rseq = tracee.rseq()?;
@@ -426,6 +429,20 @@ fn capture_frozen(
             .collect(),
     };
     Ok((image, pages))
+}
+
+/// The NUL-separated strings in `start..end` of the memory of `pid`: its
+/// arguments or environment, where /proc/PID/stat says they lie. One
+/// process_vm_readv each, where reading /proc/PID/cmdline and environ cost
+/// 10-20 ms each in the emulated guest kernel (the same bytes; cmdline also
+/// follows a process that wrote its arguments past their end, which the
+/// image's record of them does without). More than an image may hold is
+/// read only so far that the image is refused for it.
+fn strings_at(pid: Pid, start: u64, end: u64) -> Result<Vec<String>, CheckpointError> {
+    let len = (end.saturating_sub(start) as usize).min(limits::MAX_ARGS_BYTES + 1);
+    let mut buf = vec![0u8; len];
+    read_remote(pid, start, &mut buf)?;
+    Ok(nul_separated(&buf))
 }
 
 /// Pending signals of the thread and of the process (read once the timers

@@ -22,6 +22,7 @@ mod precopy;
 mod procfs;
 mod procmem;
 mod restore;
+mod rlimits;
 mod stub;
 mod tracee;
 

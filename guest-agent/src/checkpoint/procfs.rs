@@ -254,46 +254,6 @@ fn numeric_entries(dir: &Path) -> Result<Vec<i32>, ProcfsError> {
     Ok(out)
 }
 
-/// NUL-separated strings (cmdline, environ), lossily decoded: they are
-/// information for `ps`, never used to restore.
-pub fn nul_separated(pid: i32, rel: &str) -> Result<Vec<String>, ProcfsError> {
-    let bytes = read(&proc_path(pid, rel))?;
-    Ok(bytes
-        .split(|&b| b == 0)
-        .filter(|s| !s.is_empty())
-        .map(|s| String::from_utf8_lossy(s).into_owned())
-        .collect())
-}
-
-/// `(resource, soft, hard)` for every line of /proc/PID/limits, in resource
-/// order (the kernel prints them in `RLIMIT_*` order).
-pub fn limits(pid: i32) -> Result<Vec<(u32, u64, u64)>, ProcfsError> {
-    let (path, text) = read_text(pid, "limits")?;
-    parse_limits(&text).ok_or(ProcfsError::Parse {
-        path,
-        what: "limits",
-    })
-}
-
-fn parse_limits(text: &str) -> Option<Vec<(u32, u64, u64)>> {
-    let value = |s: &str| {
-        if s == "unlimited" {
-            Some(u64::MAX)
-        } else {
-            s.parse().ok()
-        }
-    };
-    text.lines()
-        .skip(1)
-        .enumerate()
-        .map(|(i, line)| {
-            // "%-25s %-20s %-20s %-10s": the name holds spaces, so cut it off.
-            let mut cols = line.get(26..)?.split_whitespace();
-            Some((i as u32, value(cols.next()?)?, value(cols.next()?)?))
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -351,17 +311,10 @@ mod tests {
     }
 
     #[test]
-    fn parses_fdinfo_and_limits() {
+    fn parses_fdinfo() {
         assert_eq!(
             parse_fdinfo("pos:\t4096\nflags:\t02102001\nmnt_id:\t25\n"),
             Some((4096, 0o2102001))
-        );
-        let limits = "Limit                     Soft Limit           Hard Limit           Units     \n\
-                      Max cpu time              unlimited            unlimited            seconds   \n\
-                      Max open files            1024                 524288               files     \n";
-        assert_eq!(
-            parse_limits(limits),
-            Some(vec![(0, u64::MAX, u64::MAX), (1, 1024, 524288)])
         );
     }
 
@@ -371,7 +324,6 @@ mod tests {
         assert!(status(me).unwrap().threads >= 1);
         assert!(stat(me).unwrap().start_code > 0);
         assert!(maps(std::process::id() as i32).unwrap().iter().any(|m| m.name == "[stack]"));
-        assert_eq!(limits(me).unwrap().len(), 16);
         assert!(fd_numbers(me).unwrap().contains(&0));
         // SAFETY: personality(0xffffffff) only reads the caller's persona.
         let own = unsafe { libc::personality(0xffff_ffff) };

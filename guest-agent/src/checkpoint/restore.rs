@@ -44,6 +44,7 @@ use super::inject::{InjectError, Injector, Syscall, BATCH_ENTRY_LEN, BATCH_RUNNE
 use super::pagemap::{Pagemap, PagemapError};
 use super::pagetables::{MmTables, PageTablesError};
 use super::procfs::{self, MapsEntry, ProcfsError};
+use super::rlimits::{self, RlimitError};
 use super::stub;
 use super::tracee::{regs_from_image, PtraceError, Tracee};
 
@@ -71,6 +72,8 @@ pub enum RestoreError {
     Vdso(String),
     #[error("setting resource limit {resource}: {errno}")]
     Rlimit { resource: u32, errno: Errno },
+    #[error(transparent)]
+    ReadRlimit(#[from] RlimitError),
     #[error(transparent)]
     Procfs(#[from] ProcfsError),
     #[error(transparent)]
@@ -334,7 +337,7 @@ pub fn finish_restore(mut child: RestoredChild, image: &ProcessImage) -> Result<
     let results = batch.run()?;
     check_fd_numbers(&results, &opened)?;
     // The child inherited the agent's limits: set only those that differ.
-    let inherited = procfs::limits(std::process::id() as i32)?;
+    let inherited = rlimits::of(std::process::id() as i32)?;
     for r in &image.rlimits {
         if inherited.contains(&(r.resource, r.soft, r.hard)) {
             continue;
