@@ -108,6 +108,9 @@ const POPULATE_MERGE_GAP: u64 = 8;
 pub struct RestoredChild {
     tracee: Tracee,
     injector: Injector,
+    /// The stub's mappings, read when it started (before the scratch area
+    /// was mapped): they do not change while it waits for an image.
+    stub_maps: Vec<MapsEntry>,
     scratch: u64,
     widened: Widened,
     running: bool,
@@ -258,12 +261,17 @@ pub fn prepare_restore(
 ) -> Result<(RestoredChild, Pages), RestoreError> {
     image.validate()?;
     check_mapped_files(image)?;
-    let maps = procfs::maps(child.pid())?;
+    let maps = std::mem::take(&mut child.stub_maps);
     let vdso: Vec<&MapsEntry> = maps.iter().filter(|m| m.is_vdso_family()).collect();
     let mut occupied: Vec<(u64, u64)> = image.vmas.iter().map(|v| (v.start, v.end)).collect();
-    occupied.extend(maps.iter().filter(|m| m.end <= USER_SPACE_END).map(|m| (m.start, m.end)));
-    let scratch = find_free(&mut occupied, SCRATCH_LEN).ok_or(RestoreError::NoScratchSpace { len: SCRATCH_LEN })?;
-    child.map_scratch(scratch)?;
+    let started_with = (child.scratch, child.scratch + SCRATCH_LEN);
+    if occupied.iter().any(|&(start, end)| start < started_with.1 && started_with.0 < end) {
+        // The process needs the place of the scratch area mapped at the
+        // start: a new one, elsewhere. The munmaps below remove the old one.
+        occupied.extend(stub_ranges(&maps));
+        occupied.push(started_with);
+        child.map_scratch(find_scratch(&mut occupied)?)?;
+    }
     let mut batch = Batch::new(&child);
     batch.push("umask".into(), libc::SYS_umask, &[image.umask as u64])?;
     let mut comm = image.comm.as_bytes().to_vec();
@@ -272,7 +280,7 @@ pub fn prepare_restore(
 
     // Everything but the scratch area and the vdso goes.
     let mut keep: Vec<(u64, u64)> = vdso.iter().map(|m| (m.start, m.end)).collect();
-    keep.push((scratch, scratch + SCRATCH_LEN));
+    keep.push((child.scratch, child.scratch + SCRATCH_LEN));
     keep.sort_unstable();
     let mut from = 0;
     for (start, end) in keep
@@ -397,6 +405,18 @@ fn check_mapped_files(image: &ProcessImage) -> Result<(), RestoreError> {
     Ok(())
 }
 
+/// The ranges of `maps` in user space (not the vsyscall page).
+fn stub_ranges(maps: &[MapsEntry]) -> impl Iterator<Item = (u64, u64)> + '_ {
+    maps.iter()
+        .filter(|m| m.end <= USER_SPACE_END)
+        .map(|m| (m.start, m.end))
+}
+
+/// A place for the scratch area clear of the `occupied` ranges.
+fn find_scratch(occupied: &mut [(u64, u64)]) -> Result<u64, RestoreError> {
+    find_free(occupied, SCRATCH_LEN).ok_or(RestoreError::NoScratchSpace { len: SCRATCH_LEN })
+}
+
 /// The lowest page-aligned address at or above [`SCRATCH_MIN`] where `len`
 /// bytes fit between the `occupied` ranges (which get sorted).
 fn find_free(occupied: &mut [(u64, u64)], len: u64) -> Option<u64> {
@@ -427,6 +447,7 @@ pub fn start_restore_child(stdio: [BorrowedFd<'_>; 3]) -> Result<RestoredChild, 
     let mut child = RestoredChild {
         tracee,
         injector: injector(regs_from_image(&Default::default())),
+        stub_maps: Vec::new(),
         scratch: 0,
         widened: Vec::new(),
         running: false,
@@ -445,6 +466,13 @@ pub fn start_restore_child(stdio: [BorrowedFd<'_>; 3]) -> Result<RestoredChild, 
     }
     tracee.set_options(Options::PTRACE_O_TRACESYSGOOD | Options::PTRACE_O_EXITKILL)?;
     child.injector = injector(tracee.regs()?);
+    // What does not depend on the image is done now, before a migrating
+    // process is frozen: reading the stub's mappings and mapping the
+    // scratch area (at the lowest free place, which processes rarely use;
+    // moved by the restore if the image needs it).
+    child.stub_maps = procfs::maps(pid)?;
+    let scratch = find_scratch(&mut stub_ranges(&child.stub_maps).collect::<Vec<_>>())?;
+    child.map_scratch(scratch)?;
     Ok(child)
 }
 

@@ -260,6 +260,31 @@ fn mprotected_regions_round_trip() {
     round_trip("mprotect", "mprotect", &[], &[], 50..450);
 }
 
+/// The restore child maps its scratch area at the lowest free place when it
+/// starts, before it has the image; a process with a mapping there gets
+/// the scratch area moved (an empty anonymous VMA at 1 MiB, added to a
+/// counter's image, restores).
+#[test]
+fn process_mapped_where_the_scratch_area_was_round_trips() {
+    require_root();
+    let expected = uninterrupted("scratch-place", "counter", &[], &[]);
+    let w = Workload::start("scratch-place", "counter", &[], &[]);
+    std::thread::sleep(random_delay(50..700));
+    let got = migrate(w, |image| {
+        assert!(image.vmas[0].start >= 2 << 20, "{:#x}", image.vmas[0].start);
+        let vma = pmivmm_proto::image::Vma {
+            start: 1 << 20,
+            end: (1 << 20) + 64 * PAGE_SIZE,
+            prot: (libc::PROT_READ | libc::PROT_WRITE) as u8,
+            shared: false,
+            offset: 0,
+            kind: pmivmm_proto::image::VmaKind::Anonymous,
+        };
+        image.vmas.insert(0, vma);
+    });
+    assert_eq!(got, expected);
+}
+
 #[test]
 fn sleeping_process_round_trips() {
     round_trip("sleeper", "sleeper", &[], &[], 50..900);
