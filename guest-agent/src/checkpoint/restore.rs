@@ -26,6 +26,7 @@ use std::collections::BTreeSet;
 use std::os::fd::BorrowedFd;
 use std::os::unix::fs::MetadataExt;
 use std::sync::mpsc::Receiver;
+use std::sync::OnceLock;
 
 use nix::errno::Errno;
 use nix::sys::ptrace::Options;
@@ -298,10 +299,16 @@ pub fn prepare_restore(
     place_vdso(&mut batch, image, &vdso)?;
     let (mut opened, widened) = map_vmas(&mut batch, image)?;
     opened.push(set_mm(&mut batch, image)?);
+    let populate_in_batch = populate_write_supported();
+    if populate_in_batch {
+        push_populate(&mut batch, image)?;
+    }
     let results = batch.run()?;
     check_fd_numbers(&results, &opened)?;
     child.widened = widened;
-    populate(&child, image)?;
+    if !populate_in_batch {
+        populate_by_writes(&child, image)?;
+    }
 
     let pages = match MmTables::read(child.pid(), page_walk)? {
         Some(tables) => Pages {
@@ -633,10 +640,25 @@ fn check_fd_numbers(results: &[u64], opened: &[PredictedOpen]) -> Result<(), Res
     Ok(())
 }
 
+/// Whether this kernel has `MADV_POPULATE_WRITE` (Linux 5.14, built with
+/// CONFIG_ADVISE_SYSCALLS): probed once on a page of the agent's own (the
+/// restore child runs on the same kernel).
+fn populate_write_supported() -> bool {
+    static SUPPORTED: OnceLock<bool> = OnceLock::new();
+    *SUPPORTED.get_or_init(|| {
+        let len = PAGE_SIZE as usize;
+        let mut buf = vec![0u8; 2 * len];
+        let page = buf.as_mut_ptr().wrapping_add(buf.as_ptr().align_offset(len));
+        // SAFETY: `page` is a page-aligned page inside `buf`, which is ours;
+        // MADV_POPULATE_WRITE only faults it in, no byte changes.
+        unsafe { libc::madvise(page.cast(), len, libc::MADV_POPULATE_WRITE) == 0 }
+    })
+}
+
 /// Faults in (writably) every page that will receive contents, with few
-/// `MADV_POPULATE_WRITE` calls: runs within one VMA separated by small gaps
-/// are merged.
-fn populate(child: &RestoredChild, image: &ProcessImage) -> Result<(), RestoreError> {
+/// `MADV_POPULATE_WRITE` calls pushed onto the layout's `batch` (no stop of
+/// its own): runs within one VMA separated by small gaps are merged.
+fn push_populate(batch: &mut Batch, image: &ProcessImage) -> Result<(), RestoreError> {
     let mut spans: Vec<(u64, u64)> = Vec::new();
     for run in &image.pages {
         let mut start = run.start;
@@ -655,22 +677,18 @@ fn populate(child: &RestoredChild, image: &ProcessImage) -> Result<(), RestoreEr
             start = end;
         }
     }
-    let mut batch = Batch::new(child);
     for (start, end) in spans {
         let what = format!("MADV_POPULATE_WRITE of {start:#x}-{end:#x}");
         batch.push(what, libc::SYS_madvise, &[start, end - start, libc::MADV_POPULATE_WRITE as u64])?;
     }
-    match batch.run() {
-        Err(RestoreError::Inject(InjectError::Failed { errno: Errno::ENOSYS, .. })) => populate_by_writes(child, image),
-        other => other.map(drop),
-    }
+    Ok(())
 }
 
-/// The fallback of [`populate`] on kernels without madvise (built without
-/// CONFIG_ADVISE_SYSCALLS): one byte written through /proc/PID/mem
-/// per page (the tracer may write there; a write breaks copy-on-write like a
-/// fault would). The byte's value does not matter: every such page is
-/// overwritten with its saved contents.
+/// The fallback of [`push_populate`] on kernels without
+/// `MADV_POPULATE_WRITE` (see [`populate_write_supported`]): one byte
+/// written through /proc/PID/mem per page (the tracer may write there; a
+/// write breaks copy-on-write like a fault would). The byte's value does not
+/// matter: every such page is overwritten with its saved contents.
 fn populate_by_writes(child: &RestoredChild, image: &ProcessImage) -> Result<(), RestoreError> {
     use std::os::unix::fs::FileExt;
     let pid = child.pid();
