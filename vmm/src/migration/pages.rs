@@ -90,7 +90,7 @@ struct Batch {
 pub struct PageStore {
     batches: Vec<Batch>,
     /// Where the current copy of each page is: (batch, page in the batch).
-    index: HashMap<u64, (usize, usize)>,
+    index: HashMap<u64, (usize, usize), foldhash::fast::RandomState>,
     /// Pages in the buffers of `batches`, current or replaced: taken from
     /// `budget`.
     held: usize,
@@ -108,7 +108,7 @@ impl PageStore {
     /// A store for at most `limit_pages` distinct pages, its buffers taken
     /// from `budget`.
     pub fn new(limit_pages: usize, budget: Arc<PageBudget>) -> Self {
-        PageStore { batches: Vec::new(), index: HashMap::new(), held: 0, limit_pages, budget }
+        PageStore { batches: Vec::new(), index: HashMap::default(), held: 0, limit_pages, budget }
     }
 
     /// Distinct pages held.
