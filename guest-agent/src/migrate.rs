@@ -33,7 +33,7 @@ use pmivmm_proto::{ErrorKind, Response};
 
 use crate::checkpoint::{
     capture, finish_restore, kill_original, prepare_restore, resume_original, start_restore_child, CheckpointError,
-    Precopy, RestoredChild, Tended,
+    LeftScratch, Precopy, RestoredChild, Tended,
 };
 use crate::exec::{stdio_pipe, Streamed};
 use crate::reaper::{self, Waker};
@@ -79,6 +79,8 @@ pub struct Frozen {
     /// Its interval timers, which the capture disarmed: re-armed if it
     /// resumes.
     pub itimers: [Itimer; 3],
+    /// The capture's scratch page, removed if it resumes.
+    pub scratch: LeftScratch,
 }
 
 struct Restoring {
@@ -283,7 +285,7 @@ impl Migrations {
             Some(i) => self.precopies.swap_remove(i).capture(page_walk),
             None => capture(pid, page_walk),
         };
-        let (image, pages) = match captured {
+        let (image, pages, scratch) = match captured {
             Ok(captured) => captured,
             Err(e) => return checkpoint_error(e),
         };
@@ -295,7 +297,7 @@ impl Migrations {
         let itimers = image.itimers;
         let image = image.to_bytes();
         if !fits_in_frame(image.len(), &pages) {
-            let _ = resume_original(pid, &itimers);
+            let _ = resume_original(pid, &itimers, scratch);
             return error(
                 ErrorKind::Failed,
                 format!(
@@ -310,19 +312,26 @@ impl Migrations {
             pid,
             carried,
             itimers,
+            scratch,
         });
         Response::Checkpointed { image, pages }
     }
 
     /// `ResumeOriginal { pid }` and `KillOriginal { pid }`.
     pub fn end_freeze(&mut self, pid: u32, kill: bool) -> Response {
-        let Some(Frozen { pid, itimers, .. }) = self.take_frozen(pid) else {
+        let Some(Frozen {
+            pid,
+            itimers,
+            scratch,
+            ..
+        }) = self.take_frozen(pid)
+        else {
             return not_frozen(pid);
         };
         let r = if kill {
             kill_original(pid)
         } else {
-            resume_original(pid, &itimers)
+            resume_original(pid, &itimers, scratch)
         };
         match r {
             Ok(()) => Response::Ok,
@@ -497,8 +506,14 @@ impl Drop for Migrations {
             );
             precopy.release();
         }
-        for Frozen { pid, itimers, .. } in self.frozen.drain(..) {
-            if let Err(e) = resume_original(pid, &itimers) {
+        for Frozen {
+            pid,
+            itimers,
+            scratch,
+            ..
+        } in self.frozen.drain(..)
+        {
+            if let Err(e) = resume_original(pid, &itimers, scratch) {
                 eprintln!("pmivmm-agent: cannot resume PID {pid} after its client left: {e}");
             } else {
                 eprintln!("pmivmm-agent: client left during a checkpoint; PID {pid} resumed");

@@ -5,6 +5,11 @@
 //! either resumes it ([`resume_original`], the migration failed) or kills it
 //! ([`kill_original`], the target confirmed). Any error during capture
 //! resumes it. All three calls for one process must come from one thread.
+//! The scratch page of the injected syscalls stays mapped in the frozen
+//! process ([`LeftScratch`]): a process killed after its migration needs no
+//! munmap (one stop of the freeze less, 40-80 ms in the emulated guest
+//! kernel of these hosts), [`resume_original`] removes it, and a deputy,
+//! which never runs its own code again, keeps it.
 //!
 //! Syscalls are costly in the guest: /proc files are read once each, the
 //! pagemap once per VMA, and only what no /proc file shows is read with
@@ -65,7 +70,7 @@ pub enum CheckpointError {
     NoSyscallInsn { pid: i32 },
     #[error("cannot clear the soft-dirty bits of PID {pid}: {source}")]
     ClearRefs { pid: i32, source: std::io::Error },
-    #[error("PID {pid} was resumed, but its interval timers could not be re-armed: {source}")]
+    #[error("PID {pid} was resumed, but re-arming its interval timers or removing the capture's scratch page failed: {source}")]
     Rearm {
         pid: i32,
         source: Box<CheckpointError>,
@@ -124,7 +129,10 @@ const _: () = assert!(SCRATCH_USED as u64 <= SCRATCH_LEN && BATCH_RUNNER.len() a
 /// are the pages of [`ProcessImage::pages`]), all dirty (no pre-copy round
 /// ran). `page_walk`: private anonymous memory is left to the VMM's walk
 /// where the kernel allows (see [`present_pages`]).
-pub fn capture(pid: i32, page_walk: bool) -> Result<(ProcessImage, Pages), CheckpointError> {
+pub fn capture(
+    pid: i32,
+    page_walk: bool,
+) -> Result<(ProcessImage, Pages, LeftScratch), CheckpointError> {
     check_before_seize(pid)?;
     let (tracee, _) = Tracee::seize_and_interrupt(Pid::from_raw(pid))?;
     capture_stopped(tracee, Select::AllDirty, page_walk)
@@ -137,13 +145,18 @@ pub(super) fn check_before_seize(pid: i32) -> Result<(), CheckpointError> {
     refuse_if_any(pid, process_obstacles(pid, &status, stat.flags))
 }
 
+/// Where a capture left its scratch page mapped in the frozen process, for
+/// [`resume_original`] to remove.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeftScratch(pub(super) u64);
+
 /// Captures a process this thread has seized and stopped, listing its pages
 /// as `select` says. It stays frozen; on failure it is let go (detached).
 pub(super) fn capture_stopped(
     tracee: Tracee,
     select: Select,
     page_walk: bool,
-) -> Result<(ProcessImage, Pages), CheckpointError> {
+) -> Result<(ProcessImage, Pages, LeftScratch), CheckpointError> {
     let original = match (tracee.regs(), tracee.sigmask()) {
         (Ok(regs), Ok(mask)) => (regs, mask),
         (Err(e), _) | (_, Err(e)) => {
@@ -160,11 +173,11 @@ pub(super) fn capture_stopped(
         .set_sigmask(original.1)
         .and_then(|()| tracee.set_regs(&resumed));
     match result.and_then(|captured| put_back.map(|()| captured).map_err(CheckpointError::from)) {
-        Ok((mut image, pages)) => {
+        Ok((mut image, pages, scratch)) => {
             image.regs = regs_to_image(&resumed);
             image.interrupted_syscall = interrupted;
             image.signals.blocked = original.1;
-            Ok((image, pages))
+            Ok((image, pages, scratch))
         }
         Err(e) => {
             let _ = tracee.detach();
@@ -175,36 +188,36 @@ pub(super) fn capture_stopped(
 
 /// Lets a captured process run on (the migration failed), with its
 /// interval timers (the image's `itimers`, disarmed by the capture)
-/// re-armed.
-pub fn resume_original(pid: i32, itimers: &[Itimer; 3]) -> Result<(), CheckpointError> {
+/// re-armed and the capture's scratch page removed.
+pub fn resume_original(
+    pid: i32,
+    itimers: &[Itimer; 3],
+    scratch: LeftScratch,
+) -> Result<(), CheckpointError> {
     let tracee = Tracee {
         pid: Pid::from_raw(pid),
     };
-    let rearmed = if itimers.iter().any(Itimer::is_set) {
-        rearm(tracee, itimers).map_err(|source| CheckpointError::Rearm {
-            pid,
-            source: Box::new(source),
-        })
-    } else {
-        Ok(())
-    };
+    let tidied = tidy(tracee, itimers, scratch).map_err(|source| CheckpointError::Rearm {
+        pid,
+        source: Box::new(source),
+    });
     tracee.detach()?;
-    rearmed
+    tidied
 }
 
-/// Sets the interval timers of a captured process, then puts back its
-/// registers and signal mask.
-fn rearm(tracee: Tracee, itimers: &[Itimer; 3]) -> Result<(), CheckpointError> {
+/// Sets the interval timers of a captured process and unmaps the scratch
+/// page, then puts back its registers and signal mask.
+fn tidy(tracee: Tracee, itimers: &[Itimer; 3], scratch: LeftScratch) -> Result<(), CheckpointError> {
     let regs = tracee.regs()?;
     let mask = tracee.sigmask()?;
     let injector = injector_for(tracee)?;
     tracee.set_sigmask(!0)?;
-    let armed = with_scratch(&injector, |scratch| {
-        Ok(set_itimers(&injector, scratch, itimers)?)
-    });
+    let tidied = set_itimers(&injector, scratch.0, itimers)
+        .map_err(CheckpointError::from)
+        .and_then(|()| unmap_scratch(&injector, scratch.0));
     tracee.set_sigmask(mask)?;
     tracee.set_regs(&regs)?;
-    armed
+    tidied
 }
 
 /// Kills a captured process (the target confirmed) and collects its end.
@@ -336,7 +349,7 @@ fn capture_frozen(
     regs: &user_regs_struct,
     select: Select,
     page_walk: bool,
-) -> Result<(ProcessImage, Pages), CheckpointError> {
+) -> Result<(ProcessImage, Pages, LeftScratch), CheckpointError> {
     let pid = tracee.pid.as_raw();
     let Inspection {
         stat,
@@ -357,21 +370,25 @@ fn capture_frozen(
     // delivered half-way; the caller restores the mask.
     tracee.set_sigmask(!0)?;
     let injector = Injector::new(tracee, *regs, syscall_insn(pid, &vmas)?);
-    let injected = with_scratch(&injector, |scratch| {
-        read_injected(&injector, scratch, &status)
-    })?;
-    let (pending_thread, pending_process, pages) =
+    let scratch = map_scratch(&injector)?;
+    let found = read_injected(&injector, scratch, &status).and_then(|injected| {
         match pending_and_pages(tracee, &vmas, select, page_walk) {
-            Ok(found) => found,
+            Ok(found) => Ok((injected, found)),
             Err(e) => {
                 // The process will be resumed: its timers run on (should
                 // this fail too, the capture's error is the one to report).
-                let _ = with_scratch(&injector, |scratch| {
-                    Ok(set_itimers(&injector, scratch, &injected.itimers)?)
-                });
-                return Err(e);
+                let _ = set_itimers(&injector, scratch, &injected.itimers);
+                Err(e)
             }
-        };
+        }
+    });
+    let (injected, (pending_thread, pending_process, pages)) = match found {
+        Ok(found) => found,
+        Err(e) => {
+            let _ = unmap_scratch(&injector, scratch);
+            return Err(e);
+        }
+    };
     let data = page_runs(
         pages
             .listed
@@ -428,7 +445,7 @@ fn capture_frozen(
             })
             .collect(),
     };
-    Ok((image, pages))
+    Ok((image, pages, LeftScratch(scratch)))
 }
 
 /// The NUL-separated strings in `start..end` of the memory of `pid`: its
@@ -697,13 +714,9 @@ fn syscall_insn(pid: i32, vmas: &[Vma]) -> Result<u64, CheckpointError> {
     Err(CheckpointError::NoSyscallInsn { pid })
 }
 
-/// Runs `f` with a fresh scratch area mapped in the process (`f` gets its
-/// address), unmapped after. It holds [`BATCH_RUNNER`] at
-/// [`SCRATCH_RUNNER`].
-fn with_scratch<T>(
-    injector: &Injector,
-    f: impl FnOnce(u64) -> Result<T, CheckpointError>,
-) -> Result<T, CheckpointError> {
+/// Maps a fresh scratch area in the process, holding [`BATCH_RUNNER`] at
+/// [`SCRATCH_RUNNER`]; returns its address.
+fn map_scratch(injector: &Injector) -> Result<u64, CheckpointError> {
     let prot = (libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC) as u64;
     let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
     let scratch = injector.call(
@@ -711,18 +724,22 @@ fn with_scratch<T>(
         libc::SYS_mmap,
         &[0, SCRATCH_LEN, prot, flags, u64::MAX, 0],
     )?;
-    let out = injector
-        .poke(scratch + SCRATCH_RUNNER, &BATCH_RUNNER)
-        .map_err(CheckpointError::from)
-        .and_then(|()| f(scratch));
-    let unmapped = injector.call(
+    match injector.poke(scratch + SCRATCH_RUNNER, &BATCH_RUNNER) {
+        Ok(()) => Ok(scratch),
+        Err(e) => {
+            let _ = unmap_scratch(injector, scratch);
+            Err(e.into())
+        }
+    }
+}
+
+fn unmap_scratch(injector: &Injector, scratch: u64) -> Result<(), CheckpointError> {
+    injector.call(
         || "munmap of the scratch area".into(),
         libc::SYS_munmap,
         &[scratch, SCRATCH_LEN],
-    );
-    let out = out?;
-    unmapped?;
-    Ok(out)
+    )?;
+    Ok(())
 }
 
 /// What only injected syscalls tell.

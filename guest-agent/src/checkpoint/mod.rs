@@ -29,7 +29,7 @@ mod tracee;
 #[cfg(test)]
 mod tests;
 
-pub use capture::{capture, kill_original, resume_original, CheckpointError};
+pub use capture::{capture, kill_original, resume_original, CheckpointError, LeftScratch};
 pub(crate) use capture::{injector_for, SIGSET_LEN};
 pub(crate) use inject::{InjectError, Injector};
 pub use pagemap::soft_dirty_tracked;

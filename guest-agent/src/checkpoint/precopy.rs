@@ -41,6 +41,7 @@ use pmivmm_proto::image::{Pages, ProcessImage, Select, Vma};
 
 use super::capture::{
     capture_stopped, check_before_seize, inspect_stopped, present_pages, vmas, CheckpointError,
+    LeftScratch,
 };
 use super::pagemap::Pagemap;
 use super::procfs;
@@ -193,7 +194,10 @@ impl Precopy {
     /// [`super::capture()`], every present page with its soft-dirty bit
     /// (written since the last round); `page_walk` as for
     /// [`super::capture()`]. On failure it is let go.
-    pub fn capture(mut self, page_walk: bool) -> Result<(ProcessImage, Pages), CheckpointError> {
+    pub fn capture(
+        mut self,
+        page_walk: bool,
+    ) -> Result<(ProcessImage, Pages, LeftScratch), CheckpointError> {
         match self.stop() {
             Ok(_) => capture_stopped(self.tracee, Select::All, page_walk),
             Err(e) => {

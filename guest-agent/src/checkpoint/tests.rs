@@ -149,7 +149,7 @@ fn uninterrupted(tag: &str, name: &str, args: &[&str], env: &[(&str, &str)]) -> 
 /// `adjust` may change the image between capture and restore.
 fn migrate(w: Workload, adjust: impl FnOnce(&mut ProcessImage)) -> String {
     let pid = w.pid();
-    let (image, pages) = capture(pid, false).unwrap_or_else(|e| panic!("capture failed: {e}"));
+    let (image, pages, _) = capture(pid, false).unwrap_or_else(|e| panic!("capture failed: {e}"));
     let data_refs = pages.listed.iter().filter(|p| p.kind == PageKind::Data).count() as u64;
     assert_eq!(data_refs, image.page_count());
     assert!(
@@ -329,12 +329,12 @@ fn resumed_original_keeps_its_timers() {
     let expected = uninterrupted("timers-resume", "timers", &["20"], &[]);
     let mut w = Workload::start("timers-resume", "timers", &["20"], &[]);
     w.wait_for("real tick 2\n");
-    let (image, _) = capture(w.pid(), false).unwrap();
+    let (image, _, scratch) = capture(w.pid(), false).unwrap();
     assert!(image.itimers[0].value_us > 0 && image.itimers[0].interval_us == 20_000);
     assert!(image.sigaltstack.is_some_and(|s| s.size == 64 << 10));
     assert_eq!(image.personality, libc::ADDR_NO_RANDOMIZE as u32);
     std::thread::sleep(Duration::from_millis(100));
-    resume_original(w.pid(), &image.itimers).unwrap();
+    resume_original(w.pid(), &image.itimers, scratch).unwrap();
     assert!(w.child.wait().unwrap().success(), "{}", w.output());
     assert_eq!(w.output(), expected);
 }
@@ -353,7 +353,7 @@ fn shared_and_appending_descriptors_are_captured_as_such() {
     let target = work_dir().join(format!("files-dup-{}.data", std::process::id()));
     let w = Workload::start("files-dup", "files", &[target.to_str().unwrap()], &[]);
     w.wait_for("wrote 1\n");
-    let (image, _) = capture(w.pid(), false).unwrap_or_else(|e| panic!("capture failed: {e}"));
+    let (image, _, _) = capture(w.pid(), false).unwrap_or_else(|e| panic!("capture failed: {e}"));
     kill_original(w.pid()).unwrap();
     let kind = |fd| {
         image
@@ -474,9 +474,12 @@ fn resumed_original_runs_on() {
     let expected = uninterrupted("resume", "memory", &["2"], &[]);
     let mut w = Workload::start("resume", "memory", &["2"], &[]);
     std::thread::sleep(random_delay(50..300));
-    let (image, _) = capture(w.pid(), false).unwrap();
+    let (image, _, scratch) = capture(w.pid(), false).unwrap();
+    let mapped = |pid| procfs::maps(pid).unwrap().iter().any(|m| m.start == scratch.0);
+    assert!(mapped(w.pid()), "the capture left its scratch page mapped");
     std::thread::sleep(Duration::from_millis(100));
-    resume_original(w.pid(), &image.itimers).unwrap();
+    resume_original(w.pid(), &image.itimers, scratch).unwrap();
+    assert!(!mapped(w.pid()), "the resumed process still has the scratch page");
     assert!(w.child.wait().unwrap().success());
     assert_eq!(w.output(), expected);
 }
@@ -582,7 +585,7 @@ fn checkpoint_after_precopy_rounds_restores_from_the_copies() {
         copies.round(&pages, read);
     }
     w.wait_for_next_pass();
-    let (image, pages) = precopy.capture(false).unwrap();
+    let (image, pages, _) = precopy.capture(false).unwrap();
     let buffer = memory_buffer(pid);
     assert!(pages
         .listed
@@ -605,7 +608,7 @@ fn corrupt_image_is_rejected_before_forking() {
     require_root();
     let w = Workload::start("corrupt", "counter", &[], &[]);
     w.wait_for("tick 1\n");
-    let (image, _) = capture(w.pid(), false).unwrap();
+    let (image, _, _) = capture(w.pid(), false).unwrap();
     kill_original(w.pid()).unwrap();
     let null = File::open("/dev/null").unwrap();
     let mut bad = image.clone();
@@ -655,7 +658,7 @@ fn syscall_counts() {
     require_root();
     let w = Workload::start("counts", "counter", &[], &[]);
     w.wait_for("tick 3\n");
-    let (image, _) = count_syscalls("capture", || capture(w.pid(), false).unwrap());
+    let (image, _, _) = count_syscalls("capture", || capture(w.pid(), false).unwrap());
     let data = ProcMem::open(w.pid())
         .unwrap()
         .read_runs(&image.pages)
@@ -693,7 +696,7 @@ fn precopy_syscall_counts() {
     w.wait_for_next_pass();
     let (precopy, pages) = count_syscalls("pre-copy round", || precopy.round(false, false).unwrap());
     println!("later round: {} pages", pages.listed.len());
-    let (image, pages) = count_syscalls("checkpoint after rounds", || precopy.capture(false).unwrap());
+    let (image, pages, _) = count_syscalls("checkpoint after rounds", || precopy.capture(false).unwrap());
     println!(
         "checkpoint: {} pages, {} dirty, {} VMAs",
         pages.listed.len(),
