@@ -340,8 +340,6 @@ pub enum PageKind {
     Data,
     /// An unmodified page of a private file mapping: the file provides it.
     CleanFile,
-    /// A vdso page: the same kernel on the target provides it.
-    Vdso,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]

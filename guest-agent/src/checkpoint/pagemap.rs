@@ -157,8 +157,8 @@ impl Pagemap {
 
     /// The present pages of `vmas` (in ascending order, as /proc/PID/maps
     /// lists them) that `select` asks for, classified (see [`PageKind`]).
-    /// `[vvar]` pages and the pages of shared file mappings (which the file
-    /// provides) are never listed.
+    /// The pages of `[vvar]` and `[vdso]` (the target's kernel provides
+    /// them) and of shared file mappings (the file does) are never listed.
     pub fn present_pages(
         &self,
         vmas: &[&Vma],
@@ -170,7 +170,7 @@ impl Pagemap {
             .iter()
             .copied()
             .filter(|vma| match vma.kind {
-                VmaKind::Vvar { .. } => false,
+                VmaKind::Vvar { .. } | VmaKind::Vdso => false,
                 VmaKind::File { .. } => !vma.shared,
                 _ => true,
             })
@@ -188,7 +188,6 @@ impl Pagemap {
                 return Ok(());
             }
             let kind = match read[i].kind {
-                VmaKind::Vdso => PageKind::Vdso,
                 VmaKind::File { .. } if entry & FILE_OR_SHARED != 0 => PageKind::CleanFile,
                 _ => PageKind::Data,
             };

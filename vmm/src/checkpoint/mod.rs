@@ -30,7 +30,7 @@ use crate::guest_ram::ram_frames;
 pub struct CheckpointReport {
     pub pid: u32,
     pub comm: String,
-    /// Present pages the agent reported (data, clean file and vdso pages).
+    /// Present pages the agent reported (data and clean file pages).
     pub present_pages: u64,
     /// Pages saved (their contents are in pages.bin).
     pub data_pages: u64,
