@@ -12,11 +12,14 @@
 //! which never runs its own code again, keeps it.
 //!
 //! Syscalls are costly in the guest: /proc files are read once each, the
-//! pagemap once per VMA, and only what no /proc file shows is read with
-//! syscalls injected into the process: `brk(0)` (the kernel's exact break),
-//! then, with a scratch page mapped for their results, one `rt_sigaction`
-//! per caught signal (handlers, flags and masks; ignored signals are known
-//! from `SigIgn`), `sigaltstack` and one `setitimer` per interval timer.
+//! pagemap once per run of neighbouring VMAs, resource limits with
+//! prlimit(2) and the argument and environment areas with one
+//! process_vm_readv each (cheaper than their /proc files), and only what
+//! the kernel shows nowhere else is read with syscalls injected into the
+//! process: `brk(0)` (the kernel's exact break), then, with a scratch page
+//! mapped for their results, one `rt_sigaction` per caught signal
+//! (handlers, flags and masks; ignored signals are known from `SigIgn`),
+//! `sigaltstack` and one `setitimer` per interval timer.
 //!
 //! `setitimer` with a zero value reads a timer and disarms it at once: the
 //! timers of a captured process stand still, so no expiry falls between
