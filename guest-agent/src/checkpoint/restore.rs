@@ -112,6 +112,9 @@ pub struct RestoredChild {
     /// The stub's mappings, read when it started (before the scratch area
     /// was mapped): they do not change while it waits for an image.
     stub_maps: Vec<MapsEntry>,
+    /// The resource limits it inherited from the agent, read when it
+    /// started: `(resource, soft, hard)`.
+    inherited_limits: Vec<(u32, u64, u64)>,
     scratch: u64,
     widened: Widened,
     running: bool,
@@ -352,9 +355,8 @@ pub fn finish_restore(mut child: RestoredChild, image: &ProcessImage) -> Result<
     let results = batch.run()?;
     check_fd_numbers(&results, &opened)?;
     // The child inherited the agent's limits: set only those that differ.
-    let inherited = rlimits::of(std::process::id() as i32)?;
     for r in &image.rlimits {
-        if inherited.contains(&(r.resource, r.soft, r.hard)) {
+        if child.inherited_limits.contains(&(r.resource, r.soft, r.hard)) {
             continue;
         }
         let limit = libc::rlimit64 {
@@ -455,6 +457,7 @@ pub fn start_restore_child(stdio: [BorrowedFd<'_>; 3]) -> Result<RestoredChild, 
         tracee,
         injector: injector(regs_from_image(&Default::default())),
         stub_maps: Vec::new(),
+        inherited_limits: Vec::new(),
         scratch: 0,
         widened: Vec::new(),
         running: false,
@@ -474,10 +477,11 @@ pub fn start_restore_child(stdio: [BorrowedFd<'_>; 3]) -> Result<RestoredChild, 
     tracee.set_options(Options::PTRACE_O_TRACESYSGOOD | Options::PTRACE_O_EXITKILL)?;
     child.injector = injector(tracee.regs()?);
     // What does not depend on the image is done now, before a migrating
-    // process is frozen: reading the stub's mappings and mapping the
-    // scratch area (at the lowest free place, which processes rarely use;
-    // moved by the restore if the image needs it).
+    // process is frozen: reading the stub's mappings and limits and mapping
+    // the scratch area (at the lowest free place, which processes rarely
+    // use; moved by the restore if the image needs it).
     child.stub_maps = procfs::maps(pid)?;
+    child.inherited_limits = rlimits::of(pid)?;
     let scratch = find_scratch(&mut stub_ranges(&child.stub_maps).collect::<Vec<_>>())?;
     child.map_scratch(scratch)?;
     Ok(child)
