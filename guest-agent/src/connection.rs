@@ -371,6 +371,7 @@ impl<S: Stream> Connection<S> {
                 page_walk,
             } => Some(self.migrations.prepare(&image, forward_stdio, page_walk)),
             Request::StartRestore { forward_stdio } => Some(self.migrations.start(forward_stdio)),
+            Request::PreLayout(layout) => Some(self.migrations.pre_layout(&layout)),
             Request::FinishRestore => match self.migrations.finish() {
                 Finished::Reply(reply) => Some(reply),
                 Finished::Forward(streamed) => {

@@ -29,10 +29,12 @@ use std::sync::Arc;
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use pmivmm_proto::frame::MAX_FRAME_LEN;
 use pmivmm_proto::image::{Itimer, Pages, ProcessImage};
+use pmivmm_proto::prelayout::PreLayout;
 use pmivmm_proto::{ErrorKind, Response};
 
 use crate::checkpoint::{
-    capture, finish_restore, kill_original, prepare_restore, resume_original, start_restore_child, CheckpointError,
+    capture, finish_restore, kill_original, pre_layout, prepare_restore, resume_original, start_restore_child,
+    CheckpointError,
     LeftScratch, Precopy, RestoredChild, Tended,
 };
 use crate::exec::{stdio_pipe, Streamed};
@@ -360,6 +362,20 @@ impl Migrations {
                 Response::Ok
             }
             Err(reply) => reply,
+        }
+    }
+
+    /// `PreLayout(layout)`, for the child started on this connection.
+    pub fn pre_layout(&mut self, layout: &PreLayout) -> Response {
+        let Some(started) = self.started.as_mut() else {
+            return error(
+                ErrorKind::BadRequest,
+                "no restore child is started on this connection (send StartRestore first)",
+            );
+        };
+        match pre_layout(&mut started.child, layout) {
+            Ok(()) => Response::Ok,
+            Err(e) => error(ErrorKind::Failed, format!("cannot lay the restore out ahead: {e}")),
         }
     }
 

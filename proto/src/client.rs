@@ -8,6 +8,7 @@ use std::path::Path;
 use crate::frame::{read_frame, write_frame, FrameError};
 use crate::hybrid_vsock::{self, HybridVsockError};
 use crate::image::Pages;
+use crate::prelayout::PreLayout;
 use crate::message::{
     ErrorKind, ExecRequest, ExitStatus, LoadInfo, ProcessInfo, Request, Response,
 };
@@ -167,6 +168,12 @@ impl<R: Read, W: Write> AgentClient<R, W> {
     /// ahead of it (see `Request::StartRestore`).
     pub fn start_restore(&mut self, forward_stdio: bool) -> Result<(), ClientError> {
         self.call_ok(&Request::StartRestore { forward_stdio })
+    }
+
+    /// Lays out private anonymous memory in the child started by
+    /// [`Self::start_restore`] ahead of its image (see `Request::PreLayout`).
+    pub fn pre_layout(&mut self, layout: PreLayout) -> Result<(), ClientError> {
+        self.call_ok(&Request::PreLayout(layout))
     }
 
     /// Builds a stopped process from an encoded image: its PID and the frame

@@ -135,6 +135,10 @@ mod tests {
             Request::DeputyExit(ExitStatus::Signal { signal: 15, core_dumped: false }),
             Request::DeputyMoved { node: "n3".into() },
             Request::StartRestore { forward_stdio: true },
+            Request::PreLayout(crate::prelayout::PreLayout {
+                regions: vec![(0x10_0000, 0x20_0000)],
+                populate: vec![(0x10_0000, 0x10_1000)],
+            }),
         ]
     }
 
@@ -249,7 +253,7 @@ mod tests {
     #[test]
     fn request_variant_count_is_exact() {
         // The last variant's index must be VARIANTS - 1.
-        let last = Request::StartRestore { forward_stdio: true };
+        let last = Request::PreLayout(Default::default());
         let frame = encode_frame(&last).unwrap();
         assert_eq!(frame[LEN_BYTES], (Request::VARIANTS - 1) as u8);
     }

@@ -16,6 +16,7 @@ pub mod frame;
 pub mod hybrid_vsock;
 pub mod image;
 pub mod message;
+pub mod prelayout;
 
 pub use client::{
     AgentClient, ClientError, CollectedOutput, DeputyControl, DeputyEvent, DeputyEvents, ExecEvent,
@@ -36,7 +37,7 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// The version of the wire protocol. Bump it on any change to [`Request`],
 /// [`Response`] or the types they carry; both ends must speak the same one.
-pub const PROTOCOL_VERSION: u32 = 10;
+pub const PROTOCOL_VERSION: u32 = 11;
 
 /// The guest vsock port the agent listens on.
 pub const AGENT_VSOCK_PORT: u32 = 1024;

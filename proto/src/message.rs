@@ -11,6 +11,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::image::Pages;
+use crate::prelayout::PreLayout;
 
 /// A message from the host to the agent.
 ///
@@ -137,12 +138,19 @@ pub enum Request {
     /// next `PrepareRestore` on this connection builds the process in it
     /// (with the same `forward_stdio`); dropping the connection kills it.
     StartRestore { forward_stdio: bool },
+    /// Maps and populates private anonymous memory in the child started by
+    /// `StartRestore` on this connection, ahead of its `PrepareRestore`
+    /// (a migration target does it while the process still runs at its
+    /// source); replied with `Ok`. Regions that would cover the child's own
+    /// mappings are left out. The restore keeps what the image maps where
+    /// it was laid out and unmaps the rest; on `Error` nothing is kept.
+    PreLayout(PreLayout),
 }
 
 impl Request {
     /// How many variants [`Request`] has: a decoded variant index at or past
     /// this is a request from a newer protocol version.
-    pub const VARIANTS: u32 = 20;
+    pub const VARIANTS: u32 = 21;
 }
 
 /// Starts a process in the guest.

@@ -42,9 +42,14 @@ pub fn require_kvm() {
     }
 }
 
+/// Where [`scratch_dir`] makes the directory `name`.
+fn scratch_path(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("pmivmm-test-{}-{name}", std::process::id()))
+}
+
 /// A fresh scratch directory for one test.
 pub fn scratch_dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("pmivmm-test-{}-{name}", std::process::id()));
+    let d = scratch_path(name);
     let _ = fs::remove_dir_all(&d);
     fs::create_dir_all(&d).expect("create scratch dir");
     d
@@ -239,6 +244,11 @@ pub fn shared_node_with(tag: &str, extra: &[&str]) -> &'static str {
         Ok(name) => name,
         Err(e) => panic!("the shared test node did not boot: {e}"),
     }
+}
+
+/// The VMM log of the shared node `tag` ([`shared_node_with`]) so far.
+pub fn shared_node_log(tag: &str) -> String {
+    fs::read_to_string(scratch_path(tag).join("vmm.log")).unwrap_or_default()
 }
 
 type AgentClient = pmivmm_proto::AgentClient<std::os::unix::net::UnixStream, std::os::unix::net::UnixStream>;

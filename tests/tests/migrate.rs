@@ -12,7 +12,9 @@ use std::path::PathBuf;
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
-use pmivmm_tests::{process, random_delay, reference, run_pmivmm, scratch_dir, shared_node_with, Job};
+use pmivmm_tests::{
+    process, random_delay, reference, run_pmivmm, scratch_dir, shared_node_log, shared_node_with, Job,
+};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -72,9 +74,17 @@ fn counter_migrates() {
     migrated_run("counter", "counter 120");
 }
 
+/// Also: the target lays the process's memory out ahead, from the first
+/// pre-copy round, while it still runs at the source.
 #[test]
 fn patterned_memory_migrates() {
     migrated_run("memory", "memory 2 80");
+    let log = shared_node_log("mig-b");
+    let target = log.lines().filter(|l| l.contains(": memory runs here as PID ")).last();
+    assert!(
+        target.is_some_and(|line| line.contains("laid out ahead in ")),
+        "B did not lay the process out ahead: {target:?}"
+    );
 }
 
 #[test]

@@ -36,7 +36,7 @@ pub use pagemap::soft_dirty_tracked;
 pub use precopy::{Precopy, Tended};
 pub(crate) use procfs::parse_status;
 pub use procmem::{ProcMem, ProcMemError};
-pub use restore::{finish_restore, prepare_restore, start_restore_child, RestoreError, RestoredChild};
+pub use restore::{finish_restore, pre_layout, prepare_restore, start_restore_child, RestoreError, RestoredChild};
 pub(crate) use tracee::{is_end, untrace, wait_for_end, wait_raw_status, PtraceError, Tracee};
 
 pub use pmivmm_proto::image::ProcessImage;

@@ -3,13 +3,16 @@
 //! [`start_restore_child`] starts the restore stub (a program of a few
 //! instructions, see [`super::stub`]) with the restored process's stdio; it
 //! asks to be traced and stops. [`prepare_restore`] builds the process in
-//! it (a migration target starts it while the pages still arrive). From
-//! then on the child only runs injected
-//! syscalls: a small scratch area holding `syscall; int3` is mapped at an
-//! address the image does not use, the umask and name are set, everything
-//! else of its address space is unmapped, the vdso/vvar are moved to the
-//! image's addresses if they differ, the image's VMAs are recreated and the
-//! pages that will receive contents are populated; their frames are
+//! it (a migration target starts it while the pages still arrive, and may
+//! map and populate the process's private anonymous memory in it ahead of
+//! the image with [`pre_layout`]: the restore keeps the image's VMAs that
+//! lie there as they are, with their pages). From then on the child only
+//! runs injected syscalls: a small scratch area holding `syscall; int3` is
+//! mapped at an address the image does not use, the umask and name are
+//! set, everything else of its address space is unmapped, the vdso/vvar
+//! are moved to the image's addresses if they differ, the image's VMAs are
+//! recreated and the pages that will receive contents are populated (but
+//! for those laid out ahead); their frames are
 //! returned. [`finish_restore`] then restores descriptors, cwd, limits,
 //! signals, the alternate signal stack, the personality, FPU state, the
 //! interval timers (last, so that they start as close as possible to the
@@ -36,6 +39,7 @@ use nix::unistd::Pid;
 use pmivmm_proto::image::{
     FdKind, ImageError, Pages, ProcessImage, Vma, VmaKind, PAGE_SIZE, PROT_WRITE, USER_SPACE_END,
 };
+use pmivmm_proto::prelayout::{PreLayout, PreLayoutError, Span};
 use pmivmm_proto::ExitStatus;
 
 use crate::priority;
@@ -85,6 +89,12 @@ pub enum RestoreError {
     Pagemap(#[from] PagemapError),
     #[error(transparent)]
     PageTables(#[from] PageTablesError),
+    #[error("invalid layout: {0}")]
+    PreLayout(#[from] PreLayoutError),
+    #[error("the restore child was laid out already")]
+    LaidOut,
+    #[error("a region laid out ahead went to {got:#x}, not {wanted:#x}")]
+    LaidOutElsewhere { wanted: u64, got: u64 },
 }
 
 /// Scratch area: page 0 holds the code, the rest is data for injected
@@ -116,6 +126,9 @@ pub struct RestoredChild {
     /// started: `(resource, soft, hard)`.
     inherited_limits: Vec<(u32, u64, u64)>,
     scratch: u64,
+    /// Regions [`pre_layout`] mapped, and the ranges it populated in them.
+    prelaid: Vec<Span>,
+    populated: Vec<Span>,
     widened: Widened,
     running: bool,
     /// Its exit status, from the agent's reaper (when it runs).
@@ -254,6 +267,54 @@ impl Drop for RestoredChild {
     }
 }
 
+/// Maps the regions of `layout` in `child` (private, anonymous, read-write)
+/// and populates its ranges, ahead of the image: [`prepare_restore`] keeps
+/// the image's private anonymous VMAs that lie in them as they are (a
+/// migration target does this while the process still runs at its
+/// source). Regions that would cover the child's own mappings are left out,
+/// with what they would populate. On an error nothing counts as laid out
+/// (the restore unmaps it all).
+pub fn pre_layout(child: &mut RestoredChild, layout: &PreLayout) -> Result<(), RestoreError> {
+    layout.validate(u64::MAX)?;
+    if !child.prelaid.is_empty() {
+        return Err(RestoreError::LaidOut);
+    }
+    let mut own: Vec<Span> = stub_ranges(&child.stub_maps).collect();
+    own.push((child.scratch, child.scratch + SCRATCH_LEN));
+    let regions: Vec<Span> = layout
+        .regions
+        .iter()
+        .copied()
+        .filter(|&r| !own.iter().any(|&o| overlap(r, o)))
+        .collect();
+    let populate = match populate_write_supported() {
+        true => intersect(&layout.populate, &regions),
+        // Faulting pages in by writes costs a stop per page: the restore
+        // does it for the pages it needs.
+        false => Vec::new(),
+    };
+    let mut batch = Batch::new(child);
+    let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE) as u64;
+    let prot = (libc::PROT_READ | libc::PROT_WRITE) as u64;
+    let mut mmaps = Vec::with_capacity(regions.len());
+    for &(start, end) in &regions {
+        let what = format!("mmap of {start:#x}-{end:#x} (laid out ahead)");
+        mmaps.push((batch.push(what, libc::SYS_mmap, &[start, end - start, prot, flags, u64::MAX, 0])?, start));
+    }
+    for &(start, end) in &populate {
+        let what = format!("MADV_POPULATE_WRITE of {start:#x}-{end:#x} (laid out ahead)");
+        batch.push(what, libc::SYS_madvise, &[start, end - start, libc::MADV_POPULATE_WRITE as u64])?;
+    }
+    let results = batch.run()?;
+    // A kernel before 4.17 takes MAP_FIXED_NOREPLACE for a hint.
+    if let Some(&(call, wanted)) = mmaps.iter().find(|&&(call, start)| results[call] != start) {
+        return Err(RestoreError::LaidOutElsewhere { wanted, got: results[call] });
+    }
+    child.prelaid = regions;
+    child.populated = populate;
+    Ok(())
+}
+
 /// Gives `child` ([`start_restore_child`]) the image's memory layout.
 /// Returns the child and, in the order of [`ProcessImage::pages`], the
 /// frame of every page that must receive saved contents (`page_walk`: as a
@@ -273,6 +334,7 @@ pub fn prepare_restore(
         // The process needs the place of the scratch area mapped at the
         // start: a new one, elsewhere. The munmaps below remove the old one.
         occupied.extend(stub_ranges(&maps));
+        occupied.extend(child.prelaid.iter().copied());
         occupied.push(started_with);
         child.map_scratch(find_scratch(&mut occupied)?)?;
     }
@@ -282,9 +344,18 @@ pub fn prepare_restore(
     comm.push(0);
     batch.push_with_data("prctl(PR_SET_NAME)".into(), libc::SYS_prctl, &[libc::PR_SET_NAME as u64, 0], 1, &comm)?;
 
-    // Everything but the scratch area and the vdso goes.
+    // The image's private anonymous memory stays where it was laid out
+    // ahead, with the pages populated there. Everything else but the
+    // scratch area and the vdso goes.
+    let kept: Vec<Span> = image
+        .vmas
+        .iter()
+        .filter(|vma| laid_out(vma, &child.prelaid))
+        .map(|vma| (vma.start, vma.end))
+        .collect();
     let mut keep: Vec<(u64, u64)> = vdso.iter().map(|m| (m.start, m.end)).collect();
     keep.push((child.scratch, child.scratch + SCRATCH_LEN));
+    keep.extend(&kept);
     keep.sort_unstable();
     let mut from = 0;
     for (start, end) in keep
@@ -300,11 +371,11 @@ pub fn prepare_restore(
     // The layout in the same batch (one stop of the child instead of one per
     // step; each stop costs tens of ms where guest kernel code is emulated).
     place_vdso(&mut batch, image, &vdso)?;
-    let (mut opened, widened) = map_vmas(&mut batch, image)?;
+    let (mut opened, widened) = map_vmas(&mut batch, image, &kept)?;
     opened.push(set_mm(&mut batch, image)?);
     let populate_in_batch = populate_write_supported();
     if populate_in_batch {
-        push_populate(&mut batch, image)?;
+        push_populate(&mut batch, image, &intersect(&child.populated, &kept))?;
     }
     let results = batch.run()?;
     check_fd_numbers(&results, &opened)?;
@@ -421,6 +492,61 @@ fn stub_ranges(maps: &[MapsEntry]) -> impl Iterator<Item = (u64, u64)> + '_ {
         .map(|m| (m.start, m.end))
 }
 
+/// Whether `vma` is private anonymous memory inside a region [`pre_layout`]
+/// mapped (`prelaid`), which the restore keeps. The main stack is mapped
+/// again: it grows down.
+fn laid_out(vma: &Vma, prelaid: &[Span]) -> bool {
+    !vma.shared
+        && matches!(vma.kind, VmaKind::Anonymous | VmaKind::Heap)
+        && prelaid.iter().any(|&(start, end)| start <= vma.start && vma.end <= end)
+}
+
+fn overlap(a: Span, b: Span) -> bool {
+    a.0 < b.1 && b.0 < a.1
+}
+
+/// The parts of `a` that lie in `b` (both sorted, not overlapping).
+fn intersect(a: &[Span], b: &[Span]) -> Vec<Span> {
+    let mut out = Vec::new();
+    let (mut i, mut j) = (0, 0);
+    while let (Some(&x), Some(&y)) = (a.get(i), b.get(j)) {
+        let (start, end) = (x.0.max(y.0), x.1.min(y.1));
+        if start < end {
+            out.push((start, end));
+        }
+        if x.1 < y.1 {
+            i += 1;
+        } else {
+            j += 1;
+        }
+    }
+    out
+}
+
+/// The parts of `a` outside `b` (both sorted, not overlapping).
+fn subtract(a: &[Span], b: &[Span]) -> Vec<Span> {
+    let mut out = Vec::new();
+    for &(mut start, end) in a {
+        let mut j = b.partition_point(|r| r.1 <= start);
+        while start < end {
+            match b.get(j) {
+                Some(&(taken_start, taken_end)) if taken_start < end => {
+                    if taken_start > start {
+                        out.push((start, taken_start));
+                    }
+                    start = start.max(taken_end);
+                    j += 1;
+                }
+                _ => {
+                    out.push((start, end));
+                    break;
+                }
+            }
+        }
+    }
+    out
+}
+
 /// A place for the scratch area clear of the `occupied` ranges.
 fn find_scratch(occupied: &mut [(u64, u64)]) -> Result<u64, RestoreError> {
     find_free(occupied, SCRATCH_LEN).ok_or(RestoreError::NoScratchSpace { len: SCRATCH_LEN })
@@ -459,6 +585,8 @@ pub fn start_restore_child(stdio: [BorrowedFd<'_>; 3]) -> Result<RestoredChild, 
         stub_maps: Vec::new(),
         inherited_limits: Vec::new(),
         scratch: 0,
+        prelaid: Vec::new(),
+        populated: Vec::new(),
         widened: Vec::new(),
         running: false,
         exit,
@@ -568,12 +696,14 @@ type PredictedOpen<'i> = (usize, u64, &'i str);
 const FIRST_FREE_FD: u64 = 3;
 
 /// Adds the mmaps of the image's VMAs to `batch`, with the opens of their
-/// files (the mmaps use the numbers the opens will return) and the closes.
-/// Returns the opens, to check once the batch ran, and the VMAs mapped
-/// writable to receive pages (`RestoredChild::widened`).
+/// files (the mmaps use the numbers the opens will return) and the closes;
+/// the `kept` VMAs, mapped read-write by [`pre_layout`], only get their
+/// protection. Returns the opens, to check once the batch ran, and the VMAs
+/// mapped writable to receive pages (`RestoredChild::widened`).
 fn map_vmas<'i>(
     batch: &mut Batch,
     image: &'i ProcessImage,
+    kept: &[Span],
 ) -> Result<(Vec<PredictedOpen<'i>>, Widened), RestoreError> {
     // The files first: consecutive VMAs of one file share one open.
     fn file_of(vma: &Vma) -> Option<&str> {
@@ -607,6 +737,13 @@ fn map_vmas<'i>(
             widened.push((vma.start, vma.end, vma.prot));
         }
         let len = vma.end - vma.start;
+        if kept.binary_search(&(vma.start, vma.end)).is_ok() {
+            if prot != (libc::PROT_READ | libc::PROT_WRITE) as u8 {
+                let what = format!("mprotect of {:#x}-{:#x} (laid out ahead)", vma.start, vma.end);
+                batch.push(what, libc::SYS_mprotect, &[vma.start, len, prot as u64])?;
+            }
+            continue;
+        }
         let what = format!("mmap of {:#x}-{:#x} ({:?})", vma.start, vma.end, vma.kind);
         let fixed = libc::MAP_FIXED as u64;
         let path = file_of(vma);
@@ -659,10 +796,11 @@ fn populate_write_supported() -> bool {
     })
 }
 
-/// Faults in (writably) every page that will receive contents, with few
-/// `MADV_POPULATE_WRITE` calls pushed onto the layout's `batch` (no stop of
-/// its own): runs within one VMA separated by small gaps are merged.
-fn push_populate(batch: &mut Batch, image: &ProcessImage) -> Result<(), RestoreError> {
+/// Faults in (writably) every page that will receive contents, but those
+/// in the `populated` ranges, with few `MADV_POPULATE_WRITE` calls pushed
+/// onto the layout's `batch` (no stop of its own): runs within one VMA
+/// separated by small gaps are merged.
+fn push_populate(batch: &mut Batch, image: &ProcessImage, populated: &[Span]) -> Result<(), RestoreError> {
     let mut spans: Vec<(u64, u64)> = Vec::new();
     for run in &image.pages {
         let mut start = run.start;
@@ -681,7 +819,7 @@ fn push_populate(batch: &mut Batch, image: &ProcessImage) -> Result<(), RestoreE
             start = end;
         }
     }
-    for (start, end) in spans {
+    for (start, end) in subtract(&spans, populated) {
         let what = format!("MADV_POPULATE_WRITE of {start:#x}-{end:#x}");
         batch.push(what, libc::SYS_madvise, &[start, end - start, libc::MADV_POPULATE_WRITE as u64])?;
     }
@@ -876,5 +1014,40 @@ mod tests {
         ];
         assert_eq!(find_free(&mut occ, 4 * p), Some(SCRATCH_MIN + p));
         assert_eq!(find_free(&mut [(0, USER_SPACE_END)], p), None);
+    }
+
+    #[test]
+    fn span_sets_intersect_and_subtract() {
+        let a = [(0, 10), (20, 30), (40, 50)];
+        let b = [(5, 25), (45, 60)];
+        assert_eq!(intersect(&a, &b), [(5, 10), (20, 25), (45, 50)]);
+        assert_eq!(intersect(&b, &a), [(5, 10), (20, 25), (45, 50)]);
+        assert_eq!(subtract(&a, &b), [(0, 5), (25, 30), (40, 45)]);
+        assert_eq!(subtract(&[(0, 100)], &[(10, 20), (30, 40)]), [(0, 10), (20, 30), (40, 100)]);
+        assert_eq!(subtract(&[(10, 20)], &[(0, 100)]), []);
+        assert_eq!(subtract(&a, &[]), a);
+        assert_eq!(intersect(&a, &[]), []);
+        assert!(overlap((0, 10), (9, 11)) && !overlap((0, 10), (10, 11)));
+    }
+
+    #[test]
+    fn only_private_anonymous_memory_inside_a_region_is_kept() {
+        let vma = |start, end, kind| Vma {
+            start,
+            end,
+            prot: 3,
+            shared: false,
+            offset: 0,
+            kind,
+        };
+        let prelaid = [(0x10_0000, 0x20_0000)];
+        assert!(laid_out(&vma(0x10_0000, 0x20_0000, VmaKind::Anonymous), &prelaid));
+        assert!(laid_out(&vma(0x11_0000, 0x12_0000, VmaKind::Heap), &prelaid));
+        assert!(!laid_out(&vma(0x1f_0000, 0x21_0000, VmaKind::Anonymous), &prelaid));
+        assert!(!laid_out(&vma(0x11_0000, 0x12_0000, VmaKind::Stack), &prelaid));
+        let mut shared = vma(0x11_0000, 0x12_0000, VmaKind::Anonymous);
+        shared.shared = true;
+        assert!(!laid_out(&shared, &prelaid));
+        assert!(!laid_out(&vma(0x11_0000, 0x12_0000, VmaKind::Anonymous), &[]));
     }
 }

@@ -20,6 +20,8 @@ use pmivmm_proto::image::{
     FdKind, FpuKind, FpuState, ImageError, Itimer, PageKind, PageRef, PageRun, Pages, ProcessImage,
     FXSAVE_AREA_LEN, PAGE_SIZE,
 };
+use pmivmm_proto::image::VmaKind;
+use pmivmm_proto::prelayout::PreLayout;
 use pmivmm_proto::MigrationObstacle;
 
 use super::capture::FAIL_AT;
@@ -171,14 +173,32 @@ fn restore(
     data: &[u8],
     adjust: impl FnOnce(&mut ProcessImage),
 ) -> String {
+    restore_laid_out(w, image, data, adjust, |_, _| Vec::new())
+}
+
+/// [`restore`], with `lay_out` called on the started child before the
+/// image is prepared in it: the frames it returns must still hold their
+/// pages after the preparation.
+fn restore_laid_out(
+    w: &Workload,
+    image: ProcessImage,
+    data: &[u8],
+    adjust: impl FnOnce(&mut ProcessImage),
+    lay_out: impl FnOnce(&mut RestoredChild, &ProcessImage) -> Vec<PageRef>,
+) -> String {
     // The image crosses the network: encode, decode, validate.
     let mut image = ProcessImage::from_bytes(&image.to_bytes()).unwrap();
     adjust(&mut image);
     let out = OpenOptions::new().append(true).open(&w.out).unwrap();
     let null = File::open("/dev/null").unwrap();
-    let (child, frames) = start_and_prepare(&image, [null.as_fd(), out.as_fd(), out.as_fd()])
+    let mut child = start_restore_child([null.as_fd(), out.as_fd(), out.as_fd()]).unwrap();
+    let kept = lay_out(&mut child, &image);
+    let (child, frames) = prepare_restore(&image, child, false)
         .unwrap_or_else(|e| panic!("prepare_restore failed: {e}"));
     assert_eq!(frames.listed.len() as u64, image.page_count());
+    for page in kept {
+        assert!(frames.listed.contains(&page), "{page:?} moved: not kept where it was laid out");
+    }
     ProcMem::open(child.pid())
         .unwrap()
         .write_runs(&image.pages, data)
@@ -283,6 +303,56 @@ fn process_mapped_where_the_scratch_area_was_round_trips() {
         image.vmas.insert(0, vma);
     });
     assert_eq!(got, expected);
+}
+
+/// A restore child laid out ahead ([`pre_layout`]) from the image's private
+/// anonymous memory and present pages, as a migration target does it from
+/// the first pre-copy round, plus a region the image does not have, or
+/// with every region a page short (then nothing is kept), restores the
+/// process; where the image's VMAs lie in the regions, they are kept with
+/// the pages populated in them.
+#[test]
+fn process_laid_out_ahead_round_trips() {
+    require_root();
+    let expected = uninterrupted("laid-out", "mprotect", &[], &[]);
+    for short in [false, true] {
+        let w = Workload::start("laid-out", "mprotect", &[], &[]);
+        std::thread::sleep(random_delay(50..450));
+        let pid = w.pid();
+        let (image, _, _) = capture(pid, false).unwrap();
+        let data = ProcMem::open(pid).unwrap().read_runs(&image.pages).unwrap();
+        kill_original(pid).unwrap();
+        let got = restore_laid_out(&w, image, &data, |_| {}, |child, image| {
+            let mut regions: Vec<(u64, u64)> = image
+                .vmas
+                .iter()
+                .filter(|v| super::pagetables::MmTables::walks(v))
+                .map(|v| (v.start, v.end - if short { PAGE_SIZE } else { 0 }))
+                .collect();
+            let stray = (0x5000_0000_0000, 0x5000_0000_0000 + 16 * PAGE_SIZE);
+            regions.push(stray);
+            let vaddrs = image.pages.iter().flat_map(|r| (r.start..r.end()).step_by(PAGE_SIZE as usize));
+            let layout = PreLayout::of(&regions, vaddrs.chain([stray.0]));
+            assert!(layout.populate.contains(&(stray.0, stray.0 + PAGE_SIZE)));
+            pre_layout(child, &layout).unwrap();
+            assert!(matches!(pre_layout(child, &layout), Err(RestoreError::LaidOut)));
+            if short {
+                return Vec::new();
+            }
+            // The pages populated in the image's private anonymous VMAs.
+            let runs: Vec<PageRun> = image
+                .pages
+                .iter()
+                .filter(|r| image.vma_at(r.start).is_some_and(|v| !v.shared && matches!(v.kind, VmaKind::Anonymous | VmaKind::Heap)))
+                .copied()
+                .collect();
+            assert!(!runs.is_empty());
+            let mut frames = Vec::new();
+            super::pagemap::Pagemap::open(child.pid()).unwrap().frames(&runs, &mut frames).unwrap();
+            frames
+        });
+        assert_eq!(got, expected, "short regions: {short}");
+    }
 }
 
 #[test]

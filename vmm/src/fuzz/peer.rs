@@ -1,7 +1,7 @@
 //! The peer protocol after the transport: a peer's hello, and the messages
 //! of an established link ([`PeerMsg`]) with the checks every receiver
-//! applies before acting (offers, page batches, output, signals, gossip
-//! tables merged into a membership table, process images).
+//! applies before acting (offers, page batches, layouts, output, signals,
+//! gossip tables merged into a membership table, process images).
 //!
 //! The sealed frame layer underneath (lengths, truncation, MACs) is the
 //! `frame` target.
@@ -9,6 +9,7 @@
 use std::time::Instant;
 
 use pmivmm_proto::image::ProcessImage;
+use pmivmm_proto::prelayout::PreLayout;
 
 use super::class;
 use crate::cluster::membership::{Member, Membership, NodeLoad};
@@ -34,6 +35,7 @@ pub fn run_one(data: &[u8]) -> String {
         PeerMsg::Output { fd } => protocol::check_output(*fd, rest).map_err(|e| class(&e)),
         PeerMsg::Signal { signal } => protocol::check_signal(*signal).map_err(|e| class(&e)),
         PeerMsg::Image { image } => ProcessImage::from_bytes(image).map(drop).map_err(|e| class(&e)),
+        PeerMsg::Layout(layout) => layout.validate(1 << 20).map_err(|e| class(&e)),
         PeerMsg::Gossip { members } => {
             let mut table = Membership::new(member("me"));
             table.merge(members, Instant::now()).map_err(|e| class(&e)).map(|()| {
@@ -66,6 +68,7 @@ pub fn seeds() -> Vec<Vec<u8>> {
         PeerMsg::Pages { vaddrs: vec![0x40_0000, 0x40_1000] },
         PeerMsg::Image { image: crate::checkpoint::dir::sample_image(1).to_bytes() },
         PeerMsg::Commit,
+        PeerMsg::Layout(PreLayout::of(&[(0x40_0000, 0x50_0000)], [0x40_0000, 0x40_3000])),
         PeerMsg::Running { pid: 9 },
         PeerMsg::Refused { reason: "busy".into() },
         PeerMsg::Output { fd: 1 },

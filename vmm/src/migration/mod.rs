@@ -64,6 +64,8 @@ pub enum Error {
     Unexpected { expected: &'static str, got: &'static str },
     #[error("invalid message from the peer: {0}")]
     Protocol(#[from] protocol::ProtocolError),
+    #[error("invalid layout from the peer: {0}")]
+    BadLayout(#[from] pmivmm_proto::prelayout::PreLayoutError),
     #[error("the agent sent an invalid process image: {0}")]
     BadImage(pmivmm_proto::image::ImageError),
     #[error(transparent)]

@@ -6,7 +6,8 @@
 //!   a migration, answered with [`PeerMsg::Accepted`] or
 //!   [`PeerMsg::Refused`] (the target then starts the child the process
 //!   will be built in). The source streams
-//!   [`PeerMsg::Pages`] (pre-copy rounds while the process runs), then the
+//!   [`PeerMsg::Pages`] (pre-copy rounds while the process runs; the first
+//!   preceded by a [`PeerMsg::Layout`] of its memory), then the
 //!   frozen process's [`PeerMsg::Image`], the pages dirtied since, and
 //!   [`PeerMsg::Commit`]; the target answers [`PeerMsg::Running`] once the
 //!   process runs (or [`PeerMsg::Refused`]). The same link then relays the
@@ -22,6 +23,7 @@
 //! [`check_pages`] bound it before anything acts on it.
 
 use pmivmm_proto::image::{PAGE_SIZE, USER_SPACE_END};
+use pmivmm_proto::prelayout::PreLayout;
 use pmivmm_proto::ExitStatus;
 use serde::{Deserialize, Serialize};
 
@@ -70,6 +72,10 @@ pub enum PeerMsg {
     Image { image: Vec<u8> },
     /// Everything is sent: start the process.
     Commit,
+    /// The process's private anonymous memory and the pages present in it
+    /// at the first pre-copy round (at most once, before `Image`): the
+    /// target lays them out while the process still runs at the source.
+    Layout(PreLayout),
 
     /// The target takes the offered process (pages may follow).
     Accepted,
@@ -106,6 +112,7 @@ impl PeerMsg {
             PeerMsg::Pages { .. } => "Pages",
             PeerMsg::Image { .. } => "Image",
             PeerMsg::Commit => "Commit",
+            PeerMsg::Layout(_) => "Layout",
             PeerMsg::Accepted => "Accepted",
             PeerMsg::Running { .. } => "Running",
             PeerMsg::Refused { .. } => "Refused",
@@ -240,6 +247,7 @@ mod tests {
             PeerMsg::Pages { vaddrs: vec![0x1000] },
             PeerMsg::Image { image: vec![1, 2] },
             PeerMsg::Commit,
+            PeerMsg::Layout(PreLayout { regions: vec![(0x10_0000, 0x20_0000)], populate: vec![(0x10_0000, 0x10_1000)] }),
             PeerMsg::Accepted,
             PeerMsg::Running { pid: 5 },
             PeerMsg::Refused { reason: "full".into() },

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pmivmm_proto::image::{PageKind, PageRef, ProcessImage, PAGE_SIZE};
+use pmivmm_proto::prelayout::{PreLayout, Span};
 
 use vm_memory::GuestMemoryMmap;
 
@@ -158,15 +159,16 @@ fn transfer(
     let start = Instant::now();
     // The first round also checks that the process exists and can move.
     // A round that leaves pages to the walk holds the process stopped
-    // until the walk is done.
-    let round = |agent: &mut Agent, first| -> Result<Vec<PageRef>, Error> {
+    // until the walk is done; its ranges are the process's private
+    // anonymous memory.
+    let round = |agent: &mut Agent, first| -> Result<(Vec<PageRef>, Vec<Span>), Error> {
         let pages = agent.precopy_round(pid, first, true).map_err(Error::Agent)?;
-        let held = pages.walk.is_some();
+        let walked = pages.walk.as_ref().map(|walk| walk.ranges.iter().map(|r| (r.start, r.end)).collect());
         let pages = frames::resolve(&node.memory, pages);
-        if held {
+        if walked.is_some() {
             agent.precopy_continue(pid).map_err(Error::Agent)?;
         }
-        Ok(pages?)
+        Ok((pages?, walked.unwrap_or_default()))
     };
     let first_round = match opts.precopy {
         true => Some(round(agent, true)?),
@@ -181,7 +183,14 @@ fn transfer(
     let mut m = Migration { node, tx: &mut tx, sent: HashMap::new(), bytes: 0 };
 
     let mut rounds = Vec::new();
-    if let Some(mut pages) = first_round {
+    if let Some((mut pages, anonymous)) = first_round {
+        // The target maps and populates the memory while the pages arrive,
+        // rather than while the process is frozen.
+        if !anonymous.is_empty() {
+            let data = pages.iter().filter(|p| p.kind == PageKind::Data);
+            let layout = PreLayout::of(&anonymous, data.map(|p| p.vaddr));
+            m.tx.send(&PeerMsg::Layout(layout)).map_err(|e| refusal_or(&mut rx, e))?;
+        }
         loop {
             let n =
                 m.send_pages(pages.iter().filter(|p| p.kind == PageKind::Data)).map_err(|e| refusal_or(&mut rx, e))?;
@@ -189,7 +198,7 @@ fn transfer(
             if n <= FINAL_ROUND_PAGES as u64 || rounds.len() >= MAX_ROUNDS {
                 break;
             }
-            pages = round(agent, false)?;
+            pages = round(agent, false)?.0;
         }
     }
     let precopy = start.elapsed();

@@ -174,6 +174,9 @@ struct Started {
 /// How long the steps of a restore took here, for the log.
 #[derive(Debug, Default)]
 struct Steps {
+    /// The agent laying the process's memory out ahead, while pages
+    /// arrived (if the source sent a layout and it worked).
+    laid_out: Option<Duration>,
     /// The agent building the process from the image.
     prepare: Duration,
     /// Writing the pages into its frames after `Commit`.
@@ -184,6 +187,9 @@ struct Steps {
 
 impl std::fmt::Display for Steps {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(laid_out) = self.laid_out {
+            write!(f, "laid out ahead in {laid_out:?}, ")?;
+        }
         write!(f, "prepared in {:?}, pages written in {:?}, finished in {:?}", self.prepare, self.write, self.finish)
     }
 }
@@ -213,15 +219,42 @@ fn run(
     let limit = crate::guest_ram::ram_frames(&node.memory) as usize;
     let mut store = PageStore::new(limit, node.page_budget.clone());
     let mut agent = Some(agent);
+    // The agent laying the memory out, on its own thread.
+    let mut laying = None;
     let mut prepared = None;
     let mut steps = Steps::default();
     loop {
         let (msg, data) = rx.expect(IDLE_TIMEOUT)?;
         match msg {
             PeerMsg::Pages { vaddrs } => receive_pages(&mut store, &vaddrs, data)?,
-            PeerMsg::Image { image } => {
+            PeerMsg::Layout(layout) => {
+                layout.validate(limit as u64)?;
                 let Some(mut agent) = agent.take() else {
-                    return Err(Error::unexpected("Pages or Commit", &PeerMsg::Image { image }));
+                    return Err(Error::unexpected("Pages, Image or Commit", &PeerMsg::Layout(layout)));
+                };
+                let started = Instant::now();
+                let lay_out = move || {
+                    let result = agent.pre_layout(layout);
+                    (agent, result, started.elapsed())
+                };
+                laying = Some(thread::Builder::new().name("pre-layout".into()).spawn(lay_out).map_err(Error::Thread)?);
+            }
+            PeerMsg::Image { image } => {
+                let mut agent = match (agent.take(), laying.take()) {
+                    (Some(agent), _) => agent,
+                    (None, Some(laying)) => {
+                        let (agent, result, took) =
+                            laying.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                        match result {
+                            Ok(()) => steps.laid_out = Some(took),
+                            Err(e) => tracing::warn!(
+                                "migration {:#x}: laying the process out ahead failed ({e}); the restore builds all of it",
+                                offer.id
+                            ),
+                        }
+                        agent
+                    }
+                    (None, None) => return Err(Error::unexpected("Pages or Commit", &PeerMsg::Image { image })),
                 };
                 let started = Instant::now();
                 let parsed = ProcessImage::from_bytes(&image).map_err(Error::BadImage)?;

@@ -12,7 +12,7 @@ pub const MAGIC: [u8; 8] = *b"PMIVMMPL";
 /// them). Both ends must speak the same. Version 2: AES-256-GCM frames;
 /// 3: gossiped loads carry the vCPU's use; 4: a migration's offer comes
 /// before the freeze, without the process's name.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 /// Longest hello on the wire: magic 8, version <= 5, name <= 1 + 64 and
 /// nonce 32 bytes, with room for fields that later versions may add.
 pub const MAX_HELLO_LEN: usize = 512;
