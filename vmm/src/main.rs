@@ -254,6 +254,10 @@ enum BenchCommand {
         /// Real migrations per mode.
         #[arg(short = 'n', long, default_value_t = 2)]
         runs: usize,
+        /// Processes migrated, by their memory in MiB: 0 is a `counter` (a
+        /// few pages), N is `memory N` (N MiB, rewritten in passes).
+        #[arg(long = "process-mib", value_delimiter = ',', default_values_t = [0u64])]
+        process_mib: Vec<u64>,
     },
     /// A CPU-bound job set started on one node of a cluster, without and with
     /// automatic balancing: wall times, speedup, time until the first move.
@@ -543,9 +547,10 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Guest { node, restore_mib }) => {
             pmivmm::bench::guest::run(&pmivmm::bench::guest::GuestBench { node: node.name, restore_mib }).map(|()| 0)
         }
-        Command::Bench(BenchCommand::Migrate { mib, from, to, runs }) => {
+        Command::Bench(BenchCommand::Migrate { mib, from, to, runs, process_mib }) => {
             let nodes = from.zip(to);
-            pmivmm::bench::migrate::run(&pmivmm::bench::migrate::MigrateBench { mib, nodes, runs }).map(|()| 0)
+            let bench = pmivmm::bench::migrate::MigrateBench { mib, nodes, runs, process_mib };
+            pmivmm::bench::migrate::run(&bench).map(|()| 0)
         }
         Command::Bench(BenchCommand::Cluster { node, jobs, units }) => {
             pmivmm::bench::cluster::run(&pmivmm::bench::cluster::ClusterBench { node: node.name, jobs, units }).map(|()| 0)

@@ -16,8 +16,9 @@
 //! after `Commit`.
 //!
 //! Real migrations (with `--from A --to B`, two running nodes): a small
-//! process migrated with and without pre-copy: end-to-end time, the time it
-//! stays frozen, and the part of that the target needs after `Commit`.
+//! process (and, with `--process-mib`, larger ones) migrated with and
+//! without pre-copy: end-to-end time, the time it stays frozen, and the
+//! part of that the target needs after `Commit`.
 
 use std::time::Instant;
 
@@ -41,8 +42,10 @@ pub struct MigrateBench {
     pub mib: u64,
     /// Two running nodes for real migrations.
     pub nodes: Option<(String, String)>,
-    /// Real migrations per mode.
+    /// Real migrations per mode and process.
     pub runs: usize,
+    /// The processes migrated, by MiB: 0 is a `counter`, N is `memory N`.
+    pub process_mib: Vec<u64>,
 }
 
 const BASE_VADDR: u64 = 0x7f00_0000_0000;
@@ -171,16 +174,19 @@ fn verify(src: &GuestMemoryMmap, dst: &GuestMemoryMmap, pages: &[PageRef]) -> an
 
 use crate::agent::Agent as Client;
 
-/// Starts a long `counter` on `node` and returns its PID once it printed.
-fn start_counter(paths: &NodePaths) -> anyhow::Result<(u32, std::thread::JoinHandle<()>)> {
-    let mut s = super::start(&paths.vsock(), &["counter", "1000000"])?;
+/// Starts a long `counter` (`mib` 0) or `memory MIB` on `node` and returns
+/// its PID once it printed.
+fn start_workload(paths: &NodePaths, mib: u64) -> anyhow::Result<(u32, std::thread::JoinHandle<()>)> {
+    let mib = mib.to_string();
+    let command: &[&str] = if mib == "0" { &["counter", "1000000"] } else { &["memory", &mib, "1000000"] };
+    let mut s = super::start(&paths.vsock(), command)?;
     let pid = s.pid();
     // The first output: the workload is up.
     loop {
         match s.next_event()? {
             ExecEvent::Stdout(_) => break,
             ExecEvent::Stderr(_) => {}
-            ExecEvent::Exited(st) => anyhow::bail!("the counter exited early ({st})"),
+            ExecEvent::Exited(st) => anyhow::bail!("{} exited early ({st})", command.join(" ")),
         }
     }
     // Drain the rest (through the deputy after the migration) until it ends.
@@ -188,19 +194,19 @@ fn start_counter(paths: &NodePaths) -> anyhow::Result<(u32, std::thread::JoinHan
     Ok((pid, drain))
 }
 
-fn real_migrations(from: &str, to: &str, runs: usize) -> anyhow::Result<()> {
+fn real_migrations(from: &str, to: &str, runs: usize, process_mib: &[u64]) -> anyhow::Result<()> {
     let paths = NodePaths::existing(from)?;
     NodePaths::existing(to)?;
     let ms = |us: u64| format!("{:.1}", us as f64 / 1000.0);
     let mut rows = Vec::new();
-    for precopy in [true, false] {
+    for (&mib, precopy) in process_mib.iter().flat_map(|mib| [(mib, true), (mib, false)]) {
         for _ in 0..runs {
-            let (pid, drain) = start_counter(&paths)?;
+            let (pid, drain) = start_workload(&paths, mib)?;
             let r = control::migrate(&paths.control(), pid, to, precopy)
                 .with_context(|| format!("migrating PID {pid} from {from} to {to}"))?;
             rows.push(vec![
                 if precopy { "pre-copy" } else { "stop-and-copy" }.into(),
-                r.comm.clone(),
+                if mib == 0 { r.comm.clone() } else { format!("{} {mib} MiB", r.comm) },
                 r.precopy_rounds.iter().map(u64::to_string).collect::<Vec<_>>().join("+"),
                 r.frozen_pages.to_string(),
                 ms(r.precopy_us),
@@ -215,7 +221,7 @@ fn real_migrations(from: &str, to: &str, runs: usize) -> anyhow::Result<()> {
             let _ = drain.join();
         }
     }
-    println!("migrating a running `counter` from {from} to {to}; times in ms");
+    println!("migrating running processes from {from} to {to}; times in ms");
     print!(
         "{}",
         tables::render(
@@ -226,7 +232,8 @@ fn real_migrations(from: &str, to: &str, runs: usize) -> anyhow::Result<()> {
     println!(
         "FROZEN: from the freeze until the target reported the process running; TARGET RESTORE: of that, the time \
          after Commit: the target's agent rebuilding the process (for a small one mostly injected syscalls, 30-50 ms \
-         a stop of the process in the emulated guest kernel of these hosts; a large one: faulting its pages in)."
+         a stop of the process in the emulated guest kernel of these hosts; a large one: faulting in the pages that \
+         were not laid out ahead during pre-copy, and without pre-copy all of them)."
     );
     Ok(())
 }
@@ -234,7 +241,7 @@ fn real_migrations(from: &str, to: &str, runs: usize) -> anyhow::Result<()> {
 pub fn run(b: &MigrateBench) -> anyhow::Result<()> {
     data_path(b.mib)?;
     if let Some((from, to)) = &b.nodes {
-        real_migrations(from, to, b.runs)?;
+        real_migrations(from, to, b.runs, &b.process_mib)?;
     }
     Ok(())
 }
