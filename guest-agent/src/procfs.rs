@@ -56,6 +56,11 @@ pub fn deleted_file(link: &str) -> Option<&str> {
         .filter(|p| p.starts_with('/'))
 }
 
+/// The number of POSIX timers in /proc/PID/timers (one `ID:` line each).
+pub fn count_posix_timers(text: &str) -> u32 {
+    text.lines().filter(|line| line.starts_with("ID:")).count() as u32
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -87,9 +92,4 @@ mod tests {
         assert_eq!(field(text, "TracerPid"), Some("0"));
         assert_eq!(field(text, "Mem"), None);
     }
-}
-
-/// The number of POSIX timers in /proc/PID/timers (one `ID:` line each).
-pub fn count_posix_timers(text: &str) -> u32 {
-    text.lines().filter(|line| line.starts_with("ID:")).count() as u32
 }

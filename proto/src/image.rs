@@ -953,7 +953,8 @@ mod tests {
 
     #[test]
     fn corrupt_images_are_rejected() {
-        let cases: Vec<(fn(&mut ProcessImage), &str)> = vec![
+        type Corruption = (fn(&mut ProcessImage), &'static str);
+        let cases: Vec<Corruption> = vec![
             (|i| i.version = 99, "version"),
             (|i| i.vmas[1].start += 1, "not page-aligned"),
             (|i| i.vmas[2].start = 0x500000, "overlaps"),

@@ -125,7 +125,7 @@ impl PreLayout {
 }
 
 fn valid_range(start: u64, end: u64) -> bool {
-    start % PAGE_SIZE == 0 && end % PAGE_SIZE == 0 && MIN_ADDR <= start && start < end && end <= USER_SPACE_END
+    start.is_multiple_of(PAGE_SIZE) && end.is_multiple_of(PAGE_SIZE) && MIN_ADDR <= start && start < end && end <= USER_SPACE_END
 }
 
 /// The `max` largest of `spans`, in address order.

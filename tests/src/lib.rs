@@ -209,7 +209,7 @@ pub fn shared_node(tag: &str) -> &'static str {
 /// Like [`shared_node`], one node per `tag`, started with `extra` arguments.
 pub fn shared_node_with(tag: &str, extra: &[&str]) -> &'static str {
     static NODES: Mutex<BTreeMap<String, &'static OnceLock<Result<String, String>>>> = Mutex::new(BTreeMap::new());
-    let cell: &'static OnceLock<Result<String, String>> = *NODES
+    let cell: &'static OnceLock<Result<String, String>> = NODES
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .entry(tag.to_owned())

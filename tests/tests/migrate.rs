@@ -80,7 +80,7 @@ fn counter_migrates() {
 fn patterned_memory_migrates() {
     migrated_run("memory", "memory 2 80");
     let log = shared_node_log("mig-b");
-    let target = log.lines().filter(|l| l.contains(": memory runs here as PID ")).last();
+    let target = log.lines().rfind(|l| l.contains(": memory runs here as PID "));
     assert!(
         target.is_some_and(|line| line.contains("laid out ahead in ")),
         "B did not lay the process out ahead: {target:?}"
@@ -252,6 +252,6 @@ fn a_peer_without_the_cluster_key_is_refused() {
     let key = pmivmm::peer::ClusterKey::load(&key_file).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let r = rt.block_on(pmivmm::peer::PeerLink::connect(addr.trim(), &key, "intruder", Duration::from_secs(10)));
-    let e = r.err().expect("a peer with another key was accepted").to_string();
+    let e = r.expect_err("a peer with another key was accepted").to_string();
     assert!(e.contains("cluster key"), "{e}");
 }

@@ -47,7 +47,7 @@ impl SymbolTable {
 }
 
 /// Where a sample fell.
-fn bucket<'a>(rip: u64, syms: &'a SymbolTable) -> &'a str {
+fn bucket(rip: u64, syms: &SymbolTable) -> &str {
     if rip < KERNEL_SPACE {
         "[guest user space]"
     } else {

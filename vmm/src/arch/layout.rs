@@ -115,8 +115,10 @@ mod tests {
         for w in areas.windows(2) {
             assert!(w[0].0 + w[0].1 <= w[1].0, "{:x?} overlaps {:x?}", w[0], w[1]);
         }
-        assert!(CMDLINE_ADDR + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
-        assert!(BOOT_STACK_POINTER < PML4_ADDR && BOOT_STACK_POINTER > ZERO_PAGE_ADDR + 0x1000);
-        assert!(VIRTIO_MMIO_BASE >= MMIO_GAP_START && KVM_IDENTITY_MAP_ADDR < MMIO_GAP_END);
+        const {
+            assert!(CMDLINE_ADDR + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
+            assert!(BOOT_STACK_POINTER < PML4_ADDR && BOOT_STACK_POINTER > ZERO_PAGE_ADDR + 0x1000);
+            assert!(VIRTIO_MMIO_BASE >= MMIO_GAP_START && KVM_IDENTITY_MAP_ADDR < MMIO_GAP_END);
+        }
     }
 }

@@ -257,7 +257,7 @@ mod tests {
         let mut longer = b.clone();
         longer.push(0);
         assert_eq!(decode(&k, &longer, NOW), Err(BeaconError::Truncated));
-        assert_eq!(decode(&k, &vec![0; MAX_LEN + 1], NOW), Err(BeaconError::TooLong(MAX_LEN + 1)));
+        assert_eq!(decode(&k, &[0; MAX_LEN + 1], NOW), Err(BeaconError::TooLong(MAX_LEN + 1)));
         // A length field pointing past the end.
         let mut bad = b[..MAGIC.len() + 2 + CLUSTER_LEN + 8].to_vec();
         bad.push(200);

@@ -42,6 +42,7 @@ pub struct NodeHandle {
 }
 
 impl NodeHandle {
+    #[allow(clippy::too_many_arguments, reason = "the node's parts, one per field")]
     pub fn new(
         name: String,
         mem_mib: u64,

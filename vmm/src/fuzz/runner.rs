@@ -139,7 +139,7 @@ fn fuzz(target: &Target, opts: &Options, current: &Mutex<Vec<u8>>, execs: &Atomi
         match opts.budget {
             Budget::Execs(n) if report.execs >= n => break,
             // The clock is read every 64 inputs.
-            Budget::Time(d) if report.execs % 64 == 0 && start.elapsed() >= d => break,
+            Budget::Time(d) if report.execs.is_multiple_of(64) && start.elapsed() >= d => break,
             _ => {}
         }
         let input = pending.pop().unwrap_or_else(|| {

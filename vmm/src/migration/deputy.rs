@@ -260,17 +260,20 @@ fn forward_signals(mut events: Events, handle: &DeputyHandle) {
     }
 }
 
+/// Output of the process: its fd (1 or 2) and the bytes.
+type Output = (u8, Vec<u8>);
+
 /// The attached hosts, oldest first, each with the output it sent while an
 /// older host was still attached.
 #[derive(Default)]
 struct Hosts {
-    attached: Vec<(HostId, Vec<(u8, Vec<u8>)>)>,
+    attached: Vec<(HostId, Vec<Output>)>,
     held: usize,
 }
 
 impl Hosts {
     /// Output of `host`: what to write now (its own, if it is the oldest).
-    fn output(&mut self, host: HostId, fd: u8, data: Vec<u8>) -> Vec<(u8, Vec<u8>)> {
+    fn output(&mut self, host: HostId, fd: u8, data: Vec<u8>) -> Vec<Output> {
         match self.attached.iter().position(|(h, _)| *h == host) {
             Some(0) => vec![(fd, data)],
             Some(i) if self.held + data.len() <= MAX_HELD => {
@@ -289,7 +292,7 @@ impl Hosts {
     }
 
     /// `host` is gone: the output the next host held back can go.
-    fn leave(&mut self, host: HostId) -> Vec<(u8, Vec<u8>)> {
+    fn leave(&mut self, host: HostId) -> Vec<Output> {
         self.attached.retain(|(h, _)| *h != host);
         match self.attached.first_mut() {
             Some((_, held)) => {
@@ -301,7 +304,7 @@ impl Hosts {
     }
 
     /// Everything held back, oldest host first.
-    fn take_held(&mut self) -> Vec<(u8, Vec<u8>)> {
+    fn take_held(&mut self) -> Vec<Output> {
         self.held = 0;
         self.attached.iter_mut().flat_map(|(_, held)| std::mem::take(held)).collect()
     }
@@ -351,7 +354,7 @@ fn run(pid: u32, rx: Receiver<(HostId, RelayEvent)>, mut control: Control) {
     }
 }
 
-fn write_output(pid: u32, control: &mut Control, output: Vec<(u8, Vec<u8>)>) {
+fn write_output(pid: u32, control: &mut Control, output: Vec<Output>) {
     for (fd, data) in output {
         if let Err(e) = control.output(fd, &data) {
             tracing::warn!("deputy {pid}: {e}");

@@ -147,6 +147,7 @@ pub struct MigrationNode {
 }
 
 impl MigrationNode {
+    #[allow(clippy::too_many_arguments, reason = "the node's parts, one per field")]
     pub fn new(
         name: String,
         addr: String,

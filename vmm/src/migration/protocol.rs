@@ -224,7 +224,7 @@ mod tests {
         assert!(matches!(check_pages(&[0x1000, 0x2000], &page), Err(ProtocolError::PagesLength { .. })));
         assert_eq!(check_pages(&[0x1001], &page), Err(ProtocolError::PageAddr(0x1001)));
         assert_eq!(check_pages(&[USER_SPACE_END], &page), Err(ProtocolError::PageAddr(USER_SPACE_END)));
-        assert_eq!(check_pages(&[u64::MAX & !0xfff], &page), Err(ProtocolError::PageAddr(u64::MAX & !0xfff)));
+        assert_eq!(check_pages(&[!0xfff_u64], &page), Err(ProtocolError::PageAddr(!0xfff_u64)));
         let many = vec![0x1000; PAGES_PER_BATCH + 1];
         assert!(matches!(check_pages(&many, &[]), Err(ProtocolError::BatchTooLarge(_))));
     }

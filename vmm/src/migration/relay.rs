@@ -45,6 +45,7 @@ pub struct RelayHandle {
 }
 
 /// How this node reaches the home of a process.
+#[allow(clippy::large_enum_variant, reason = "one per relayed process, moved a few times in its life")]
 pub enum HomeLink {
     Remote(SyncReader, SyncWriter),
     /// The process runs at home: its deputy is here.

@@ -315,7 +315,7 @@ struct GuestPages<'a> {
 }
 
 // The link asks for whole pieces: whole pages.
-const _: () = assert!(DATA_PIECE % PAGE_SIZE as usize == 0);
+const _: () = assert!(DATA_PIECE.is_multiple_of(PAGE_SIZE as usize));
 
 impl FrameData for GuestPages<'_> {
     fn len(&self) -> usize {

@@ -65,6 +65,10 @@ pub trait FrameData {
     /// Bytes of data.
     fn len(&self) -> usize;
 
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Copies bytes `offset..offset + out.len()` into `out`; `offset` is a
     /// multiple of [`DATA_PIECE`].
     fn read_at(&self, offset: usize, out: &mut [u8]) -> Result<(), DataError>;

@@ -300,7 +300,7 @@ impl MmioDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= reg::CONFIG {
             self.device.read_config(offset - reg::CONFIG, data);
-        } else if data.len() == 4 && offset % 4 == 0 {
+        } else if data.len() == 4 && offset.is_multiple_of(4) {
             data.copy_from_slice(&self.read_register(offset).to_le_bytes());
         } else {
             guest_warn!("virtio-mmio: {}-byte read of register 0x{offset:x} (registers are 32-bit)", data.len());

@@ -150,11 +150,10 @@ impl worker::Backend for Backend {
     }
 
     fn queue_notified(&mut self, active: &mut Active, index: usize) {
-        match index {
-            TX => self.process_tx(active),
-            // RX: buffers arrived, handled by after_events after every batch.
-            // EVENT: we send no events (they are for migration of the VM itself).
-            _ => {}
+        // RX: buffers arrived, handled by after_events after every batch.
+        // EVENT: we send no events (they are for migration of the VM itself).
+        if index == TX {
+            self.process_tx(active);
         }
     }
 
