@@ -117,11 +117,12 @@ fn parse(text: &str) -> Result<MmTables, String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use pmivmm_proto::image::Select;
 
-    fn vma(start: u64, end: u64, kind: VmaKind) -> Vma {
+    /// A private read-write VMA (for the checkpoint module's tests).
+    pub(in crate::checkpoint) fn vma(start: u64, end: u64, kind: VmaKind) -> Vma {
         Vma {
             start,
             end,

@@ -1032,14 +1032,7 @@ mod tests {
 
     #[test]
     fn only_private_anonymous_memory_inside_a_region_is_kept() {
-        let vma = |start, end, kind| Vma {
-            start,
-            end,
-            prot: 3,
-            shared: false,
-            offset: 0,
-            kind,
-        };
+        use super::super::pagetables::tests::vma;
         let prelaid = [(0x10_0000, 0x20_0000)];
         assert!(laid_out(&vma(0x10_0000, 0x20_0000, VmaKind::Anonymous), &prelaid));
         assert!(laid_out(&vma(0x11_0000, 0x12_0000, VmaKind::Heap), &prelaid));

@@ -1,5 +1,6 @@
-//! The target side of a migration: keep the pages, rebuild the process from
-//! the image, write the pages into its frames, start it on `Commit`.
+//! The target side of a migration: keep the pages (and lay the process's
+//! memory out ahead when the source sends its layout), rebuild the process
+//! from the image, write the pages into its frames, start it on `Commit`.
 //!
 //! The outcome of every received migration is recorded so that a source
 //! whose link broke after `Commit` can ask (`Query`). The decision is
