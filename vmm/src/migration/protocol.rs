@@ -74,8 +74,12 @@ pub enum PeerMsg {
     Commit,
     /// The process's private anonymous memory and the pages present in it
     /// at the first pre-copy round (at most once, before `Image`): the
-    /// target lays them out while the process still runs at the source.
+    /// target lays them out while the process still runs at the source,
+    /// and says `LaidOut` when it is done (or gave up); the source freezes
+    /// the process after that.
     Layout(PreLayout),
+    /// Target to source: the layout is done.
+    LaidOut,
 
     /// The target takes the offered process (pages may follow).
     Accepted,
@@ -113,6 +117,7 @@ impl PeerMsg {
             PeerMsg::Image { .. } => "Image",
             PeerMsg::Commit => "Commit",
             PeerMsg::Layout(_) => "Layout",
+            PeerMsg::LaidOut => "LaidOut",
             PeerMsg::Accepted => "Accepted",
             PeerMsg::Running { .. } => "Running",
             PeerMsg::Refused { .. } => "Refused",
@@ -248,6 +253,7 @@ mod tests {
             PeerMsg::Image { image: vec![1, 2] },
             PeerMsg::Commit,
             PeerMsg::Layout(PreLayout { regions: vec![(0x10_0000, 0x20_0000)], populate: vec![(0x10_0000, 0x10_1000)] }),
+            PeerMsg::LaidOut,
             PeerMsg::Accepted,
             PeerMsg::Running { pid: 5 },
             PeerMsg::Refused { reason: "full".into() },

@@ -22,6 +22,12 @@ const FINAL_ROUND_PAGES: usize = 64;
 /// ... or after this many rounds (a process that dirties memory faster than
 /// it can be sent would never converge).
 const MAX_ROUNDS: usize = 5;
+/// How long a converged pre-copy waits for the target to have laid the
+/// process's memory out (`LaidOut`), with a round every
+/// [`LAYOUT_POLL`]; then the process is frozen anyway (the target finishes
+/// the layout before it prepares the restore).
+const LAYOUT_WAIT: Duration = Duration::from_secs(120);
+const LAYOUT_POLL: Duration = Duration::from_millis(250);
 /// How long the target may take to restore the process (its guest kernel
 /// faults every page in, ~2.5 ms a page on emulated hosts).
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(900);
@@ -185,18 +191,27 @@ fn transfer(
     let mut rounds = Vec::new();
     if let Some((mut pages, anonymous)) = first_round {
         // The target maps and populates the memory while the pages arrive,
-        // rather than while the process is frozen.
-        if !anonymous.is_empty() {
+        // rather than while the process is frozen; the freeze waits until
+        // it has (rounds go on meanwhile, keeping the last one small).
+        let mut laid_out = anonymous.is_empty();
+        if !laid_out {
             let data = pages.iter().filter(|p| p.kind == PageKind::Data);
             let layout = PreLayout::of(&anonymous, data.map(|p| p.vaddr));
             m.tx.send(&PeerMsg::Layout(layout)).map_err(|e| refusal_or(&mut rx, e))?;
         }
+        let mut converged_at = None;
         loop {
             let n =
                 m.send_pages(pages.iter().filter(|p| p.kind == PageKind::Data)).map_err(|e| refusal_or(&mut rx, e))?;
             rounds.push(n);
             if n <= FINAL_ROUND_PAGES as u64 || rounds.len() >= MAX_ROUNDS {
-                break;
+                let since = *converged_at.get_or_insert_with(Instant::now);
+                laid_out = laid_out || target_laid_out(&mut rx, LAYOUT_POLL)?;
+                if laid_out || since.elapsed() >= LAYOUT_WAIT {
+                    break;
+                }
+            } else if !laid_out {
+                laid_out = target_laid_out(&mut rx, Duration::ZERO)?;
             }
             pages = round(agent, false)?.0;
         }
@@ -246,6 +261,19 @@ fn transfer(
         target_restore: committed.elapsed(),
         link,
     })
+}
+
+/// Whether the target said it laid the process's memory out, waiting at
+/// most `wait` for it.
+fn target_laid_out(rx: &mut SyncReader, wait: Duration) -> Result<bool, Error> {
+    match rx.recv(wait) {
+        Ok(Some((PeerMsg::LaidOut, _))) => Ok(true),
+        Ok(Some((PeerMsg::Refused { reason }, _))) => Err(Error::Refused(reason)),
+        Ok(Some((other, _))) => Err(Error::unexpected("LaidOut", &other)),
+        Ok(None) => Err(Error::PeerClosed),
+        Err(Error::PeerTimeout(_)) => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 /// The target's answer to the offer.

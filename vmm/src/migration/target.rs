@@ -17,12 +17,15 @@ use vm_memory::GuestMemoryMmap;
 use super::link::{SyncReader, SyncWriter};
 use super::pages::PageStore;
 use super::protocol::{check_pages, Offer, PeerMsg, PAGES_PER_BATCH};
-use super::{relay, Error, MigrationNode};
+use super::{relay, Agent, Error, MigrationNode};
 use crate::checkpoint::frames;
 
 /// Longest silence of a source between two messages (a pre-copy round waits
 /// for the source's guest kernel to report dirty pages).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// How often the target looks whether the layout is done while it waits
+/// for the source.
+const LAYOUT_POLL: Duration = Duration::from_millis(50);
 /// How long a `Query` waits for a migration that is starting its process.
 const COMMIT_WAIT: Duration = Duration::from_secs(60);
 /// Pages written into guest RAM per thread at least (16 MiB): fewer are
@@ -221,11 +224,20 @@ fn run(
     let mut store = PageStore::new(limit, node.page_budget.clone());
     let mut agent = Some(agent);
     // The agent laying the memory out, on its own thread.
-    let mut laying = None;
+    let mut laying: Option<thread::JoinHandle<_>> = None;
     let mut prepared = None;
     let mut steps = Steps::default();
     loop {
-        let (msg, data) = rx.expect(IDLE_TIMEOUT)?;
+        if laying.as_ref().is_some_and(thread::JoinHandle::is_finished) {
+            agent = laying.take().map(|laying| joined(laying, &mut steps, offer.id));
+            tx.send(&PeerMsg::LaidOut)?;
+        }
+        let (msg, data) = match rx.recv(if laying.is_some() { LAYOUT_POLL } else { IDLE_TIMEOUT }) {
+            Ok(Some(received)) => received,
+            Ok(None) => return Err(Error::PeerClosed),
+            Err(Error::PeerTimeout(_)) if laying.is_some() => continue,
+            Err(e) => return Err(e),
+        };
         match msg {
             PeerMsg::Pages { vaddrs } => receive_pages(&mut store, &vaddrs, data)?,
             PeerMsg::Layout(layout) => {
@@ -241,20 +253,11 @@ fn run(
                 laying = Some(thread::Builder::new().name("pre-layout".into()).spawn(lay_out).map_err(Error::Thread)?);
             }
             PeerMsg::Image { image } => {
+                // A source that stopped waiting for the layout: it is
+                // finished first.
                 let mut agent = match (agent.take(), laying.take()) {
                     (Some(agent), _) => agent,
-                    (None, Some(laying)) => {
-                        let (agent, result, took) =
-                            laying.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-                        match result {
-                            Ok(()) => steps.laid_out = Some(took),
-                            Err(e) => tracing::warn!(
-                                "migration {:#x}: laying the process out ahead failed ({e}); the restore builds all of it",
-                                offer.id
-                            ),
-                        }
-                        agent
-                    }
+                    (None, Some(laying)) => joined(laying, &mut steps, offer.id),
                     (None, None) => return Err(Error::unexpected("Pages or Commit", &PeerMsg::Image { image })),
                 };
                 let started = Instant::now();
@@ -291,6 +294,22 @@ fn run(
             other => return Err(Error::unexpected("Pages, Image or Commit", &other)),
         }
     }
+}
+
+/// The agent back from a finished (or finishing) layout; its outcome goes
+/// into `steps` or the log (a failed layout only means the restore builds
+/// all of the process).
+fn joined(
+    laying: thread::JoinHandle<(Agent, Result<(), pmivmm_proto::ClientError>, Duration)>,
+    steps: &mut Steps,
+    id: u64,
+) -> Agent {
+    let (agent, result, took) = laying.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+    match result {
+        Ok(()) => steps.laid_out = Some(took),
+        Err(e) => tracing::warn!("migration {id:#x}: laying the process out ahead failed ({e}); the restore builds all of it"),
+    }
+    agent
 }
 
 /// Checks and keeps one `Pages` message (its data buffer as it is).
