@@ -74,11 +74,12 @@ fn counter_migrates() {
     migrated_run("counter", "counter 120");
 }
 
-/// Also: the target lays the process's memory out ahead, from the first
-/// pre-copy round, while it still runs at the source.
+/// Also: the target lays the process's memory out ahead (12 MiB: above
+/// the source's threshold of 8), from the first pre-copy round, while it
+/// still runs at the source.
 #[test]
 fn patterned_memory_migrates() {
-    migrated_run("memory", "memory 2 80");
+    migrated_run("memory", "memory 12 80");
     let log = shared_node_log("mig-b");
     let target = log.lines().rfind(|l| l.contains(": memory runs here as PID "));
     assert!(
