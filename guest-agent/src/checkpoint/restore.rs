@@ -272,8 +272,9 @@ impl Drop for RestoredChild {
 /// the image's private anonymous VMAs that lie in them as they are (a
 /// migration target does this while the process still runs at its
 /// source). Regions that would cover the child's own mappings are left out,
-/// with what they would populate. On an error nothing counts as laid out
-/// (the restore unmaps it all).
+/// with what they would populate. On an error they are unmapped again
+/// (best effort: the restore unmaps everything it does not keep anyway)
+/// and nothing counts as laid out.
 pub fn pre_layout(child: &mut RestoredChild, layout: &PreLayout) -> Result<(), RestoreError> {
     layout.validate(u64::MAX)?;
     if !child.prelaid.is_empty() {
@@ -305,10 +306,21 @@ pub fn pre_layout(child: &mut RestoredChild, layout: &PreLayout) -> Result<(), R
         let what = format!("MADV_POPULATE_WRITE of {start:#x}-{end:#x} (laid out ahead)");
         batch.push(what, libc::SYS_madvise, &[start, end - start, libc::MADV_POPULATE_WRITE as u64])?;
     }
-    let results = batch.run()?;
     // A kernel before 4.17 takes MAP_FIXED_NOREPLACE for a hint.
-    if let Some(&(call, wanted)) = mmaps.iter().find(|&&(call, start)| results[call] != start) {
-        return Err(RestoreError::LaidOutElsewhere { wanted, got: results[call] });
+    let placed = batch.run().and_then(|results| {
+        match mmaps.iter().find(|&&(call, start)| results[call] != start) {
+            Some(&(call, wanted)) => Err(RestoreError::LaidOutElsewhere { wanted, got: results[call] }),
+            None => Ok(()),
+        }
+    });
+    if let Err(e) = placed {
+        let mut batch = Batch::new(child);
+        for &(start, end) in &regions {
+            let what = format!("munmap of {start:#x}-{end:#x} (laid out ahead)");
+            batch.push(what, libc::SYS_munmap, &[start, end - start])?;
+        }
+        let _ = batch.run();
+        return Err(e);
     }
     child.prelaid = regions;
     child.populated = populate;

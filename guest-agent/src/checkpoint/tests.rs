@@ -310,7 +310,9 @@ fn process_mapped_where_the_scratch_area_was_round_trips() {
 /// the first pre-copy round, plus a region the image does not have, or
 /// with every region a page short (then nothing is kept), restores the
 /// process; where the image's VMAs lie in the regions, they are kept with
-/// the pages populated in them.
+/// the pages populated in them. A layout the kernel refuses (a 16 TiB
+/// region: more than the host has, with the default overcommit policy)
+/// leaves the child as it was.
 #[test]
 fn process_laid_out_ahead_round_trips() {
     require_root();
@@ -334,6 +336,12 @@ fn process_laid_out_ahead_round_trips() {
             let vaddrs = image.pages.iter().flat_map(|r| (r.start..r.end()).step_by(PAGE_SIZE as usize));
             let layout = PreLayout::of(&regions, vaddrs.chain([stray.0]));
             assert!(layout.populate.contains(&(stray.0, stray.0 + PAGE_SIZE)));
+            if short {
+                let mut refused = layout.clone();
+                refused.regions.push((0x6000_0000_0000, 0x7000_0000_0000));
+                refused.regions.sort_unstable();
+                assert!(pre_layout(child, &refused).is_err(), "a 16 TiB region was mapped");
+            }
             pre_layout(child, &layout).unwrap();
             assert!(matches!(pre_layout(child, &layout), Err(RestoreError::LaidOut)));
             if short {
