@@ -856,13 +856,13 @@ fn send_signal(pid: u32, signal: i32) {
 fn deputy_relays_output_and_signals_and_exits_with_the_code() {
     let (mut parent, child) = parent_of_a_sleeper();
     let (mut events, mut control) = deputy_of(child);
+    // Other tests run deputies at the same time: only this test's
+    // processes are looked at.
     let ps = client().ps().unwrap();
     let info = ps.iter().find(|p| p.pid == child).expect("deputy in ps");
     assert_eq!(info.remote.as_deref(), Some("n2"));
-    assert!(ps
-        .iter()
-        .filter(|p| p.pid != child)
-        .all(|p| p.remote.is_none()));
+    let shell = ps.iter().find(|p| p.pid == parent.pid()).expect("the deputy's parent in ps");
+    assert_eq!(shell.remote, None);
 
     control.output(1, b"from afar\n").unwrap();
     assert_eq!(read_until(&mut parent, "\n"), "from afar\n");
@@ -894,7 +894,7 @@ fn deputy_relays_output_and_signals_and_exits_with_the_code() {
         parent.next_event().unwrap(),
         ExecEvent::Exited(ExitStatus::Code(0))
     );
-    assert!(client().ps().unwrap().iter().all(|p| p.remote.is_none()));
+    assert!(client().ps().unwrap().iter().all(|p| p.pid != child));
 }
 
 /// A deputy ends by the signal its migrated process was killed by, and
