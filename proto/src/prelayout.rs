@@ -67,21 +67,14 @@ impl PreLayout {
         let regions = largest(regions, MAX_REGIONS);
         let mut vaddrs: Vec<u64> = vaddrs.into_iter().collect();
         vaddrs.sort_unstable();
-        let mut populate: Vec<Span> = Vec::new();
         let mut region = 0;
-        for v in vaddrs {
+        let pages = vaddrs.into_iter().filter_map(|v| {
             while regions.get(region).is_some_and(|r| r.1 <= v) {
                 region += 1;
             }
-            let Some(&(start, _)) = regions.get(region).filter(|r| r.0 <= v) else {
-                continue;
-            };
-            match populate.last_mut() {
-                Some(last) if last.0 >= start && v - last.1 <= MERGE_GAP_PAGES * PAGE_SIZE => last.1 = v + PAGE_SIZE,
-                _ => populate.push((v, v + PAGE_SIZE)),
-            }
-        }
-        let populate = largest(populate, MAX_POPULATE);
+            regions.get(region).filter(|r| r.0 <= v).map(|r| (r.0, (v, v + PAGE_SIZE)))
+        });
+        let populate = largest(merge_close(pages), MAX_POPULATE);
         PreLayout { regions, populate }
     }
 
@@ -124,6 +117,20 @@ impl PreLayout {
     }
 }
 
+/// Ranges to populate from `pieces`, each a range with the start of the
+/// region (VMA) it lies in, in ascending order: neighbours in one region
+/// closer than [`MERGE_GAP_PAGES`] pages are merged.
+pub fn merge_close(pieces: impl IntoIterator<Item = (u64, Span)>) -> Vec<Span> {
+    let mut merged: Vec<Span> = Vec::new();
+    for (region_start, (start, end)) in pieces {
+        match merged.last_mut() {
+            Some(last) if last.0 >= region_start && start - last.1 <= MERGE_GAP_PAGES * PAGE_SIZE => last.1 = end,
+            _ => merged.push((start, end)),
+        }
+    }
+    merged
+}
+
 fn valid_range(start: u64, end: u64) -> bool {
     start.is_multiple_of(PAGE_SIZE) && end.is_multiple_of(PAGE_SIZE) && MIN_ADDR <= start && start < end && end <= USER_SPACE_END
 }
@@ -157,6 +164,12 @@ mod tests {
         assert_eq!(layout.populated_pages(), 13);
         assert_eq!(layout.validate(13), Ok(()));
         assert_eq!(layout.validate(12), Err(PreLayoutError::TooLarge { pages: 13, max: 12 }));
+    }
+
+    #[test]
+    fn close_ranges_of_one_region_merge() {
+        let pieces = [(0, (0, P)), (0, (9 * P, 10 * P)), (0, (19 * P, 20 * P)), (20 * P, (20 * P, 21 * P))];
+        assert_eq!(merge_close(pieces), [(0, 10 * P), (19 * P, 20 * P), (20 * P, 21 * P)]);
     }
 
     #[test]

@@ -39,7 +39,7 @@ use nix::unistd::Pid;
 use pmivmm_proto::image::{
     FdKind, ImageError, Pages, ProcessImage, Vma, VmaKind, PAGE_SIZE, PROT_WRITE, USER_SPACE_END,
 };
-use pmivmm_proto::prelayout::{PreLayout, PreLayoutError, Span};
+use pmivmm_proto::prelayout::{merge_close, PreLayout, PreLayoutError, Span};
 use pmivmm_proto::ExitStatus;
 
 use crate::priority;
@@ -109,9 +109,6 @@ const BATCH_CALLS: usize = 256;
 const BATCH_DATA_LEN: usize = (SCRATCH_LEN - PAGE_SIZE) as usize - BATCH_CALLS * BATCH_ENTRY_LEN;
 /// Lowest address the scratch area may use (above any `mmap_min_addr`).
 const SCRATCH_MIN: u64 = 1 << 20;
-/// Runs of pages to populate are merged across gaps up to this many pages
-/// (populating a few extra pages costs less than another syscall).
-const POPULATE_MERGE_GAP: u64 = 8;
 
 
 /// A child being restored, stopped under ptrace. Killed when dropped unless
@@ -342,7 +339,7 @@ pub fn prepare_restore(
     let vdso: Vec<&MapsEntry> = maps.iter().filter(|m| m.is_vdso_family()).collect();
     let mut occupied: Vec<(u64, u64)> = image.vmas.iter().map(|v| (v.start, v.end)).collect();
     let started_with = (child.scratch, child.scratch + SCRATCH_LEN);
-    if occupied.iter().any(|&(start, end)| start < started_with.1 && started_with.0 < end) {
+    if occupied.iter().any(|&vma| overlap(vma, started_with)) {
         // The process needs the place of the scratch area mapped at the
         // start: a new one, elsewhere. The munmaps below remove the old one.
         occupied.extend(stub_ranges(&maps));
@@ -813,25 +810,18 @@ fn populate_write_supported() -> bool {
 /// onto the layout's `batch` (no stop of its own): runs within one VMA
 /// separated by small gaps are merged.
 fn push_populate(batch: &mut Batch, image: &ProcessImage, populated: &[Span]) -> Result<(), RestoreError> {
-    let mut spans: Vec<(u64, u64)> = Vec::new();
+    let mut pieces = Vec::new();
     for run in &image.pages {
         let mut start = run.start;
         // A run may cross VMA boundaries: cut it there.
         while start < run.end() {
             let vma = image.vma_at(start).expect("validated: pages lie in VMAs");
             let end = run.end().min(vma.end);
-            match spans.last_mut() {
-                Some(last)
-                    if start - last.1 <= POPULATE_MERGE_GAP * PAGE_SIZE && last.0 >= vma.start =>
-                {
-                    last.1 = end
-                }
-                _ => spans.push((start, end)),
-            }
+            pieces.push((vma.start, (start, end)));
             start = end;
         }
     }
-    for (start, end) in subtract(&spans, populated) {
+    for (start, end) in subtract(&merge_close(pieces), populated) {
         let what = format!("MADV_POPULATE_WRITE of {start:#x}-{end:#x}");
         batch.push(what, libc::SYS_madvise, &[start, end - start, libc::MADV_POPULATE_WRITE as u64])?;
     }

@@ -61,13 +61,10 @@ pub type DataError = Box<dyn std::error::Error + Send + Sync>;
 /// The data part of a frame to send. It is copied piece by piece into the
 /// writer's buffer (where it is encrypted), so it need not be in one place:
 /// guest pages go straight from guest RAM to the link.
+#[allow(clippy::len_without_is_empty, reason = "the link only asks how long the data is")]
 pub trait FrameData {
     /// Bytes of data.
     fn len(&self) -> usize;
-
-    fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 
     /// Copies bytes `offset..offset + out.len()` into `out`; `offset` is a
     /// multiple of [`DATA_PIECE`].
