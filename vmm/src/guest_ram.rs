@@ -6,29 +6,6 @@ use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, Gues
 
 pub use pmivmm_proto::image::PAGE_SIZE;
 
-/// Maps guest RAM at `ranges` (guest address, bytes), backed by transparent
-/// huge pages where the host has them.
-///
-/// The VMM reads and writes guest RAM frame by frame, in frames scattered
-/// over all of it (a capture's pages, a migration's, the paravirtual
-/// copies): with 2 MiB pages those cost ~35% less here (`pmivmm bench
-/// migrate`: 1 GiB of scattered frames read in 0.15-0.16 s instead of
-/// 0.22-0.26 s, written in 0.14-0.15 s instead of 0.24-0.26 s). The host
-/// still backs only what the guest touches: an idle 1 GiB node held 54 MiB
-/// with them, 46 MiB without. Best effort: a host without THP (or with
-/// THP `never`) maps 4 KiB pages as before.
-pub fn map(ranges: &[(GuestAddress, usize)]) -> Result<GuestMemoryMmap, vm_memory::mmap::FromRangesError> {
-    let memory = GuestMemoryMmap::from_ranges(ranges)?;
-    for region in memory.iter() {
-        let start = region.as_ptr().cast::<libc::c_void>();
-        // SAFETY: the range is exactly one mapping that `memory` owns and
-        // keeps until it is dropped; MADV_HUGEPAGE changes only how the
-        // host backs its pages, never their contents.
-        unsafe { libc::madvise(start, region.len() as usize, libc::MADV_HUGEPAGE) };
-    }
-    Ok(memory)
-}
-
 /// The guest-physical address of frame `pfn`, if all of
 /// `[pfn * 4096, pfn * 4096 + 4096)` lies inside one RAM region (checked
 /// arithmetic: `u64::MAX` or a frame in the MMIO gap is `None`, never a
@@ -51,19 +28,8 @@ pub fn ram_frames(mem: &GuestMemoryMmap) -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use vm_memory::Bytes;
-
     use super::*;
     use crate::arch::layout::{MMIO_GAP_END, MMIO_GAP_START};
-
-    #[test]
-    fn maps_every_range() {
-        let mem = map(&[(GuestAddress(0), 0x40_0000), (GuestAddress(MMIO_GAP_END), 0x20_0000)]).unwrap();
-        assert_eq!(ram_frames(&mem), 0x600);
-        mem.write_obj(0x1234_5678u32, GuestAddress(MMIO_GAP_END + 0x1f_fffc)).unwrap();
-        assert_eq!(mem.read_obj::<u32>(GuestAddress(MMIO_GAP_END + 0x1f_fffc)).unwrap(), 0x1234_5678);
-        assert!(mem.read_obj::<u32>(GuestAddress(0x40_0000)).is_err(), "no RAM after the first range");
-    }
 
     #[test]
     fn frames_inside_ram_only() {

@@ -295,7 +295,7 @@ fn create_memory(fd: &VmFd, mem_size: u64, mem_mib: u64) -> Result<GuestMemoryMm
         .into_iter()
         .map(|(start, size)| (GuestAddress(start), size as usize))
         .collect();
-    let memory = crate::guest_ram::map(&ranges)
+    let memory = GuestMemoryMmap::from_ranges(&ranges)
         .map_err(|e| Error::Memory { mem_mib, reason: e.to_string() })?;
     for (slot, region) in memory.iter().enumerate() {
         let host = region

@@ -63,7 +63,7 @@ fn page(i: u64, n: u64) -> PageRef {
 }
 
 fn guest_ram(bytes: u64) -> anyhow::Result<GuestMemoryMmap> {
-    crate::guest_ram::map(&[(GuestAddress(0), bytes as usize)]).context("cannot map the benchmark's guest RAM")
+    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), bytes as usize)]).context("cannot map the benchmark's guest RAM")
 }
 
 fn data_path(mib: u64) -> anyhow::Result<()> {
