@@ -246,6 +246,10 @@ enum BenchCommand {
         /// MiB moved through the data path (a power of two).
         #[arg(long, default_value_t = 1024)]
         mib: u64,
+        /// Data-path runs, each with its own baselines: the table gives the
+        /// minimum and median times (the hosts are shared and noisy).
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
         /// Source node for real migrations (needs --to).
         #[arg(long, requires = "to")]
         from: Option<String>,
@@ -548,9 +552,9 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Guest { node, restore_mib }) => {
             pmivmm::bench::guest::run(&pmivmm::bench::guest::GuestBench { node: node.name, restore_mib }).map(|()| 0)
         }
-        Command::Bench(BenchCommand::Migrate { mib, from, to, runs, process_mib }) => {
+        Command::Bench(BenchCommand::Migrate { mib, repeat, from, to, runs, process_mib }) => {
             let nodes = from.zip(to);
-            let bench = pmivmm::bench::migrate::MigrateBench { mib, nodes, runs, process_mib };
+            let bench = pmivmm::bench::migrate::MigrateBench { mib, repeat, nodes, runs, process_mib };
             pmivmm::bench::migrate::run(&bench).map(|()| 0)
         }
         Command::Bench(BenchCommand::Cluster { node, jobs, units }) => {

@@ -13,7 +13,11 @@
 //! path's time includes the target faulting in fresh memory for the pages
 //! it holds (on these VM hosts ~1 s per GiB, a third less since the link
 //! faults a frame's buffer in with one call) and writing them into frames
-//! after `Commit`.
+//! after `Commit`. All of it runs `--repeat` times, each run with its own
+//! baselines: the table gives minimum and median times, and each ratio is
+//! the median of the runs' ratios to plain TCP in the same run (single
+//! runs on these shared hosts vary by ±30%). The destination frames are
+//! cleared before each run's data path, which must fill them.
 //!
 //! Real migrations (with `--from A --to B`, two running nodes): a small
 //! process (and, with `--process-mib`, larger ones) migrated with and
@@ -27,6 +31,7 @@ use pmivmm_proto::image::{PageKind, PageRef, PAGE_SIZE};
 use pmivmm_proto::{AgentClient, ExecEvent};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use super::min_median;
 use crate::checkpoint::frames;
 use crate::commands::tables;
 use crate::control;
@@ -40,6 +45,8 @@ use crate::rundir::NodePaths;
 pub struct MigrateBench {
     /// Size of the data-path transfer.
     pub mib: u64,
+    /// Data-path runs (each with its own baselines).
+    pub repeat: usize,
     /// Two running nodes for real migrations.
     pub nodes: Option<(String, String)>,
     /// Real migrations per mode and process.
@@ -66,21 +73,77 @@ fn guest_ram(bytes: u64) -> anyhow::Result<GuestMemoryMmap> {
     GuestMemoryMmap::from_ranges(&[(GuestAddress(0), bytes as usize)]).context("cannot map the benchmark's guest RAM")
 }
 
-fn data_path(mib: u64) -> anyhow::Result<()> {
+/// One run's times, in seconds.
+struct DataPathRun {
+    memcpy: f64,
+    read_frames: f64,
+    write_frames: f64,
+    plain: f64,
+    bare: f64,
+    path: f64,
+    written: f64,
+}
+
+fn data_path(mib: u64, repeat: usize) -> anyhow::Result<()> {
     let n = (mib << 20) / PAGE_SIZE;
     anyhow::ensure!(n.is_power_of_two(), "--mib must be a power of two");
+    anyhow::ensure!(repeat > 0, "--repeat must be 1 or more");
     let bytes = n * PAGE_SIZE;
     let ram = 2 * bytes + 2 * PAGE_SIZE;
     eprintln!("bench migrate: preparing 2 x {} MiB of guest RAM...", ram >> 20);
     let src = guest_ram(ram)?;
-    let dst = guest_ram(ram)?;
+    let mut dst = guest_ram(ram)?;
     let pattern: Vec<u8> = (0..(1u64 << 20)).map(|i| (i * 31 + i / 4096) as u8).collect();
     for off in (0..ram).step_by(pattern.len()) {
         let len = pattern.len().min((ram - off) as usize);
         src.write_slice(&pattern[..len], GuestAddress(off))?;
-        dst.write_slice(&vec![0u8; len], GuestAddress(off))?;
     }
     let pages: Vec<PageRef> = (0..n).map(|i| page(i, n)).collect();
+    let mut runs = Vec::new();
+    for run in 1..=repeat {
+        eprintln!("bench migrate: run {run} of {repeat}: baselines, then the data path ({mib} MiB each)...");
+        let (done, measured) = data_path_run(&src, dst, &pages)?;
+        eprintln!("bench migrate: run {run}: data path {:.3} s, plain TCP {:.3} s", measured.path, measured.plain);
+        dst = done;
+        runs.push(measured);
+    }
+
+    let rate = |secs: f64| bytes as f64 / secs;
+    let row = |what: &str, secs: fn(&DataPathRun) -> f64, vs_tcp: bool| {
+        let (min, median) = min_median(runs.iter().map(secs).collect()).unwrap_or_default();
+        let ratios = runs.iter().map(|r| rate(secs(r)) / rate(r.plain) * 100.0).collect();
+        let ratio = match min_median(ratios) {
+            Some((_, median)) if vs_tcp => format!("{median:.0}%"),
+            _ => "-".into(),
+        };
+        vec![what.into(), format!("{min:.3}"), format!("{median:.3}"), mbps(bytes, median), ratio]
+    };
+    let rows = vec![
+        row("memcpy of the same bytes", |r| r.memcpy, false),
+        row("  read by frame out of guest RAM (source)", |r| r.read_frames, false),
+        row("  written by frame into guest RAM (target)", |r| r.write_frames, false),
+        row("plain TCP, loopback", |r| r.plain, true),
+        row("peer link (AES-256-GCM frames)", |r| r.bare, true),
+        row("migration data path (guest RAM -> link -> guest RAM)", |r| r.path, true),
+        row("  of which writing into frames after Commit", |r| r.written, false),
+    ];
+    println!(
+        "moving {mib} MiB ({n} pages, scattered frames) on this host, {repeat} run(s); \
+         MB/s at the median; VS TCP: the median of each run's ratio to plain TCP in that run"
+    );
+    print!("{}", tables::render(&["TRANSFER", "MIN s", "MEDIAN s", "MB/s", "VS TCP"], rows));
+    Ok(())
+}
+
+/// One run of every transfer; `dst` is handed back with the source's pages
+/// in it, put there by the data path (checked).
+fn data_path_run(
+    src: &GuestMemoryMmap,
+    dst: GuestMemoryMmap,
+    pages: &[PageRef],
+) -> anyhow::Result<(GuestMemoryMmap, DataPathRun)> {
+    let n = pages.len();
+    let bytes = n as u64 * PAGE_SIZE;
 
     // Baseline: a memcpy of the same bytes.
     let mut a = vec![1u8; bytes as usize];
@@ -97,7 +160,7 @@ fn data_path(mib: u64) -> anyhow::Result<()> {
     let mut batch = vec![0u8; PAGES_PER_BATCH * PAGE_SIZE as usize];
     let t = Instant::now();
     for chunk in pages.chunks(PAGES_PER_BATCH) {
-        frames::read_pages(&src, chunk, &mut batch[..chunk.len() * PAGE_SIZE as usize])?;
+        frames::read_pages(src, chunk, &mut batch[..chunk.len() * PAGE_SIZE as usize])?;
     }
     let read_frames = t.elapsed().as_secs_f64();
     let t = Instant::now();
@@ -105,25 +168,29 @@ fn data_path(mib: u64) -> anyhow::Result<()> {
         frames::write_pages(&dst, chunk, &batch[..chunk.len() * PAGE_SIZE as usize])?;
     }
     let write_frames = t.elapsed().as_secs_f64();
+    // Cleared again: only the data path may put the pages there for the
+    // check at the end.
+    batch.fill(0);
+    for chunk in pages.chunks(PAGES_PER_BATCH) {
+        frames::write_pages(&dst, chunk, &batch[..chunk.len() * PAGE_SIZE as usize])?;
+    }
     drop(batch);
 
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    eprintln!("bench migrate: plain loopback TCP and the bare peer link, {mib} MiB each...");
     let (plain, bare) = rt.block_on(crate::peer::bench_throughput(bytes))?;
 
-    eprintln!("bench migrate: the migration data path, {mib} MiB...");
     let key = ClusterKey::generate()?;
     let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
     let addr = listener.local_addr()?.to_string();
     let handle = rt.handle().clone();
     let receiver_key = key.clone();
-    let receiver_pages = pages.clone();
+    let receiver_pages = pages.to_vec();
     // Returns the destination and how long writing the pages took.
     let receiver = std::thread::spawn(move || -> anyhow::Result<(GuestMemoryMmap, f64)> {
         let (stream, _) = handle.block_on(listener.accept())?;
         let link = handle.block_on(PeerLink::accept(stream, &receiver_key, "bench-target", link::CONNECT_TIMEOUT))?;
         let (_, mut rx, _tx) = link::split(&handle, link);
-        let mut store = PageStore::new(n as usize, PageBudget::new(n as usize));
+        let mut store = PageStore::new(n, PageBudget::new(n));
         loop {
             match rx.expect(std::time::Duration::from_secs(60))? {
                 (PeerMsg::Pages { vaddrs }, data) => target::receive_pages(&mut store, &vaddrs, data)?,
@@ -137,28 +204,21 @@ fn data_path(mib: u64) -> anyhow::Result<()> {
     });
     let (_, _rx, mut tx) = link::connect(rt.handle(), &addr, &key, "bench-source")?;
     let t = Instant::now();
-    source::stream_pages(&src, &mut tx, &pages)?;
+    source::stream_pages(src, &mut tx, pages)?;
     tx.send(&PeerMsg::Commit)?;
     let (dst, written) = receiver.join().map_err(|_| anyhow::anyhow!("the receiver panicked"))??;
     let path = t.elapsed().as_secs_f64();
-    verify(&src, &dst, &pages)?;
-
-    let row = |what: &str, secs: f64, vs_tcp: bool| {
-        let ratio = if vs_tcp { format!("{:.0}%", bytes as f64 / secs / plain * 100.0) } else { "-".into() };
-        vec![what.into(), format!("{secs:.3}"), mbps(bytes, secs), ratio]
+    verify(src, &dst, pages)?;
+    let run = DataPathRun {
+        memcpy,
+        read_frames,
+        write_frames,
+        plain: bytes as f64 / plain,
+        bare: bytes as f64 / bare,
+        path,
+        written,
     };
-    let rows = vec![
-        row("memcpy of the same bytes", memcpy, false),
-        row("  read by frame out of guest RAM (source)", read_frames, false),
-        row("  written by frame into guest RAM (target)", write_frames, false),
-        row("plain TCP, loopback", bytes as f64 / plain, true),
-        row("peer link (AES-256-GCM frames)", bytes as f64 / bare, true),
-        row("migration data path (guest RAM -> link -> guest RAM)", path, true),
-        row("  of which writing into frames after Commit", written, false),
-    ];
-    println!("moving {mib} MiB ({n} pages, scattered frames) on this host; rates in MB/s, ratios against plain TCP of the same run");
-    print!("{}", tables::render(&["TRANSFER", "SECONDS", "MB/s", "VS TCP"], rows));
-    Ok(())
+    Ok((dst, run))
 }
 
 /// The destination frames hold exactly the source frames.
@@ -239,7 +299,7 @@ fn real_migrations(from: &str, to: &str, runs: usize, process_mib: &[u64]) -> an
 }
 
 pub fn run(b: &MigrateBench) -> anyhow::Result<()> {
-    data_path(b.mib)?;
+    data_path(b.mib, b.repeat)?;
     if let Some((from, to)) = &b.nodes {
         real_migrations(from, to, b.runs, &b.process_mib)?;
     }
