@@ -274,6 +274,11 @@ fn real_migrations(from: &str, to: &str, runs: usize, process_mib: &[u64]) -> an
                 ms(r.target_restore_us),
                 ms(r.frozen_us.saturating_sub(r.target_restore_us)),
                 ms(r.total_us),
+                format!("{:.1}", r.bytes_sent as f64 / (1 << 20) as f64),
+                match mib {
+                    0 => "-".into(),
+                    _ => mbps(mib << 20, r.total_us as f64 / 1e6),
+                },
             ]);
             // Ends the remote process through its deputy.
             let mut a: Client = AgentClient::connect(&paths.vsock())?;
@@ -285,7 +290,7 @@ fn real_migrations(from: &str, to: &str, runs: usize, process_mib: &[u64]) -> an
     print!(
         "{}",
         tables::render(
-            &["MODE", "PROCESS", "PRE-COPY PAGES", "FROZEN PAGES", "PRE-COPY", "FROZEN", "TARGET RESTORE", "FROZEN - RESTORE", "TOTAL"],
+            &["MODE", "PROCESS", "PRE-COPY PAGES", "FROZEN PAGES", "PRE-COPY", "FROZEN", "TARGET RESTORE", "FROZEN - RESTORE", "TOTAL", "SENT MiB", "MB/s"],
             rows
         )
     );
@@ -293,7 +298,8 @@ fn real_migrations(from: &str, to: &str, runs: usize, process_mib: &[u64]) -> an
         "FROZEN: from the freeze until the target reported the process running; TARGET RESTORE: of that, the time \
          after Commit: the target's agent rebuilding the process (for a small one mostly injected syscalls, 30-50 ms \
          a stop of the process in the emulated guest kernel of these hosts; a large one: faulting in the pages that \
-         were not laid out ahead during pre-copy, and without pre-copy all of them)."
+         were not laid out ahead during pre-copy, and without pre-copy all of them). SENT: page data sent in all, \
+         re-sent pages included; MB/s: the process's memory moved per second, end to end (TOTAL)."
     );
     Ok(())
 }
