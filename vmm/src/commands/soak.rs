@@ -566,8 +566,9 @@ pub fn run(args: &SoakArgs) -> anyhow::Result<SoakReport> {
             }
             _ => {}
         }
+        // Why, unless it is the fault's doing (a job that just ended, say).
         let why = match &result {
-            Err(e) if outcome == Outcome::OtherError => format!(": {e:#}"),
+            Err(e) if outcome == Outcome::OtherError || !fired => format!(": {e:#}"),
             _ => String::new(),
         };
         println!(
