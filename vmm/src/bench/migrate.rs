@@ -163,17 +163,21 @@ fn data_path_run(
         frames::read_pages(src, chunk, &mut batch[..chunk.len() * PAGE_SIZE as usize])?;
     }
     let read_frames = t.elapsed().as_secs_f64();
+    // `batch` (one batch's pages) into the frames of every batch.
+    let write_frames_from = |batch: &[u8]| -> anyhow::Result<()> {
+        for chunk in pages.chunks(PAGES_PER_BATCH) {
+            frames::write_pages(&dst, chunk, &batch[..chunk.len() * PAGE_SIZE as usize])?;
+        }
+        Ok(())
+    };
     let t = Instant::now();
-    for chunk in pages.chunks(PAGES_PER_BATCH) {
-        frames::write_pages(&dst, chunk, &batch[..chunk.len() * PAGE_SIZE as usize])?;
-    }
+    write_frames_from(&batch)?;
     let write_frames = t.elapsed().as_secs_f64();
-    // Cleared again: only the data path may put the pages there for the
-    // check at the end.
+    // Cleared: what the baseline (or an earlier run's data path) left there
+    // must not count; only this run's data path may fill them for the check
+    // at the end.
     batch.fill(0);
-    for chunk in pages.chunks(PAGES_PER_BATCH) {
-        frames::write_pages(&dst, chunk, &batch[..chunk.len() * PAGE_SIZE as usize])?;
-    }
+    write_frames_from(&batch)?;
     drop(batch);
 
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
